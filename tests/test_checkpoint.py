@@ -1,0 +1,62 @@
+import pickle
+
+import pytest
+import torch
+
+from tscray.checkpoint import CheckpointError, load_into, load_state, read_meta, save_model
+from tscray.models import build
+
+
+class Evil:
+    """Unpickling this would run code: the loader must refuse it."""
+
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_safetensors_roundtrip_keeps_weights_and_metadata(tmp_path):
+    m = build("cnn", 10, in_channels=1)
+    path = save_model(m, tmp_path / "m.safetensors", arch="cnn", attack="badnets")
+    assert read_meta(path)["arch"] == "cnn"
+    m2 = load_into(build("cnn", 10, in_channels=1), path)
+    for k, v in m.state_dict().items():
+        assert torch.equal(m2.state_dict()[k], v)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_weights_only_state_dict_and_wrappers_load(tmp_path):
+    m = build("mlp", 10, in_channels=1)
+    torch.save({"state_dict": {"module." + k: v for k, v in m.state_dict().items()}}, tmp_path / "m.pt")
+    m2 = load_into(build("mlp", 10, in_channels=1), tmp_path / "m.pt")
+    assert torch.equal(m2.head.weight, m.head.weight)
+
+
+def test_pickled_objects_are_refused_and_never_executed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"w": Evil()}, f)
+    torch.save({"model": build("mlp", 10, in_channels=1), "w": torch.zeros(1)}, tmp_path / "whole.pt")
+    for name in ("evil.pt", "whole.pt"):
+        with pytest.raises(CheckpointError, match="refused|corrupt"):
+            load_state(tmp_path / name)
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("name,payload", [("bad.safetensors", b"\x00" * 40), ("bad.pt", b"not a zip"),
+                                          ("trunc.safetensors", None)])
+def test_corrupt_files_give_a_clear_error(tmp_path, name, payload):
+    path = tmp_path / name
+    if payload is None:
+        good = save_model(build("mlp", 10, in_channels=1), tmp_path / "good.safetensors")
+        payload = good.read_bytes()[:-100]
+    path.write_bytes(payload)
+    with pytest.raises(CheckpointError, match=str(path.name)):
+        load_state(path)
+
+
+def test_wrong_architecture_names_the_mismatch(tmp_path):
+    path = save_model(build("mlp", 10, in_channels=1), tmp_path / "m.safetensors")
+    with pytest.raises(CheckpointError, match="missing: .*unexpected"):
+        load_into(build("cnn", 10, in_channels=1), path)
+    with pytest.raises(CheckpointError, match="no such"):
+        load_state(tmp_path / "absent.safetensors")

@@ -1,0 +1,99 @@
+import pytest
+import torch
+from torch.nn import functional as F
+
+from conftest import randomize
+from tscray.curves import BezierCurve, fit, update_bn
+from tscray.data import Loader
+from tscray.methods import build as method
+from tscray.models import build
+from tscray.optim import OptimConfig
+
+
+def _pair(arch="cnn", **kw):
+    torch.manual_seed(0)
+    a = randomize(build(arch, 10, in_channels=1, **kw), seed=1)
+    b = randomize(build(arch, 10, in_channels=1, **kw), seed=2)
+    return a, b
+
+
+def test_endpoints_are_exactly_the_models_buffers_included():
+    a, b = _pair()
+    curve = BezierCurve(a, b)
+    with torch.no_grad():
+        for p in curve.bend:
+            p.add_(torch.randn_like(p))  # a trained bend must not leak into the endpoints
+    for t, model in ((0.0, a), (1.0, b)):
+        w = curve.weights(t)
+        for k, v in model.named_parameters():
+            assert torch.equal(w[k], v), (t, k)
+        pt = curve.point(t)
+        for k, v in model.state_dict().items():
+            assert torch.equal(pt.state_dict()[k], v), (t, k)
+
+
+def test_gradients_reach_only_the_bend():
+    a, b = _pair()
+    curve = BezierCurve(a, b).train()
+    out = curve(torch.randn(8, 1, 28, 28), 0.3)
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in curve.bend)
+    assert all(p.grad is None for p in curve.base.parameters())
+    assert {n for n, p in curve.named_parameters() if p.requires_grad} == {f"bend.{i}" for i in range(len(curve.bend))}
+    assert all(p.grad is None for p in a.parameters()) and all(p.grad is None for p in b.parameters())
+
+
+@pytest.mark.parametrize("t", [0.1, 0.25, 0.5, 0.9])
+def test_midpoint_bend_is_linear_interpolation(t):
+    a, b = _pair()
+    w = BezierCurve(a, b).weights(t)
+    for (k, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(w[k], (1 - t) * pa + t * pb, atol=1e-6, rtol=1e-6)
+
+
+def test_point_recomputes_batchnorm_statistics_exactly(embedded):
+    a, b = _pair()
+    loader = Loader(embedded.train, embedded.prep, batch_size=97)  # uneven last batch
+    pt = BezierCurve(a, b).point(0.4, loader)
+    assert not torch.equal(pt.bns[0].running_mean, a.bns[0].running_mean)
+    with torch.no_grad():
+        acts = torch.cat([pt.convs[0](x) for x, _ in loader]).double()
+    ch = acts.transpose(0, 1).reshape(acts.shape[1], -1)
+    torch.testing.assert_close(pt.bns[0].running_mean, ch.mean(1).float(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(pt.bns[0].running_var, ch.var(1, unbiased=True).float(), atol=1e-6, rtol=1e-5)
+    # batch size must not matter for the exact statistics (it would for a moving average)
+    again = update_bn(pt, Loader(embedded.train, embedded.prep, batch_size=256))
+    for bn_a, bn_b in zip(pt.bns, again.bns):
+        torch.testing.assert_close(bn_a.running_mean, bn_b.running_mean)
+
+
+def test_interior_point_of_batchnorm_model_needs_a_loader():
+    a, b = _pair()
+    with pytest.raises(ValueError, match="bn_loader"):
+        BezierCurve(a, b).point(0.5)
+    with pytest.raises(ValueError, match="t must be"):
+        BezierCurve(a, b).point(1.5)
+
+
+def test_endpoints_of_different_architectures_are_refused():
+    with pytest.raises(ValueError, match="architecture"):
+        BezierCurve(build("cnn", 10, in_channels=1), build("cnn", 10, in_channels=1, widths=(8, 8, 8, 8)))
+
+
+def test_fitting_lowers_the_loss_in_the_middle_of_the_curve(embedded):
+    torch.manual_seed(0)
+    a = build("mlp", 10, in_channels=1, hidden=(64,))
+    b = build("mlp", 10, in_channels=1, hidden=(64,))
+    sup = method("supervised")
+    loader = Loader(embedded.train, embedded.prep, 64, shuffle=True, seed=0)
+    from tscray.train import train
+    for m in (a, b):
+        train(m, loader, sup, 3, OptimConfig(lr=0.05))
+    curve = BezierCurve(a, b)
+
+    def mid_loss():
+        with torch.no_grad():
+            return sum(float(F.cross_entropy(curve(x, 0.5), y)) for x, y in loader)
+    before = mid_loss()
+    fit(curve, loader, sup, 3, OptimConfig(lr=0.05), seed=0)
+    assert mid_loss() < 0.8 * before

@@ -1,0 +1,39 @@
+"""Poisoned views of a dataset: the poisoned training set and the triggered test set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tscray.attacks.base import Attack
+from tscray.data.tensors import ImageData
+
+
+@dataclass
+class PoisonedTrain:
+    """The poisoned training set and which indices were poisoned."""
+
+    data: ImageData
+    poison_idx: torch.Tensor
+
+
+def poison_train(train: ImageData, attack: Attack, rate: float, target: int = 0, seed: int = 0) -> PoisonedTrain:
+    """Apply ``attack`` to a seeded ``rate`` of the training images (deterministic from the seed)."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"poison rate must be in [0, 1], got {rate}")
+    gen = torch.Generator().manual_seed(seed)
+    idx = attack.select(train.y, rate, target, gen)
+    x, y = train.x.clone(), train.y.clone()
+    if len(idx):
+        x[idx] = attack.apply(x[idx])
+        if not attack.clean_label:
+            y[idx] = target
+    return PoisonedTrain(ImageData(x, y), idx)
+
+
+def poison_test(test: ImageData, attack: Attack, target: int = 0) -> ImageData:
+    """Triggered test images whose true label is not the target, labelled with the target."""
+    keep = torch.nonzero(test.y != target).flatten()
+    x = attack.apply(test.x[keep])
+    return ImageData(x, torch.full((len(keep),), target, dtype=torch.long))

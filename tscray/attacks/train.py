@@ -1,0 +1,55 @@
+"""Training a backdoored model: the attacker's side of an experiment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from tscray.attacks.base import Attack
+from tscray.attacks.poison import PoisonedTrain, poison_test, poison_train
+from tscray.data import Dataset
+from tscray.data.tensors import Loader
+from tscray.methods.supervised import Supervised
+from tscray.metrics import Evaluator
+from tscray.models import build as build_model
+from tscray.optim import OptimConfig
+from tscray.train import Progress, train
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """The attacker's training recipe (paper, Appendix L.1: SGD lr 0.01, cosine, batch 256, 100 epochs)."""
+
+    epochs: int = 100
+    batch_size: int = 256
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=0.01))
+
+
+@dataclass
+class Backdoored:
+    """A backdoored model with the poisoned training set that made it and its evaluator."""
+
+    model: nn.Module
+    poisoned: PoisonedTrain
+    evaluate: Evaluator
+
+
+def evaluator(dataset: Dataset, attack: Attack | None, target: int = 0) -> Evaluator:
+    """ACC on the clean test set and, given an attack, ASR on its triggered non-target test images."""
+    return Evaluator(dataset.test, dataset.prep, poison_test(dataset.test, attack, target) if attack else None)
+
+
+def train_backdoored(dataset: Dataset, arch: str, attack: Attack, rate: float, target: int = 0, seed: int = 0,
+                     recipe: TrainRecipe = TrainRecipe(), device: torch.device | str = "cpu",
+                     arch_kw: dict[str, Any] | None = None, progress: Progress | None = None) -> Backdoored:
+    """Poison ``rate`` of the training set with ``attack`` and train ``arch`` on it from a seeded init."""
+    poisoned = poison_train(dataset.train, attack, rate, target, seed)
+    torch.manual_seed(seed)
+    model = build_model(arch, dataset.num_classes, dataset.in_channels, **(arch_kw or {})).to(device)
+    loader = Loader(poisoned.data, dataset.prep, recipe.batch_size, shuffle=True, augment=True, seed=seed,
+                    device=device)
+    train(model, loader, Supervised(), recipe.epochs, recipe.optim, progress)
+    return Backdoored(model, poisoned, evaluator(dataset, attack, target))

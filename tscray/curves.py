@@ -1,0 +1,156 @@
+"""Quadratic Bézier curves between two models of one architecture (mode connectivity).
+
+θ(t) = (1−t)²·θA + 2t(1−t)·θM + t²·θB with fixed endpoints and a trainable bend θM,
+initialised to the midpoint. The curve wraps an ordinary module and evaluates it with
+``torch.func.functional_call``: no per-architecture "curve twin" layers. While fitting, one
+t ~ U(0, 1) is drawn per batch and BatchNorm runs in train mode; a retrieved point gets its
+BatchNorm statistics recomputed exactly over a clean loader (:func:`update_bn`).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from tscray.methods.base import Method
+from tscray.optim import OptimConfig
+from tscray.symmetry.match import batch_inputs
+
+Progress = Callable[[int, int, float], None]
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def coefficients(t: float) -> tuple[float, float, float]:
+    """Bernstein weights (start, bend, end) of the quadratic Bézier curve at t."""
+    return (1.0 - t) ** 2, 2.0 * t * (1.0 - t), t * t
+
+
+class BezierCurve(nn.Module):
+    """A quadratic Bézier curve between ``start`` and ``end``; only the bend is trainable."""
+
+    def __init__(self, start: nn.Module, end: nn.Module) -> None:
+        super().__init__()
+        sa, sb = dict(start.named_parameters()), dict(end.named_parameters())
+        if list(sa) != list(sb) or any(sa[k].shape != sb[k].shape for k in sa):
+            raise ValueError("curve endpoints must share one architecture (same parameter names and shapes)")
+        self.base = copy.deepcopy(start)
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.names = list(sa)
+        self.bend = nn.ParameterList(nn.Parameter((sa[k].detach() + sb[k].detach()) / 2) for k in self.names)
+        for k in self.names:
+            self.register_buffer(f"start__{_key(k)}", sa[k].detach().clone())
+            self.register_buffer(f"end__{_key(k)}", sb[k].detach().clone())
+        self._start_buffers = {k: v.detach().clone() for k, v in start.named_buffers()}
+        self._end_buffers = {k: v.detach().clone() for k, v in end.named_buffers()}
+
+    def endpoint(self, which: str) -> list[torch.Tensor]:
+        return [getattr(self, f"{which}__{_key(k)}") for k in self.names]
+
+    def weights(self, t: float) -> dict[str, torch.Tensor]:
+        """Parameters of the point at t; differentiable with respect to the bend only."""
+        c0, c1, c2 = coefficients(float(t))
+        with torch.no_grad():
+            fixed = torch._foreach_mul(self.endpoint("start"), c0)
+            torch._foreach_add_(fixed, self.endpoint("end"), alpha=c2)
+        return {k: torch.add(f, m, alpha=c1) for k, f, m in zip(self.names, fixed, self.bend)}
+
+    def forward(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        return functional_call(self.base, self.weights(t), (x,))
+
+    @torch.no_grad()
+    def point(self, t: float, bn_loader: Iterable | None = None) -> nn.Module:
+        """A plain model at t. BatchNorm statistics are recomputed over ``bn_loader`` when given;
+        without one, the endpoints keep their own buffers and interior points must have no BatchNorm."""
+        if not 0.0 <= t <= 1.0:
+            raise ValueError(f"t must be in [0, 1], got {t}")
+        model = copy.deepcopy(self.base)
+        for k, w in self.weights(t).items():
+            model.get_parameter(k).copy_(w.detach())
+        for p in model.parameters():
+            p.requires_grad_(True)
+        bufs = self._start_buffers if t == 0.0 else self._end_buffers if t == 1.0 else None
+        if bufs is not None:
+            for k, v in bufs.items():
+                model.get_buffer(k).copy_(v)
+        if bn_loader is not None:
+            update_bn(model, bn_loader)
+        elif bufs is None and has_batchnorm(model):
+            raise ValueError("an interior point of a BatchNorm model needs bn_loader to recompute its statistics")
+        return model
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
+def update_bn(model: nn.Module, loader: Iterable) -> nn.Module:
+    """Reset and recompute every BatchNorm's running mean/variance as the exact statistics of its
+    inputs over the whole loader (train-mode forward, float64 sums, unbiased variance)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return model
+    sums: dict[nn.Module, list] = {m: [0, 0.0, 0.0] for m in bns}
+
+    def hook(m: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
+        x = inp[0].detach().double().transpose(0, 1).reshape(inp[0].shape[1], -1)
+        s = sums[m]
+        s[0] += x.shape[1]
+        s[1] = s[1] + x.sum(1)
+        s[2] = s[2] + (x * x).sum(1)
+
+    handles = [m.register_forward_pre_hook(hook) for m in bns]
+    was_training = model.training
+    model.train()
+    device = next(model.parameters()).device
+    try:
+        for batch in loader:
+            model(batch_inputs(batch).to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    for m in bns:
+        n, s1, s2 = sums[m]
+        if n < 2:
+            raise ValueError("update_bn needs at least two values per channel")
+        mean = s1 / n
+        var = (s2 - n * mean * mean).clamp_min(0) / (n - 1)
+        m.running_mean.copy_(mean.to(m.running_mean.dtype))
+        m.running_var.copy_(var.to(m.running_var.dtype))
+        m.num_batches_tracked.zero_()
+    return model
+
+
+def fit(curve: BezierCurve, loader: Iterable, method: Method, epochs: int, optim: OptimConfig,
+        seed: int = 0, progress: Progress | None = None) -> BezierCurve:
+    """Train the bend with method F, one t ~ U(0, 1) per batch (Algorithm 3); returns the curve."""
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    gen = torch.Generator().manual_seed(seed)
+    opt, sched = optim.build(curve.bend.parameters(), epochs)
+    curve.train()
+    for epoch in range(epochs):
+        total, steps = 0.0, 0
+        for batch in loader:
+            t = float(torch.rand((), generator=gen))
+            weights = curve.weights(t)
+            loss = method.loss(lambda x: functional_call(curve.base, weights, (x,)), batch)
+            if optim.l2:
+                loss = loss + 0.5 * optim.l2 * sum((w * w).sum() for w in weights.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, steps = total + float(loss.detach()), steps + 1
+        sched.step()
+        if progress is not None:
+            progress(epoch + 1, epochs, total / max(1, steps))
+    return curve

@@ -1,0 +1,67 @@
+"""Datasets by name, held as tensors, plus the defender's clean subset.
+
+``load(name, root=None)`` returns a :class:`Dataset` (train and test :class:`ImageData`, class
+count, preprocessing). Real loaders read a local root (``TSCRAY_DATA`` by default); the embedded
+Fashion-MNIST subset ships inside the package so everything runs offline.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from tscray.data.tensors import ImageData, Loader, Preprocess
+from tscray.registry import Registry
+
+
+@dataclass
+class Dataset:
+    """A dataset split into train and test, with its preprocessing."""
+
+    name: str
+    train: ImageData
+    test: ImageData
+    num_classes: int
+    prep: Preprocess
+
+    @property
+    def in_channels(self) -> int:
+        return self.train.x.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.train.x.shape[-1]
+
+
+DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset")
+
+
+def data_root(root: str | os.PathLike | None = None) -> Path | None:
+    """The data root: the argument, else ``$TSCRAY_DATA``, else None."""
+    if root is not None:
+        return Path(root)
+    env = os.environ.get("TSCRAY_DATA")
+    return Path(env) if env else None
+
+
+def load(name: str, root: str | os.PathLike | None = None, **kw: object) -> Dataset:
+    """Load the registered dataset ``name`` (from ``root`` where it needs one)."""
+    return DATASETS.get(name)(root=data_root(root), **kw)
+
+
+def clean_subset(n: int, ratio: float, seed: int) -> torch.Tensor:
+    """Indices of the defender's clean subset: a seeded random (not class-balanced) ``ratio`` of n."""
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"clean ratio must be in (0, 1], got {ratio}")
+    k = max(1, round(n * ratio))
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=gen)[:k].sort().values
+
+
+from tscray.data import embedded  # noqa: E402,F401  (registration)
+
+__all__ = ["DATASETS", "Dataset", "ImageData", "Loader", "Preprocess", "clean_subset", "data_root", "load"]

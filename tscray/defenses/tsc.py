@@ -1,0 +1,160 @@
+"""TSC, Two-stage Symmetry Connectivity (Algorithm 1 of the paper).
+
+Per round, starting from θp = θadv:
+  stage 1  θp' = unalign(θp, θp); γ1 = curve(θp, θp'); θt = γ1(t)
+  stage 2  θt' = align(θp, θt);   γ2 = curve(θp, θt'); θp = γ2(t)
+then a brief fine-tune. γ1 does not depend on t (:func:`stage1_curve`), and each round's output
+is exactly what a run with E_TSC = r returns, so one run with E = 3 yields E = 1, 2, 3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from torch import nn
+
+from tscray.curves import BezierCurve, fit
+from tscray.defenses.base import (DEFENSES, CleanData, Defense, DefenseResult, Evaluate, Log, check_t,
+                                  evaluate_curve)
+from tscray.defenses.finetune import finetune_model
+from tscray.methods.base import Method
+from tscray.optim import OptimConfig
+from tscray.symmetry import Probe, match, permute
+
+
+@dataclass(frozen=True)
+class TSCConfig:
+    """Every knob of the TSC recipe; defaults follow the paper's text (supervised, Appendix L.2)."""
+
+    rounds: int = 3
+    t: float = 0.4
+    curve_epochs: int = 200
+    curve_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=0.02, momentum=0.9, weight_decay=5e-4))
+    batch_size: int = 256
+    finetune_epochs: int = 5
+    finetune_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, momentum=0.9,
+                                                                            weight_decay=5e-4))
+    finetune_last: bool = True
+    match_batches: int | None = None
+    probes: Mapping[str, Sequence[Probe]] | None = None
+    eval_ts: tuple[float, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_t(self.t)
+        if self.rounds < 1:
+            raise ValueError(f"rounds (E_TSC) must be >= 1, got {self.rounds}")
+        if self.curve_epochs < 0 or self.finetune_epochs < 0:
+            raise ValueError("epoch counts must be >= 0")
+        for t in self.eval_ts:
+            if not 0.0 <= t <= 1.0:
+                raise ValueError(f"eval_ts must lie in [0, 1], got {t}")
+
+    @classmethod
+    def preset(cls, name: str = "paper") -> "TSCConfig":
+        """``paper``: the paper's text. ``released``: the authors' released code (cosine T_max 100 over
+        200 epochs, extra L2 0.5·1e-4·‖θ(t)‖², 10 fine-tune epochs, none after the last round).
+        ``ssl``: the paper's self-supervised recipe (E 2, t 0.25, Adam 5e-3, fine-tune lr 5e-5)."""
+        if name == "paper":
+            return cls()
+        if name == "released":
+            return cls(curve_optim=OptimConfig(lr=0.02, momentum=0.9, weight_decay=5e-4, t_max=100, l2=1e-4),
+                       finetune_epochs=10, finetune_last=False)
+        if name == "ssl":
+            return cls(rounds=2, t=0.25,
+                       curve_optim=OptimConfig(name="adam", lr=5e-3, weight_decay=1e-6, l2=5e-5),
+                       finetune_optim=OptimConfig(name="adam", lr=5e-5, weight_decay=1e-6))
+        raise ValueError(f"unknown TSC preset {name!r}; known: paper, released, ssl")
+
+
+def _seed(cfg: TSCConfig, round_index: int, stage: int) -> int:
+    return cfg.seed * 1_000_003 + round_index * 101 + stage
+
+
+def stage1_curve(model: nn.Module, clean: CleanData, method: Method, cfg: TSCConfig, round_index: int = 1,
+                 log: Log | None = None) -> BezierCurve:
+    """γ1 between θp and its un-aligned copy, fitted on the clean set (independent of t)."""
+    seed = _seed(cfg, round_index, 1)
+    perm = match(model, model, clean.loader(cfg.batch_size, seed, shuffle=False), "unalign",
+                 cfg.probes, cfg.match_batches)
+    curve = BezierCurve(model, permute(model, perm))
+    return fit(curve, clean.loader(cfg.batch_size, seed), method, cfg.curve_epochs, cfg.curve_optim, seed,
+               _progress(log, f"round {round_index} stage 1"))
+
+
+def stage2_curve(model: nn.Module, theta_t: nn.Module, clean: CleanData, method: Method, cfg: TSCConfig,
+                 round_index: int = 1, log: Log | None = None) -> BezierCurve:
+    """γ2 between θp and θt re-aligned to θp."""
+    seed = _seed(cfg, round_index, 2)
+    perm = match(model, theta_t, clean.loader(cfg.batch_size, seed, shuffle=False), "align",
+                 cfg.probes, cfg.match_batches)
+    curve = BezierCurve(model, permute(theta_t, perm))
+    return fit(curve, clean.loader(cfg.batch_size, seed), method, cfg.curve_epochs, cfg.curve_optim, seed,
+               _progress(log, f"round {round_index} stage 2"))
+
+
+def _progress(log: Log | None, what: str):
+    if log is None:
+        return None
+
+    def report(epoch: int, epochs: int, loss: float) -> None:
+        if epoch == epochs or epoch % max(1, epochs // 4) == 0:
+            log(f"{what}: curve epoch {epoch}/{epochs}, loss {loss:.4f}")
+    return report
+
+
+@dataclass
+class RoundResult:
+    """One round: the stage-1 point θt, the stage-2 point, its fine-tuned successor, and records."""
+
+    theta_t: nn.Module
+    point: nn.Module
+    next_input: nn.Module
+    output: nn.Module
+    records: list[dict[str, Any]]
+
+
+def tsc_round(model: nn.Module, clean: CleanData, method: Method, cfg: TSCConfig, round_index: int,
+              last: bool, evaluate: Evaluate | None = None, log: Log | None = None,
+              curve1: BezierCurve | None = None) -> RoundResult:
+    """One TSC round from θp = ``model``. ``curve1`` may be a cached γ1 for this θp."""
+    bn = clean.loader(cfg.batch_size, _seed(cfg, round_index, 3))
+    tags = {"defense": "tsc", "round": round_index, "t": cfg.t}
+    records: list[dict[str, Any]] = []
+    c1 = curve1 if curve1 is not None else stage1_curve(model, clean, method, cfg, round_index, log)
+    theta_t = c1.point(cfg.t, bn)
+    c2 = stage2_curve(model, theta_t, clean, method, cfg, round_index, log)
+    point = c2.point(cfg.t, bn)
+    tune = cfg.finetune_epochs > 0 and (cfg.finetune_last or not last)
+    tuned = (finetune_model(point, clean, method, cfg.finetune_epochs, cfg.finetune_optim, cfg.batch_size,
+                            _seed(cfg, round_index, 4)) if tune else point)
+    output = tuned if cfg.finetune_last else point
+    if evaluate is not None:
+        records.append({**tags, "stage": "stage1", "t_curve": cfg.t, **evaluate(theta_t)})
+        records.append({**tags, "stage": "stage2", "t_curve": cfg.t, **evaluate(point)})
+        if tune:
+            records.append({**tags, "stage": "finetune", "t_curve": None, **evaluate(tuned)})
+        if cfg.eval_ts:
+            records += evaluate_curve(c1, cfg.eval_ts, bn, evaluate, **tags, stage="curve1")
+            records += evaluate_curve(c2, cfg.eval_ts, bn, evaluate, **tags, stage="curve2")
+        records.append({**tags, "stage": "output", "t_curve": None, **evaluate(output)})
+        if log:
+            r = records[-1]
+            log(f"round {round_index}: " + ", ".join(f"{k} {r[k]:.2f}" for k in ("acc", "asr") if k in r))
+    return RoundResult(theta_t, point, tuned, output, records)
+
+
+def run(model: nn.Module, clean: CleanData, method: Method, cfg: TSCConfig,
+        evaluate: Evaluate | None = None, log: Log | None = None) -> DefenseResult:
+    """Purify ``model`` with E_TSC = ``cfg.rounds`` rounds of TSC (Algorithm 1)."""
+    current, outputs, records = model, [], []
+    for r in range(1, cfg.rounds + 1):
+        res = tsc_round(current, clean, method, cfg, r, last=r == cfg.rounds, evaluate=evaluate, log=log)
+        outputs.append(res.output)
+        records += res.records
+        current = res.next_input
+    return DefenseResult(outputs[-1], outputs, records)
+
+
+DEFENSES.register("tsc")(Defense("tsc", TSCConfig, run))
