@@ -54,7 +54,7 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+        raise CheckpointError(f"{path}: corrupt or not a safetensors file ({err})") from None
     return json.loads(meta.get("meta", "{}"))
 
 

@@ -1,0 +1,65 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tscray.checkpoint import save_model
+from tscray.cli import main
+from tscray.models import build
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("purify", "backdoor", "demo"):
+        assert cmd in out
+
+
+def test_console_script_entry_point_runs():
+    r = subprocess.run([sys.executable, "-m", "tscray.cli", "purify", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--model" in r.stdout and "--t" in r.stdout
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--t", "1.5"], "t must be strictly between 0 and 1"),
+    (["--t", "0"], "t must be strictly between 0 and 1"),
+    (["--rounds", "0"], "must be >= 1"),
+    (["--clean-ratio", "2"], "must be in [0, 1]"),
+])
+def test_bad_options_exit_2_naming_the_option(tmp_path, capsys, args, msg):
+    with pytest.raises(SystemExit) as e:
+        main(["purify", "--model", str(tmp_path / "m.safetensors"), *args])
+    assert e.value.code == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_purify_errors_are_clear_and_write_nothing(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage" * 10)
+    assert main(["purify", "--model", str(bad), "--arch", "cnn"]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    good = save_model(build("cnn", 10, in_channels=1), tmp_path / "m.safetensors")
+    assert main(["purify", "--model", str(good)]) == 2
+    assert "--arch" in capsys.readouterr().err
+    assert main(["purify", "--model", str(good), "--arch", "cnn", "--attack", "nope"]) == 2
+    assert "unknown attack 'nope'" in capsys.readouterr().err
+    assert main(["purify", "--model", str(good), "--arch", "cnn", "--defense", "magic"]) == 2
+    assert "unknown defense 'magic'; known: finetune, mcr, tsc" in capsys.readouterr().err
+    assert main(["purify", "--model", str(good), "--arch", "cnn", "--defense", "finetune", "--t", "0.3"]) == 2
+    assert "--t does not apply" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "m.safetensors"]
+
+
+def test_purify_runs_end_to_end_on_a_tiny_setting(tmp_path, capsys):
+    torch.manual_seed(0)
+    path = save_model(build("cnn", 10, in_channels=1, widths=(8, 8, 8, 8)), tmp_path / "m.safetensors",
+                      arch="cnn", arch_kw={"widths": [8, 8, 8, 8]})
+    code = main(["purify", "--model", str(path), "--attack", "badnets", "--rounds", "1", "--curve-epochs", "1",
+                 "--finetune-epochs", "1", "--clean-ratio", "0.01", "--batch-size", "50"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "before" in out and "after" in out and "ASR" in out
+    assert (tmp_path / "m.purified.safetensors").exists()
