@@ -48,8 +48,8 @@ class BezierCurve(nn.Module):
         for k in self.names:
             self.register_buffer(f"start__{_key(k)}", sa[k].detach().clone())
             self.register_buffer(f"end__{_key(k)}", sb[k].detach().clone())
-        self._start_buffers = {k: v.detach().clone() for k, v in start.named_buffers()}
-        self._end_buffers = {k: v.detach().clone() for k, v in end.named_buffers()}
+        self._start_buffers: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in start.named_buffers()}
+        self._end_buffers: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in end.named_buffers()}
 
     def endpoint(self, which: str) -> list[torch.Tensor]:
         return [getattr(self, f"{which}__{_key(k)}") for k in self.names]

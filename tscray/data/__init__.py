@@ -1,8 +1,10 @@
 """Datasets by name, held as tensors, plus the defender's clean subset.
 
 ``load(name, root=None)`` returns a :class:`Dataset` (train and test :class:`ImageData`, class
-count, preprocessing). Real loaders read a local root (``TSCRAY_DATA`` by default); the embedded
-Fashion-MNIST subset ships inside the package so everything runs offline.
+count, preprocessing). Real loaders read a local root (``TSCRAY_DATA`` by default) in the standard
+on-disk formats: ``cifar10``, ``gtsrb``, ``svhn``, ``stl10``, ``imagenet100`` (see each module's
+docstring for the layout); a missing dataset raises :class:`DatasetNotFound`, a malformed one
+``ValueError``. The embedded Fashion-MNIST subset ships inside the package so everything runs offline.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from tscray.data.errors import DatasetNotFound
 from tscray.data.tensors import ImageData, Loader, Preprocess
 from tscray.registry import Registry
 
@@ -62,6 +65,7 @@ def clean_subset(n: int, ratio: float, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=gen)[:k].sort().values
 
 
-from tscray.data import embedded  # noqa: E402,F401  (registration)
+from tscray.data import cifar10, embedded, gtsrb, imagefolder, stl10, svhn  # noqa: E402,F401  (registration)
 
-__all__ = ["DATASETS", "Dataset", "ImageData", "Loader", "Preprocess", "clean_subset", "data_root", "load"]
+__all__ = ["DATASETS", "Dataset", "DatasetNotFound", "ImageData", "Loader", "Preprocess", "clean_subset",
+           "data_root", "load"]

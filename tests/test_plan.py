@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from tscray import data, defenses, methods
+from tscray.config import validate
+from tscray.plan import Plan, make_plan, plan_trial
+from tscray.steps import Context, run_local
+from tscray.store import Store
+
+
+def spec_of(**grid):
+    base = {"dataset": ["fashion-mnist-embedded"], "arch": ["cnn"], "attack": ["badnets"], "defense": ["tsc"]}
+    return validate({"name": "t", "grid": {**base, **grid},
+                     "train": {"epochs": 1, "batch_size": 256, "lr": 0.05, "arch_kw": {"widths": [8, 8, 8, 8]}},
+                     "defense": {"clean_ratio": 0.02, "tsc": {"curve_epochs": 1, "finetune_epochs": 1, "batch_size": 100},
+                                 "mcr": {"curve_epochs": 1, "finetune_epochs": 1, "batch_size": 100},
+                                 "finetune": {"epochs": 1, "batch_size": 100}}})
+
+
+def test_step_keys_are_stable_and_distinct():
+    a, b = make_plan(spec_of(t=[0.3, 0.4])), make_plan(spec_of(t=[0.3, 0.4]))
+    assert list(a.steps) == list(b.steps)
+    c = make_plan(spec_of(t=[0.3, 0.4], seed=[1]))
+    assert not set(a.steps) & set(c.steps)
+    keys = [s.key for s in a.steps.values()]
+    assert len(keys) == len(set(keys))
+
+
+def test_figure5_grid_shares_rounds_and_the_first_curve():
+    plan = make_plan(spec_of(t=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], rounds=[1, 2, 3]))
+    assert len(plan.trials) == 27
+    assert Plan.curve_fits(plan.count_by_kind()) == 46
+    assert Plan.curve_fits(plan.naive_count_by_kind()) == 108
+    assert plan.count_by_kind()["backdoor"] == 1
+
+
+def test_t_only_trials_share_round_one_stage_one_and_e_trials_share_rounds():
+    spec = spec_of(t=[0.3, 0.5], rounds=[1, 3])
+    by = {(t.params["t"], t.params["rounds"]): t for t in make_plan(spec).trials}
+    s1 = lambda tr, r: [s.step.key for s in tr.chain if s.step.kind == "tsc_stage1" and s.round == r][0]
+    rd = lambda tr, r: [s.step.key for s in tr.chain if s.step.kind == "tsc_round" and s.round == r][0]
+    assert s1(by[0.3, 1], 1) == s1(by[0.5, 1], 1)
+    assert rd(by[0.3, 1], 1) != rd(by[0.5, 1], 1)
+    assert rd(by[0.3, 1], 1) == rd(by[0.3, 3], 1)
+    assert s1(by[0.3, 3], 2) != s1(by[0.5, 3], 2)
+
+
+def test_defenses_share_the_backdoored_model_and_irrelevant_axes_collapse():
+    plan = make_plan(spec_of(defense=["tsc", "mcr", "finetune", "none"], t=[0.3, 0.4], rounds=[1, 2]))
+    kinds = [t.params["defense"] for t in plan.trials]
+    assert kinds.count("tsc") == 4 and kinds.count("mcr") == 2 and kinds.count("finetune") == 1 and kinds.count("none") == 1
+    assert plan.count_by_kind()["backdoor"] == 1 and plan.count_by_kind()["mcr_curve"] == 1
+
+
+def test_local_run_of_a_planned_trial_equals_the_library_defense(tmp_path):
+    """The step graph computes exactly what tsc.run computes (same seeds, same models)."""
+    torch.set_num_threads(1)
+    spec = spec_of(t=[0.4], rounds=[2])
+    trial = make_plan(spec).trials[0]
+    ctx = Context(Store(str(tmp_path)))
+    manifests = run_local(trial.steps, ctx)
+    assert len(ctx.store.computations()) == len(manifests) == 5
+    key, artifact = trial.final
+    final = ctx.store.load_tensors([s for s in trial.steps if s.key == key][0].kind, key, artifact)
+
+    ds = data.load("fashion-mnist-embedded")
+    bd_step = trial.steps[0]
+    bd = ctx.load_model(bd_step, "model")
+    clean = ctx.clean(ds.name, 0.02, 0)
+    tsc = defenses.get("tsc")
+    cfg = tsc.make_config("paper", rounds=2, t=0.4, curve_epochs=1, finetune_epochs=1, batch_size=100)
+    res = tsc.run(bd, clean, methods.build("supervised"), cfg)
+    for k, v in res.model.state_dict().items():
+        assert torch.equal(final[k], v), k
+    # and a second run reuses everything
+    run_local(trial.steps, ctx)
+    assert set(ctx.store.computations().values()) == {1}

@@ -1,0 +1,344 @@
+"""Sweep specs: YAML → validated :class:`SweepSpec`, checked in full before anything runs.
+
+Every problem is reported at once, each naming its field (``grid.t[2]: 1.5 is outside (0, 1)``),
+through :class:`SpecError`; the CLI turns that into exit code 2 and writes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+DEFENSE_NAMES = ("tsc", "mcr", "finetune", "none")
+GRID_AXES = ("dataset", "arch", "attack", "poison_rate", "seed", "defense", "rounds", "t")
+REAL_DATA = ("cifar10", "gtsrb", "svhn", "stl10", "imagenet100")
+
+
+class SpecError(ValueError):
+    """A sweep spec with one or more problems; ``problems`` lists them, each naming a field."""
+
+    def __init__(self, problems: list[str], source: str = "sweep spec") -> None:
+        self.problems = problems
+        super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The axes of the ablation matrix; every trial is one point of their product."""
+
+    dataset: tuple[str, ...] = ("fashion-mnist-embedded",)
+    arch: tuple[str, ...] = ("cnn",)
+    attack: tuple[str, ...] = ("badnets",)
+    poison_rate: tuple[float, ...] = (0.1,)
+    seed: tuple[int, ...] = (0,)
+    defense: tuple[str, ...] = ("tsc",)
+    rounds: tuple[int, ...] = (3,)
+    t: tuple[float, ...] = (0.4,)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """The attacker's training recipe."""
+
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    arch_kw: dict[str, Any] = field(default_factory=dict)
+    attack_kw: dict[str, Any] = field(default_factory=dict)
+    target: int = 0
+
+
+@dataclass(frozen=True)
+class DefenseSpec:
+    """Defense recipe: a preset plus per-defense overrides of its config fields."""
+
+    preset: str = "paper"
+    clean_ratio: float = 0.05
+    clean_seed: int = 0
+    tsc: dict[str, Any] = field(default_factory=dict)
+    mcr: dict[str, Any] = field(default_factory=dict)
+    finetune: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """Evaluation settings: t values along each curve (Figure 3); batch size."""
+
+    curve_ts: tuple[float, ...] = ()
+    batch_size: int = 512
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Per-step resources. ``workers: 0`` means as many as the cluster holds."""
+
+    gpus_per_step: float = 0.0
+    cpus_per_step: int = 1
+    threads: int = 1
+    workers: int = 0
+    max_concurrent_trials: int = 16
+    precision: str = "auto"
+    channels_last: bool = True
+    max_failures: int = 2
+    step_retries: int = 2
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    grid: Grid = field(default_factory=Grid)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    defense: DefenseSpec = field(default_factory=DefenseSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    resources: Resources = field(default_factory=Resources)
+    storage: str = "runs/{name}"
+    mlflow_uri: str | None = None
+    data_root: str | None = None
+
+    def storage_path(self, override: str | None = None) -> str:
+        """The sweep's storage: a URI as given, or an absolute local path."""
+        raw = override or self.storage.format(name=self.name)
+        return raw if "://" in raw else str(Path(raw).expanduser().resolve())
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- validation
+
+Check = Callable[[Any], "str | None"]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _names(known: Callable[[], list[str]], what: str) -> Check:
+    def check(v: Any) -> str | None:
+        names = known()
+        if not isinstance(v, str):
+            return f"{v!r} is not a {what} name (a string); allowed: {', '.join(names)}"
+        return None if v in names else f"unknown {what} {v!r}; allowed: {', '.join(names)}"
+    return check
+
+
+def _range(lo: float, hi: float, lo_open: bool, hi_open: bool, integer: bool = False) -> Check:
+    def check(v: Any) -> str | None:
+        if not (_is_int(v) if integer else _is_num(v)):
+            return f"{v!r} is not {'an integer' if integer else 'a number'}"
+        ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+        if ok:
+            return None
+        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+        hi_s = "∞" if hi == math.inf else f"{hi:g}"
+        return f"{v!r} is outside {lb}{lo:g}, {hi_s}{rb}"
+    return check
+
+
+def _grid_checks() -> dict[str, Check]:
+    from tscray import attacks, data, models
+
+    return {
+        "dataset": _names(data.DATASETS.names, "dataset"),
+        "arch": _names(models.names, "architecture"),
+        "attack": _names(attacks.ATTACKS.names, "attack"),
+        "poison_rate": _range(0, 1, False, False),
+        "seed": _range(0, math.inf, False, True, integer=True),
+        "defense": _names(lambda: list(DEFENSE_NAMES), "defense"),
+        "rounds": _range(1, math.inf, False, True, integer=True),
+        "t": _range(0, 1, True, True),
+    }
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _check_scalar(path: str, value: Any, default: Any, problems: list[str]) -> Any:
+    """Type-check a scalar against the type of its default; returns the (coerced) value."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            problems.append(f"{path}: {value!r} is not true/false")
+    elif isinstance(default, int):
+        if not _is_int(value):
+            problems.append(f"{path}: {value!r} is not an integer")
+    elif isinstance(default, float):
+        if not _is_num(value):
+            problems.append(f"{path}: {value!r} is not a number")
+        else:
+            value = float(value)
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            problems.append(f"{path}: {value!r} is not a string")
+    elif isinstance(default, dict):
+        if not isinstance(value, dict):
+            problems.append(f"{path}: {value!r} is not a mapping")
+    return value
+
+
+def _section(cls: type, raw: Any, path: str, problems: list[str],
+             checks: dict[str, Check] | None = None) -> Any:
+    """Build dataclass ``cls`` from ``raw``, collecting problems (unknown keys, types, ranges)."""
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        problems.append(f"{path}: expected a mapping, got {type(raw).__name__}")
+        return cls()
+    fields = _fields(cls)
+    defaults = cls()
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            problems.append(f"{where}: unknown key; allowed: {', '.join(fields)}")
+            continue
+        default = getattr(defaults, key)
+        if isinstance(default, tuple):
+            items = value if isinstance(value, list) else [value]
+            if not items:
+                problems.append(f"{where}: empty list")
+                continue
+            out = []
+            for i, item in enumerate(items):
+                msg = checks[key](item) if checks and key in checks else None
+                if msg:
+                    problems.append(f"{where}[{i}]: {msg}" if isinstance(value, list) else f"{where}: {msg}")
+                out.append(float(item) if isinstance(item, int) and not isinstance(item, bool)
+                           and key in ("poison_rate", "t", "curve_ts") else item)
+            if len(set(map(repr, out))) != len(out):
+                problems.append(f"{where}: duplicate values {items}")
+            values[key] = tuple(out)
+        elif value is None and key in ("mlflow_uri", "data_root"):
+            values[key] = None
+        else:
+            values[key] = _check_scalar(where, value, default, problems)
+            if checks and key in checks and values[key] is not None:
+                msg = checks[key](values[key])
+                if msg:
+                    problems.append(f"{where}: {msg}")
+    try:
+        return dataclasses.replace(defaults, **values)
+    except (TypeError, ValueError) as err:
+        problems.append(f"{path}: {err}")
+        return defaults
+
+
+OPTIM_KEYS = {"optimizer": "name", "lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay",
+              "schedule": "schedule", "t_max": "t_max", "l2": "l2"}
+OPTIM_PREFIXES = {"tsc": ("curve", "finetune"), "mcr": ("curve", "finetune"), "finetune": ("",)}
+
+
+def defense_config(name: str, preset: str, overrides: dict[str, Any], **fixed: Any) -> Any:
+    """The config of defense ``name``: preset, then overrides. Optimiser knobs are flat keys
+    (``curve_lr``, ``finetune_weight_decay``, ``curve_t_max``, ... ; ``lr`` for finetune)."""
+    from tscray import defenses
+
+    d = defenses.get(name)
+    base = d.make_config(preset)
+    plain, optim = {}, {}
+    for key, value in overrides.items():
+        for prefix in OPTIM_PREFIXES[name]:
+            stem = key[len(prefix) + 1:] if prefix and key.startswith(prefix + "_") else key if not prefix else None
+            if stem in OPTIM_KEYS:
+                field_name = f"{prefix}_optim" if prefix else "optim"
+                optim.setdefault(field_name, {})[OPTIM_KEYS[stem]] = value
+                break
+        else:
+            plain[key] = value
+    for field_name, kw in optim.items():
+        plain[field_name] = dataclasses.replace(getattr(base, field_name), **kw)
+    return d.make_config(preset, **plain, **fixed)
+
+
+def _check_defense_overrides(spec: DefenseSpec, problems: list[str]) -> None:
+    for name in ("tsc", "mcr", "finetune"):
+        overrides = dict(getattr(spec, name))
+        for key in ("rounds", "t", "eval_ts", "seed"):
+            if key in overrides:
+                problems.append(f"defense.{name}.{key}: set through the grid or eval section, not here")
+                overrides.pop(key)
+        try:
+            defense_config(name, spec.preset, overrides)
+        except (ValueError, TypeError) as err:
+            problems.append(f"defense.{name}: {err}")
+
+
+def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> SweepSpec:
+    """Validate a parsed YAML document and return the spec; raise :class:`SpecError` listing every problem."""
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        raise SpecError([f"top level: expected a mapping of sections, got {type(raw).__name__}"], source)
+    top = _fields(SweepSpec)
+    for key in raw:
+        if key not in top:
+            problems.append(f"{key}: unknown key; allowed: {', '.join(top)}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name or any(c in name for c in "/\\ "):
+        problems.append(f"name: {name!r} must be a non-empty string without spaces or slashes")
+        name = "invalid"
+    grid = _section(Grid, raw.get("grid"), "grid", problems, _grid_checks())
+    train = _section(TrainSpec, raw.get("train"), "train", problems, {
+        "epochs": _range(0, math.inf, False, True, integer=True),
+        "batch_size": _range(1, math.inf, False, True, integer=True),
+        "lr": _range(0, math.inf, True, True), "target": _range(0, math.inf, False, True, integer=True)})
+    defense = _section(DefenseSpec, raw.get("defense"), "defense", problems, {
+        "preset": _names(lambda: ["paper", "released", "ssl"], "preset"),
+        "clean_ratio": _range(0, 1, True, False)})
+    ev = _section(EvalSpec, raw.get("eval"), "eval", problems, {"curve_ts": _range(0, 1, False, False)})
+    res = _section(Resources, raw.get("resources"), "resources", problems, {
+        "gpus_per_step": _range(0, math.inf, False, True), "cpus_per_step": _range(1, math.inf, False, True, True),
+        "threads": _range(1, math.inf, False, True, True), "workers": _range(0, math.inf, False, True, True),
+        "max_concurrent_trials": _range(1, math.inf, False, True, True),
+        "precision": _names(lambda: ["auto", "fp32", "bf16"], "precision"),
+        "max_failures": _range(0, math.inf, False, True, True), "step_retries": _range(0, math.inf, False, True, True)})
+    scalars = {}
+    for key in ("storage", "mlflow_uri", "data_root"):
+        if key in raw and raw[key] is not None and not isinstance(raw[key], str):
+            problems.append(f"{key}: {raw[key]!r} is not a string")
+        elif key in raw:
+            scalars[key] = raw[key]
+    if not problems:
+        _check_defense_overrides(defense, problems)
+    spec = SweepSpec(name=name, grid=grid, train=train, defense=defense, eval=ev, resources=res, **scalars)
+    if check_data and not problems:
+        _check_data(spec, problems)
+    if problems:
+        raise SpecError(problems, source)
+    return spec
+
+
+def _check_data(spec: SweepSpec, problems: list[str]) -> None:
+    """Datasets read from disk need an existing data root."""
+    from tscray.data import data_root
+
+    needs = [d for d in spec.grid.dataset if d in REAL_DATA]
+    if not needs:
+        return
+    root = data_root(spec.data_root)
+    if root is None:
+        problems.append(f"data_root: datasets {needs} read from a local root; set data_root or $TSCRAY_DATA")
+    elif not root.is_dir():
+        problems.append(f"data_root: {root} does not exist or is not a directory (needed by {needs})")
+
+
+def load_spec(path: str | Path, check_data: bool = True) -> SweepSpec:
+    """Read and validate a sweep YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError([f"file: {path} does not exist"], str(path))
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SpecError([f"YAML syntax: {err}"], str(path)) from None
+    return validate(raw, str(path), check_data)

@@ -1,0 +1,212 @@
+"""From a validated sweep to trials and a graph of content-keyed steps.
+
+A step is keyed by a hash of its kind, its parameters and its inputs' keys, so equal work has
+equal keys wherever it appears: trials with E_TSC = 1, 2, 3 share rounds, trials differing only
+in t share round 1's first curve (γ1 does not depend on t), and every defense of one backdoored
+model shares it. The plan is pure data; :mod:`tscray.steps` computes steps and
+:mod:`tscray.cluster` schedules them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Iterator
+
+from tscray.config import SweepSpec, defense_config
+
+# Bump when a step's computation changes meaning, so old artifacts are not reused for it.
+STEP_VERSION = 1
+
+
+def _canon(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One unit of work: ``kind`` with JSON-able ``params`` applied to the outputs of ``inputs``."""
+
+    kind: str
+    params_json: str
+    inputs: tuple["Step", ...] = ()
+
+    @staticmethod
+    def make(kind: str, params: dict[str, Any], inputs: tuple["Step", ...] = ()) -> "Step":
+        return Step(kind, _canon(params), inputs)
+
+    @cached_property
+    def params(self) -> dict[str, Any]:
+        return json.loads(self.params_json)
+
+    @cached_property
+    def key(self) -> str:
+        h = hashlib.sha256(_canon([STEP_VERSION, self.kind, self.params_json, [i.key for i in self.inputs]]).encode())
+        return h.hexdigest()[:24]
+
+    def walk(self) -> Iterator["Step"]:
+        """This step and all its ancestors, inputs first, each once."""
+        seen: set[str] = set()
+
+        def visit(s: Step) -> Iterator[Step]:
+            for i in s.inputs:
+                yield from visit(i)
+            if s.key not in seen:
+                seen.add(s.key)
+                yield s
+        yield from visit(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "params": self.params_json, "inputs": [i.to_dict() for i in self.inputs]}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "Step":
+        return Step(d["kind"], d["params"], tuple(Step.from_dict(i) for i in d["inputs"]))
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A step of a trial's chain and how its result appears in the trial's rows."""
+
+    step: Step
+    round: int
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One grid point: its parameters, its chain of steps, and which artifact is its final model."""
+
+    params: dict[str, Any]
+    chain: tuple[Stage, ...]
+    final: tuple[str, str] = ("", "")  # (step key, artifact name)
+
+    @cached_property
+    def id(self) -> str:
+        return hashlib.sha256(_canon(self.params).encode()).hexdigest()[:12]
+
+    @property
+    def steps(self) -> list[Step]:
+        return [s.step for s in self.chain]
+
+
+def relevant(point: dict[str, Any]) -> dict[str, Any]:
+    """Drop grid axes that do not apply to the point's defense, so equal trials collapse."""
+    p = dict(point)
+    if p["defense"] != "tsc":
+        p.pop("rounds")
+    if p["defense"] not in ("tsc", "mcr"):
+        p.pop("t")
+    return p
+
+
+def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
+    """Distinct grid points (irrelevant axes dropped), in grid order."""
+    axes = [getattr(spec.grid, a) for a in ("dataset", "arch", "attack", "poison_rate", "seed", "defense",
+                                             "rounds", "t")]
+    names = ("dataset", "arch", "attack", "poison_rate", "seed", "defense", "rounds", "t")
+    seen, out = set(), []
+    for combo in itertools.product(*axes):
+        p = relevant(dict(zip(names, combo)))
+        k = _canon(p)
+        if k not in seen:
+            seen.add(k)
+            out.append(p)
+    return out
+
+
+def _config_dict(cfg: Any, drop: tuple[str, ...]) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    for k in drop:
+        d.pop(k, None)
+    return d
+
+
+def backdoor_step(spec: SweepSpec, p: dict[str, Any]) -> Step:
+    tr = spec.train
+    return Step.make("backdoor", {
+        "dataset": p["dataset"], "arch": p["arch"], "arch_kw": tr.arch_kw, "attack": p["attack"],
+        "attack_kw": tr.attack_kw, "poison_rate": p["poison_rate"], "target": tr.target, "seed": p["seed"],
+        "epochs": tr.epochs, "batch_size": tr.batch_size, "lr": tr.lr, "momentum": tr.momentum,
+        "weight_decay": tr.weight_decay})
+
+
+def _clean(spec: SweepSpec) -> dict[str, Any]:
+    return {"clean_ratio": spec.defense.clean_ratio, "clean_seed": spec.defense.clean_seed}
+
+
+def plan_trial(spec: SweepSpec, p: dict[str, Any]) -> Trial:
+    """The chain of steps one grid point needs."""
+    bd = backdoor_step(spec, p)
+    chain: list[Stage] = [Stage(bd, 0)]
+    final = (bd.key, "model")
+    d = p["defense"]
+    curve_ts = list(spec.eval.curve_ts)
+    if d == "finetune":
+        cfg = defense_config("finetune", spec.defense.preset, spec.defense.finetune, seed=p["seed"])
+        ft = Step.make("finetune", {"config": _config_dict(cfg, ()), **_clean(spec)}, (bd,))
+        chain.append(Stage(ft, 1))
+        final = (ft.key, "model")
+    elif d == "mcr":
+        cfg = defense_config("mcr", spec.defense.preset, spec.defense.mcr, seed=p["seed"], t=p["t"])
+        curve = Step.make("mcr_curve", {"config": _config_dict(cfg, ("t", "eval_ts")), "curve_ts": curve_ts,
+                                        **_clean(spec)}, (bd,))
+        point = Step.make("mcr_point", {"t": p["t"], **_clean(spec)}, (curve,))
+        chain += [Stage(curve, 1), Stage(point, 1)]
+        final = (point.key, "model")
+    elif d == "tsc":
+        cfg = defense_config("tsc", spec.defense.preset, spec.defense.tsc, seed=p["seed"], t=p["t"],
+                             rounds=p["rounds"])
+        common = {"config": _config_dict(cfg, ("t", "rounds", "eval_ts")), "curve_ts": curve_ts, **_clean(spec)}
+        current, artifact = bd, "model"
+        for r in range(1, p["rounds"] + 1):
+            s1 = Step.make("tsc_stage1", {**common, "round": r, "input": artifact}, (current,))
+            rd = Step.make("tsc_round", {**common, "round": r, "input": artifact, "t": p["t"]}, (current, s1))
+            chain += [Stage(s1, r), Stage(rd, r)]
+            current, artifact = rd, "next"
+        final = (current.key, "next" if cfg.finetune_last else "point")
+    return Trial(p, tuple(chain), final)
+
+
+@dataclass
+class Plan:
+    """All trials of a sweep and the distinct steps they need."""
+
+    spec: SweepSpec
+    trials: list[Trial] = field(default_factory=list)
+
+    @cached_property
+    def steps(self) -> dict[str, Step]:
+        out: dict[str, Step] = {}
+        for trial in self.trials:
+            for s in trial.steps:
+                for a in s.walk():
+                    out.setdefault(a.key, a)
+        return out
+
+    def count_by_kind(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for s in self.steps.values():
+            counts[s.kind] = counts.get(s.kind, 0) + 1
+        return counts
+
+    def naive_count_by_kind(self) -> dict[str, int]:
+        """Steps a per-trial run without reuse would execute (every trial computes its whole chain)."""
+        counts: dict[str, int] = {}
+        for trial in self.trials:
+            for s in trial.steps:
+                counts[s.kind] = counts.get(s.kind, 0) + 1
+        return counts
+
+    @staticmethod
+    def curve_fits(counts: dict[str, int]) -> int:
+        """Curve fits among step counts: each TSC stage fits one curve, as does MCR."""
+        return counts.get("tsc_stage1", 0) + counts.get("tsc_round", 0) + counts.get("mcr_curve", 0)
+
+
+def make_plan(spec: SweepSpec) -> Plan:
+    """Plan every grid point of the sweep."""
+    return Plan(spec, [plan_trial(spec, p) for p in grid_points(spec)])

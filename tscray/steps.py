@@ -1,0 +1,261 @@
+"""Computing one step of a plan: pure functions over the library, no Ray.
+
+:class:`Context` holds what a worker keeps resident (datasets, triggered test sets, clean
+subsets, the device); :func:`compute` runs a step whose inputs are already in the store and
+writes its artifacts and manifest. :func:`run_local` computes a whole chain in-process, which is
+how the algorithmic parts are tested without Ray; the Ray layer calls the same :func:`compute`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from tscray import attacks, data, methods, models
+from tscray.curves import BezierCurve, fit
+from tscray.defenses.base import CleanData, evaluate_curve
+from tscray.defenses.finetune import finetune_model
+from tscray.defenses.mcr import MCRConfig
+from tscray.defenses.tsc import TSCConfig, stage1_curve, stage2_curve, _seed
+from tscray.metrics import Evaluator
+from tscray.optim import OptimConfig
+from tscray.plan import Step
+from tscray.store import Store
+
+
+def _optim(d: dict[str, Any]) -> OptimConfig:
+    return OptimConfig(**d)
+
+
+def tsc_config(d: dict[str, Any], t: float = 0.5, rounds: int = 1) -> TSCConfig:
+    d = dict(d)
+    d["curve_optim"], d["finetune_optim"] = _optim(d["curve_optim"]), _optim(d["finetune_optim"])
+    return TSCConfig(**d, t=t, rounds=rounds)
+
+
+class Context:
+    """What a worker keeps resident between steps: datasets, evaluators, clean subsets, device."""
+
+    def __init__(self, store: Store, device: str = "cpu", data_root: str | None = None,
+                 precision: str = "auto", channels_last: bool = True, eval_batch: int = 512) -> None:
+        self.store, self.device, self.data_root = store, device, data_root
+        self.eval_batch = eval_batch
+        cuda = device.startswith("cuda")
+        self.precision = ("bf16" if cuda else "fp32") if precision == "auto" else precision
+        self.channels_last = channels_last and cuda
+        self._cache: dict[Any, Any] = {}
+
+    def _cached(self, key: Any, make: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def dataset(self, name: str) -> data.Dataset:
+        return self._cached(("ds", name), lambda: data.load(name, self.data_root))
+
+    def evaluator(self, p: dict[str, Any]) -> Evaluator:
+        def make() -> Evaluator:
+            ds = self.dataset(p["dataset"])
+            atk = attacks.build(p["attack"], **p["attack_kw"])
+            ev = attacks.evaluator(ds, atk, p["target"])
+            ev.batch_size = self.eval_batch
+            return ev
+        return self._cached(("ev", p["dataset"], p["attack"], repr(p["attack_kw"]), p["target"]), make)
+
+    def clean(self, dataset: str, ratio: float, seed: int) -> CleanData:
+        def make() -> CleanData:
+            ds = self.dataset(dataset)
+            return CleanData(ds.train.subset(data.clean_subset(len(ds.train), ratio, seed)), ds.prep, self.device)
+        return self._cached(("clean", dataset, ratio, seed), make)
+
+    def new_model(self, p: dict[str, Any]) -> nn.Module:
+        ds = self.dataset(p["dataset"])
+        return models.build(p["arch"], ds.num_classes, ds.in_channels, **p["arch_kw"])
+
+    def load_model(self, step: Step, artifact: str) -> nn.Module:
+        model = self.new_model(root_params(step))
+        model.load_state_dict(self.store.load_tensors(step.kind, step.key, artifact))
+        return self.place(model)
+
+    def place(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        if self.precision == "bf16":
+            with torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+
+
+def root_params(step: Step) -> dict[str, Any]:
+    """Parameters of the backdoor step at the root of ``step``'s graph (dataset, arch, attack...)."""
+    s = step
+    while s.kind != "backdoor":
+        s = s.inputs[0]
+    return s.params
+
+
+def _records(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in r.items()}
+            for r in rows]
+
+
+# ------------------------------------------------------------------ step kinds
+# Each returns (tensors to store, records); records are evaluated models, one dict each.
+
+Result = tuple[dict[str, dict[str, torch.Tensor]], list[dict[str, Any]]]
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
+def step_backdoor(step: Step, ctx: Context) -> Result:
+    p = step.params
+    ds = ctx.dataset(p["dataset"])
+    atk = attacks.build(p["attack"], **p["attack_kw"])
+    recipe = attacks.TrainRecipe(p["epochs"], p["batch_size"],
+                                 OptimConfig(lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"]))
+    bd = attacks.train_backdoored(ds, p["arch"], atk, p["poison_rate"], p["target"], p["seed"], recipe,
+                                  ctx.device, p["arch_kw"])
+    ev = ctx.evaluator(p)
+    return {"model": _state(bd.model)}, [{"stage": "backdoored", "t_curve": None, **ev(bd.model)}]
+
+
+def step_finetune(step: Step, ctx: Context) -> Result:
+    p, (bd,) = step.params, step.inputs
+    root = root_params(step)
+    cfg = p["config"]
+    model = ctx.load_model(bd, "model")
+    clean = ctx.clean(root["dataset"], p["clean_ratio"], p["clean_seed"])
+    tuned = finetune_model(model, clean, methods.build("supervised"), cfg["epochs"], _optim(cfg["optim"]),
+                           cfg["batch_size"], cfg["seed"])
+    return {"model": _state(tuned)}, [{"stage": "final", "t_curve": None, **ctx.evaluator(root)(tuned)}]
+
+
+def step_mcr_curve(step: Step, ctx: Context) -> Result:
+    p, (bd,) = step.params, step.inputs
+    root = root_params(step)
+    c = dict(p["config"])
+    c["curve_optim"], c["finetune_optim"] = _optim(c["curve_optim"]), _optim(c["finetune_optim"])
+    cfg = MCRConfig(**c)
+    model = ctx.load_model(bd, "model")
+    clean = ctx.clean(root["dataset"], p["clean_ratio"], p["clean_seed"])
+    sup = methods.build("supervised")
+    tuned = finetune_model(model, clean, sup, cfg.finetune_epochs, cfg.finetune_optim, cfg.batch_size, cfg.seed + 7)
+    curve = fit(BezierCurve(model, tuned), clean.loader(cfg.batch_size, cfg.seed + 1), sup, cfg.curve_epochs,
+                cfg.curve_optim, cfg.seed + 1)
+    bn = clean.loader(cfg.batch_size, cfg.seed + 2)
+    rows = evaluate_curve(curve, p["curve_ts"], bn, ctx.evaluator(root), stage="curve")
+    bend = {f"{i}": b.detach() for i, b in enumerate(curve.bend)}
+    return {"finetuned": _state(tuned), "bend": bend}, rows
+
+
+def _curve_from(step: Step, ctx: Context, start: nn.Module, end: nn.Module) -> BezierCurve:
+    curve = BezierCurve(start, end)
+    bend = ctx.store.load_tensors(step.kind, step.key, "bend")
+    with torch.no_grad():
+        for i, b in enumerate(curve.bend):
+            b.copy_(bend[str(i)])
+    return curve
+
+
+def step_mcr_point(step: Step, ctx: Context) -> Result:
+    (curve_step,) = step.inputs
+    (bd,) = curve_step.inputs
+    root = root_params(step)
+    cp = curve_step.params
+    start, end = ctx.load_model(bd, "model"), ctx.load_model(curve_step, "finetuned")
+    curve = _curve_from(curve_step, ctx, start, end)
+    clean = ctx.clean(root["dataset"], cp["clean_ratio"], cp["clean_seed"])
+    point = curve.point(step.params["t"], clean.loader(cp["config"]["batch_size"], cp["config"]["seed"] + 2))
+    return {"model": _state(point)}, [{"stage": "final", "t_curve": step.params["t"], **ctx.evaluator(root)(point)}]
+
+
+def step_tsc_stage1(step: Step, ctx: Context) -> Result:
+    p, (src,) = step.params, step.inputs
+    root = root_params(step)
+    cfg = tsc_config(p["config"])
+    model = ctx.load_model(src, p["input"])
+    clean = ctx.clean(root["dataset"], p["clean_ratio"], p["clean_seed"])
+    curve = stage1_curve(model, clean, methods.build("supervised"), cfg, p["round"])
+    # Store the far endpoint (a permutation of the input, BN buffers included) with the bend.
+    bn = clean.loader(cfg.batch_size, _seed(cfg, p["round"], 3))
+    rows = evaluate_curve(curve, p["curve_ts"], bn, ctx.evaluator(root), stage="curve1", round=p["round"])
+    end_state = {**curve._end_buffers, **dict(zip(curve.names, curve.endpoint("end")))}
+    bend = {f"{i}": b.detach() for i, b in enumerate(curve.bend)}
+    return {"end": end_state, "bend": bend}, rows
+
+
+def step_tsc_round(step: Step, ctx: Context) -> Result:
+    p, (src, s1) = step.params, step.inputs
+    root = root_params(step)
+    r, t = p["round"], p["t"]
+    cfg = tsc_config(p["config"], t=t)
+    sup = methods.build("supervised")
+    model = ctx.load_model(src, p["input"])
+    end = ctx.new_model(root)
+    end.load_state_dict(ctx.store.load_tensors(s1.kind, s1.key, "end"))
+    curve1 = _curve_from(s1, ctx, model, ctx.place(end))
+    clean = ctx.clean(root["dataset"], p["clean_ratio"], p["clean_seed"])
+    bn = clean.loader(cfg.batch_size, _seed(cfg, r, 3))
+    ev = ctx.evaluator(root)
+    theta_t = curve1.point(t, bn)
+    curve2 = stage2_curve(model, theta_t, clean, sup, cfg, r)
+    point = curve2.point(t, bn)
+    tuned = (finetune_model(point, clean, sup, cfg.finetune_epochs, cfg.finetune_optim, cfg.batch_size,
+                            _seed(cfg, r, 4)) if cfg.finetune_epochs > 0 else point)
+    rows = [{"stage": "stage1", "t_curve": t, **ev(theta_t)}, {"stage": "stage2", "t_curve": t, **ev(point)}]
+    if cfg.finetune_epochs > 0:
+        rows.append({"stage": "finetune", "t_curve": None, **ev(tuned)})
+    rows += evaluate_curve(curve2, p["curve_ts"], bn, ev, stage="curve2")
+    return {"point": _state(point), "next": _state(tuned)}, [{**row, "round": r} for row in rows]
+
+
+KINDS: dict[str, Callable[[Step, Context], Result]] = {
+    "backdoor": step_backdoor, "finetune": step_finetune, "mcr_curve": step_mcr_curve,
+    "mcr_point": step_mcr_point, "tsc_stage1": step_tsc_stage1, "tsc_round": step_tsc_round,
+}
+
+
+def compute(step: Step, ctx: Context) -> dict[str, Any]:
+    """Compute ``step`` (inputs must exist in the store), write it, return its manifest. Idempotent:
+    a step already in the store is returned as is."""
+    if ctx.store.has_step(step.kind, step.key):
+        return ctx.store.manifest(step.kind, step.key)
+    for i in step.inputs:
+        if not ctx.store.has_step(i.kind, i.key):
+            raise RuntimeError(f"step {step.kind}/{step.key}: input {i.kind}/{i.key} is not computed")
+    seed = step.params.get("seed", 0) if step.kind == "backdoor" else 0
+    torch.manual_seed(seed)
+    t0 = time.time()
+    with ctx.autocast():
+        tensors, records = KINDS[step.kind](step, ctx)
+    seconds = time.time() - t0
+    manifest = {"records": _records(records), "seconds": seconds, "device": ctx.device,
+                "precision": ctx.precision, "params": step.params, "inputs": [i.key for i in step.inputs]}
+    manifest = ctx.store.put_step(step.kind, step.key, tensors, manifest)
+    ctx.store.log_computation(step.kind, step.key, seconds, ctx.device)
+    return manifest
+
+
+def run_local(steps: list[Step], ctx: Context) -> dict[str, dict[str, Any]]:
+    """Compute steps and all their inputs in-process, in dependency order; returns manifests by key."""
+    out: dict[str, dict[str, Any]] = {}
+    for s in steps:
+        for a in s.walk():
+            if a.key not in out:
+                out[a.key] = compute(a, ctx)
+    return out
+
+
+__all__ = ["KINDS", "Context", "compute", "root_params", "run_local", "tsc_config"]
