@@ -107,6 +107,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="where to write the model (.safetensors)")
     _common(p)
 
+    p = sub.add_parser("sweep", help="run (or resume) a sweep from a YAML spec on Ray",
+                       description="Validate a sweep spec, plan its trials as a graph of shared steps and run "
+                                   "them on Ray (local or a cluster). Running the same command again on the same "
+                                   "storage resumes: finished steps and trials are never recomputed.")
+    p.add_argument("spec", type=Path, help="sweep YAML, e.g. sweeps/quickstart.yaml")
+    p.add_argument("--storage", help="sweep directory or pyarrow.fs URI (default: the spec's storage)")
+    p.add_argument("--address", help="Ray address: auto, ray://host:10001, ... (default: a local Ray)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: the spec's, else sqlite in the sweep dir)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit; writes nothing")
+
+    p = sub.add_parser("status", help="progress of a sweep directory")
+    p.add_argument("storage", help="sweep directory or URI")
+
+    p = sub.add_parser("results", help="results table of a sweep directory")
+    p.add_argument("storage", help="sweep directory or URI")
+    p.add_argument("--stage", default="final", help="row stage to show (default: %(default)s; 'all' for every row)")
+    p.add_argument("--csv", type=Path, help="also write the rows to this CSV file")
+
     p = sub.add_parser("demo", help="backdoor a small CNN on the embedded data, then purify it with TSC and MCR",
                        description="The end-to-end demo on the embedded Fashion-MNIST subset: BadNets at 10%% "
                                    "poison on a small CNN, then TSC (and MCR beside it), in a few minutes on a "
@@ -208,6 +226,87 @@ def cmd_backdoor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from tscray.config import load_spec
+    from tscray.plan import make_plan
+    from tscray.sweep import describe_plan, run_sweep
+
+    spec = load_spec(args.spec)
+    if args.mlflow_uri:
+        import dataclasses
+
+        spec = dataclasses.replace(spec, mlflow_uri=args.mlflow_uri)
+    if args.dry_run:
+        from tscray import results
+        from tscray.store import Store
+
+        uri = spec.storage_path(args.storage)
+        store = Store(uri)
+        done = results.done_trials(store) if store.exists("sweep.json") else set()
+        print(describe_plan(make_plan(spec), done))
+        print(f"storage: {uri}")
+        return 0
+    summary = run_sweep(spec, args.storage, args.address,
+                        fault_kill_at=int(os.environ.get("TSCRAY_FAULT_KILL_WORKER_AT_STEP", "0")))
+    return 0 if summary["done"] == summary["trials"] else 1
+
+
+def _open_store(location: str):
+    from tscray.store import Store
+
+    uri = location if "://" in location else str(Path(location).resolve())
+    store = Store(uri)
+    if not store.exists("sweep.json"):
+        raise FileNotFoundError(f"{location}: not a tscray sweep directory (no sweep.json)")
+    return store
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from tscray import results
+
+    store = _open_store(args.storage)
+    info = store.read_json("sweep.json")
+    steps = store.step_keys()
+    comp = store.computations()
+    done = results.done_trials(store)
+    print(f"sweep {info['spec']['name']} ({info['sweep_id']}) at {store.uri}")
+    print(f"trials: {len(done)}/{info['trials']} finished")
+    print(f"steps : {sum(len(v) for v in steps.values())}/{info['steps']} computed "
+          f"({', '.join(f'{k} {len(v)}' for k, v in sorted(steps.items()))})")
+    again = sum(1 for n in comp.values() if n > 1)
+    print(f"computations logged: {sum(comp.values())}" + (f" ({again} steps computed more than once)" if again else ""))
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from tscray import results
+
+    table = results.read(_open_store(args.storage))
+    rows = table.to_pylist()
+    if args.stage != "all":
+        rows = [r for r in rows if r["stage"] == args.stage]
+    if args.csv:
+        import csv
+
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=table.schema.names)
+            w.writeheader()
+            w.writerows(rows)
+    if not rows:
+        print("no result rows yet")
+        return 0
+    cols = ["dataset", "arch", "attack", "poison_rate", "seed", "defense", "e_tsc", "t", "round", "stage", "acc",
+            "asr"]
+    rows.sort(key=lambda r: tuple(str(r[c]) for c in cols[:9]))
+    fmt = lambda v: "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
+    cells = [[fmt(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    for x in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(x, widths)))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from tscray.demo import run_demo
 
@@ -215,7 +314,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.out, quick=args.quick, device=args.device, log=_log)
 
 
-COMMANDS = {"purify": cmd_purify, "backdoor": cmd_backdoor, "demo": cmd_demo}
+COMMANDS = {"purify": cmd_purify, "backdoor": cmd_backdoor, "sweep": cmd_sweep, "status": cmd_status,
+            "results": cmd_results, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -226,10 +326,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     from tscray.checkpoint import CheckpointError
+    from tscray.config import SpecError
     from tscray.registry import UnknownName
 
     try:
         return COMMANDS[args.command](args)
+    except SpecError as err:
+        print(f"tscray {args.command}: error: {err}", file=sys.stderr)
+        return 2
     except (CheckpointError, UnknownName, ValueError, FileNotFoundError) as err:
         print(f"tscray {args.command}: error: {err}", file=sys.stderr)
         return 2

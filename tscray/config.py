@@ -206,8 +206,8 @@ def _section(cls: type, raw: Any, path: str, problems: list[str],
         default = getattr(defaults, key)
         if isinstance(default, tuple):
             items = value if isinstance(value, list) else [value]
-            if not items:
-                problems.append(f"{where}: empty list")
+            if not items and cls is Grid:
+                problems.append(f"{where}: empty list; a grid axis needs at least one value")
                 continue
             out = []
             for i, item in enumerate(items):

@@ -92,6 +92,16 @@ class Trial:
     def steps(self) -> list[Step]:
         return [s.step for s in self.chain]
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able form (what travels in a Tune config)."""
+        return {"id": self.id, "params": self.params, "final": list(self.final),
+                "chain": [{"step": s.step.to_dict(), "round": s.round} for s in self.chain]}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "Trial":
+        return Trial(d["params"], tuple(Stage(Step.from_dict(s["step"]), s["round"]) for s in d["chain"]),
+                     tuple(d["final"]))  # type: ignore[arg-type]
+
 
 def relevant(point: dict[str, Any]) -> dict[str, Any]:
     """Drop grid axes that do not apply to the point's defense, so equal trials collapse."""

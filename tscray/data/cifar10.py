@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tscray.data import DATASETS, Dataset
+from tscray.data import DATASETS, Dataset, ImageData
 from tscray.data.errors import not_found
 from tscray.data.files import check_image_size, image_data, preprocess, require_root, resize_square
 
@@ -159,7 +159,7 @@ def cifar10(root: Path | None = None, image_size: int | None = None, download: b
     train = _split(folder, TRAIN_PY if is_py else TRAIN_BIN, is_py)
     test = _split(folder, [TEST_PY] if is_py else [TEST_BIN], is_py)
 
-    def data(xy: tuple[np.ndarray, np.ndarray]) -> Any:
+    def data(xy: tuple[np.ndarray, np.ndarray]) -> ImageData:
         return image_data(resize_square(torch.from_numpy(xy[0]), size), xy[1])
 
     return Dataset(name=NAME, train=data(train), test=data(test), num_classes=10,

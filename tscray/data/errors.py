@@ -31,4 +31,5 @@ def not_found(name: str, title: str, root: Path, searched: Sequence[Path], layou
               hint: str = HINT) -> DatasetNotFound:
     """The error for a dataset absent from ``root`` (``searched``: the folders that were tried)."""
     tried = ", ".join(str(p) for p in searched)
+    layout = layout.replace("<root>", str(root))
     return DatasetNotFound(f"{name}: no {title} under {root}; expected {layout} (searched: {tried}); {hint}")

@@ -15,7 +15,7 @@ import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -31,14 +31,6 @@ def require_root(name: str, root: Path | str | None) -> Path:
     if root is None:
         raise no_root(name)
     return Path(root).expanduser()
-
-
-def first_existing(candidates: Iterable[Path], ok: Callable[[Path], bool]) -> Path | None:
-    """The first candidate folder for which ``ok`` holds, else None."""
-    for c in candidates:
-        if ok(c):
-            return c
-    return None
 
 
 def check_image_size(image_size: int | None, default: int) -> int:

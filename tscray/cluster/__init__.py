@@ -1,0 +1,167 @@
+"""Ray actors that execute a plan: a single-flight coordinator and shard workers owning devices.
+
+The coordinator is one named async actor per sweep: every request for a step goes through it, so
+a step asked for by many trials at the same moment is computed once (later askers await the same
+future), and a step already in the store is never recomputed. Shard workers are long-lived actors
+that each own a device (a GPU, a fraction of one, or CPU threads) and keep datasets resident; they
+run :func:`tscray.steps.compute`. A worker that dies mid-step is replaced and the step retried.
+Both are created outside trial placement groups, so trials (a sliver of CPU each) never hold the
+resources the workers need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from typing import Any
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+from tscray.plan import Step
+
+NAMESPACE = "tscray"
+TRIAL_CPU = 0.005  # what a light Tune trial reserves; workers leave room for many of them
+
+
+@ray.remote(max_restarts=0)
+class ShardWorker:
+    """Owns a device and a torch thread budget; computes steps with resident data."""
+
+    def __init__(self, store_uri: str, threads: int, use_gpu: bool, data_root: str | None, precision: str,
+                 channels_last: bool, eval_batch: int) -> None:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        import torch
+
+        from tscray.steps import Context
+        from tscray.store import Store
+
+        torch.set_num_threads(threads)
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.ctx = Context(Store(store_uri), device, data_root, precision, channels_last, eval_batch)
+
+    def run(self, step: dict[str, Any]) -> dict[str, Any]:
+        from tscray.steps import compute
+
+        return compute(Step.from_dict(step), self.ctx)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@ray.remote
+class Coordinator:
+    """Single-flight step execution over a pool of shard workers (async actor)."""
+
+    def __init__(self, store_uri: str, resources: dict[str, Any], data_root: str | None, eval_batch: int,
+                 fault_kill_at: int = 0) -> None:
+        from tscray.store import Store
+
+        self.store = Store(store_uri)
+        self.res, self.data_root, self.eval_batch = resources, data_root, eval_batch
+        self.inflight: dict[str, asyncio.Future] = {}
+        self.stats = {"computed": 0, "reused": 0, "failed": 0, "replaced_workers": 0, "dispatched": 0}
+        self.fault_kill_at = fault_kill_at
+        self.workers: list[Any] = []
+        self.free: asyncio.Queue | None = None
+
+    def _new_worker(self) -> Any:
+        r = self.res
+        gpus = float(r["gpus_per_step"])
+        cpus = max(0.05, r["cpus_per_step"] - 0.05)  # leave room for light trials on a small machine
+        return ShardWorker.options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy="DEFAULT").remote(
+            self.store.uri, r["threads"], gpus > 0, self.data_root, r["precision"], r["channels_last"],
+            self.eval_batch)
+
+    async def start(self) -> int:
+        """Create the worker pool: ``workers`` or as many as the cluster's resources hold."""
+        n = self.res["workers"]
+        if not n:
+            total = ray.cluster_resources()
+            gpus = float(self.res["gpus_per_step"])
+            n = (math.floor(total.get("GPU", 0) / gpus) if gpus > 0
+                 else math.floor(total.get("CPU", 1) / self.res["cpus_per_step"]))
+            n = max(1, n)
+        self.workers = [self._new_worker() for _ in range(n)]
+        self.free = asyncio.Queue()
+        for i in range(n):
+            self.free.put_nowait(i)
+        await asyncio.gather(*(w.pid.remote() for w in self.workers))
+        return n
+
+    async def get_stats(self) -> dict[str, Any]:
+        return {**self.stats, "inflight": len(self.inflight), "workers": len(self.workers)}
+
+    async def worker_pids(self) -> list[int]:
+        return list(await asyncio.gather(*(w.pid.remote() for w in self.workers)))
+
+    async def request(self, step_dict: dict[str, Any]) -> dict[str, Any]:
+        """The manifest of a step, computing it (and its inputs) at most once."""
+        step = Step.from_dict(step_dict)
+        return await self._get(step)
+
+    async def _get(self, step: Step) -> dict[str, Any]:
+        fut = self.inflight.get(step.key)
+        if fut is not None:
+            self.stats["reused"] += 1
+            return await asyncio.shield(fut)
+        if self.store.has_step(step.kind, step.key):
+            self.stats["reused"] += 1
+            return self.store.manifest(step.kind, step.key)
+        fut = asyncio.get_running_loop().create_future()
+        self.inflight[step.key] = fut
+        try:
+            await asyncio.gather(*(self._get(i) for i in step.inputs))
+            manifest = await self._dispatch(step)
+            self.stats["computed"] += 1
+            fut.set_result(manifest)
+            return manifest
+        except BaseException as err:
+            self.stats["failed"] += 1
+            fut.set_exception(err)
+            fut.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            self.inflight.pop(step.key, None)
+
+    async def _dispatch(self, step: Step) -> dict[str, Any]:
+        assert self.free is not None, "start() first"
+        attempts = 1 + int(self.res["step_retries"])
+        for attempt in range(attempts):
+            idx = await self.free.get()
+            try:
+                self.stats["dispatched"] += 1
+                ref = self.workers[idx].run.remote(step.to_dict())
+                if self.fault_kill_at and self.stats["dispatched"] == self.fault_kill_at:
+                    asyncio.get_running_loop().call_later(1.0, ray.kill, self.workers[idx])
+                return await ref
+            except (RayActorError, ActorDiedError, ActorUnavailableError):
+                self.workers[idx] = self._new_worker()  # replace the dead worker, then retry
+                self.stats["replaced_workers"] += 1
+                if attempt == attempts - 1:
+                    raise
+            finally:
+                self.free.put_nowait(idx)
+        raise RuntimeError("unreachable")
+
+
+def coordinator_name(sweep_id: str) -> str:
+    return f"tscray-coordinator-{sweep_id}"
+
+
+def start(store_uri: str, sweep_id: str, resources: dict[str, Any], data_root: str | None, eval_batch: int,
+          fault_kill_at: int = 0) -> tuple[Any, int]:
+    """Create (or replace) the sweep's coordinator and its workers; returns (handle, worker count)."""
+    name = coordinator_name(sweep_id)
+    try:
+        ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+        time.sleep(0.5)
+    except ValueError:
+        pass
+    coord = Coordinator.options(name=name, namespace=NAMESPACE, max_concurrency=10_000, num_cpus=0,
+                                scheduling_strategy="DEFAULT").remote(
+        store_uri, resources, data_root, eval_batch, fault_kill_at)
+    n = ray.get(coord.start.remote())
+    return coord, n

@@ -1,0 +1,81 @@
+"""Sweep results: one Parquet row per evaluated model, one file per trial, rewritten whole.
+
+A trial's file is replaced atomically each time the trial finishes, so retries and resumes never
+duplicate rows; the directory ``<storage>/results`` is a Parquet dataset that pandas opens with
+``pandas.read_parquet(path)``.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tscray.plan import Trial
+from tscray.store import Store
+
+SCHEMA = pa.schema([
+    ("sweep", pa.string()), ("trial_id", pa.string()),
+    ("dataset", pa.string()), ("arch", pa.string()), ("attack", pa.string()), ("poison_rate", pa.float64()),
+    ("seed", pa.int64()), ("defense", pa.string()), ("e_tsc", pa.int64()), ("t", pa.float64()),
+    ("round", pa.int64()), ("stage", pa.string()), ("t_curve", pa.float64()),
+    ("acc", pa.float64()), ("asr", pa.float64()), ("clean_loss", pa.float64()), ("poison_loss", pa.float64()),
+    ("step_kind", pa.string()), ("step_key", pa.string()), ("seconds", pa.float64()), ("device", pa.string()),
+    ("precision", pa.string()),
+])
+
+
+def trial_rows(sweep: str, trial: Trial, manifests: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of one trial from its steps' manifests, plus a ``final`` row for its output model."""
+    p = trial.params
+    base = {"sweep": sweep, "trial_id": trial.id, "dataset": p["dataset"], "arch": p["arch"],
+            "attack": p["attack"], "poison_rate": p["poison_rate"], "seed": p["seed"], "defense": p["defense"],
+            "e_tsc": p.get("rounds"), "t": p.get("t")}
+    rows: list[dict[str, Any]] = []
+    for stage in trial.chain:
+        m = manifests[stage.step.key]
+        for rec in m["records"]:
+            rows.append({**base, "round": rec.get("round", stage.round), "stage": rec["stage"],
+                         "t_curve": rec.get("t_curve"), **{k: rec.get(k) for k in ("acc", "asr", "clean_loss",
+                                                                                    "poison_loss")},
+                         "step_kind": stage.step.kind, "step_key": stage.step.key, "seconds": m["seconds"],
+                         "device": m["device"], "precision": m.get("precision")})
+    if not any(r["stage"] == "final" and r["step_key"] == trial.final[0] for r in rows):
+        rows.append({**final_record(trial, manifests, rows), "stage": "final"})
+    return rows
+
+
+def final_record(trial: Trial, manifests: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row that evaluates the trial's output model."""
+    key, artifact = trial.final
+    stage_of = {"model": ("backdoored", "final"), "next": ("finetune",), "point": ("stage2",)}[artifact]
+    if artifact == "next" and not any(r["step_key"] == key and r["stage"] == "finetune" for r in rows):
+        stage_of = ("stage2",)  # no fine-tune configured: the next input is the point itself
+    for r in reversed(rows):
+        if r["step_key"] == key and r["stage"] in stage_of:
+            return dict(r)
+    raise KeyError(f"trial {trial.id}: no record of its final model in step {key}")
+
+
+def write_trial(store: Store, trial_id: str, rows: list[dict[str, Any]]) -> None:
+    """Atomically replace the trial's Parquet file."""
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    store.write_bytes(f"results/trial-{trial_id}.parquet", buf.getvalue())
+
+
+def done_trials(store: Store) -> set[str]:
+    """Ids of trials whose results are written."""
+    return {n[len("trial-"):-len(".parquet")] for n in store.listdir("results") if n.endswith(".parquet")}
+
+
+def read(store: Store) -> pa.Table:
+    """All result rows of a sweep (an empty table with the schema when there are none)."""
+    names = [n for n in store.listdir("results") if n.endswith(".parquet")]
+    if not names:
+        return SCHEMA.empty_table()
+    tables = [pq.read_table(io.BytesIO(store.read_bytes(f"results/{n}"))) for n in names]
+    return pa.concat_tables([t.cast(SCHEMA) for t in tables])

@@ -1,0 +1,242 @@
+"""The sweep driver: plan, skip finished trials, run the rest as light Ray Tune trials, log.
+
+Resume is "run the same command again": the store is the truth, so finished trials are skipped,
+finished steps are reused, and only missing work runs. Adding a grid value runs only new trials.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+from tscray.config import SweepSpec
+from tscray.plan import Plan, Trial, make_plan
+from tscray.store import Store
+
+Print = Callable[[str], None]
+
+
+def sweep_id(storage: str) -> str:
+    return hashlib.sha256(storage.encode()).hexdigest()[:12]
+
+
+def describe_plan(plan: Plan, done: set[str] | None = None) -> str:
+    """The --dry-run text: trials, distinct steps by kind, and what a naive per-trial run would execute."""
+    counts, naive = plan.count_by_kind(), plan.naive_count_by_kind()
+    lines = [f"sweep {plan.spec.name}: {len(plan.trials)} trials"
+             + (f" ({len(done & {t.id for t in plan.trials})} already finished)" if done is not None else ""),
+             f"{'step kind':<14}{'distinct':>10}{'naive':>10}"]
+    for kind in ("backdoor", "finetune", "mcr_curve", "mcr_point", "tsc_stage1", "tsc_round"):
+        if kind in naive:
+            lines.append(f"{kind:<14}{counts.get(kind, 0):>10}{naive[kind]:>10}")
+    lines.append(f"{'all steps':<14}{sum(counts.values()):>10}{sum(naive.values()):>10}")
+    lines.append(f"{'curve fits':<14}{Plan.curve_fits(counts):>10}{Plan.curve_fits(naive):>10}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ the trial (runs in a Ray worker)
+
+def run_trial(config: dict[str, Any]) -> None:
+    """A light Tune trial: ask the coordinator for each step of the chain, report rounds, write rows."""
+    import ray
+    from ray import tune
+
+    from tscray import results
+    from tscray.cluster import NAMESPACE
+
+    coord = ray.get_actor(config["coordinator"], namespace=NAMESPACE)
+    trial = Trial.from_dict(config["trial"])
+    store = Store(config["storage"])
+    manifests: dict[str, dict[str, Any]] = {}
+    for stage in trial.chain:
+        manifests[stage.step.key] = ray.get(coord.request.remote(stage.step.to_dict()))
+        if stage.step.kind in ("tsc_round", "mcr_point", "finetune") or stage.round == 0:
+            # ("done" is a reserved Tune key that ends the trial: never report it)
+            tune.report({"round": stage.round, **_round_metrics(manifests[stage.step.key], stage.step.kind)})
+    rows = results.trial_rows(config["sweep"], trial, manifests)
+    results.write_trial(store, trial.id, rows)
+
+
+def _round_metrics(manifest: dict[str, Any], kind: str) -> dict[str, float]:
+    want = {"tsc_round": ("finetune", "stage2"), "backdoor": ("backdoored",)}.get(kind, ("final",))
+    for stage in want:
+        for r in manifest["records"]:
+            if r["stage"] == stage:
+                return {k: r[k] for k in ("acc", "asr") if r.get(k) is not None}
+    return {}
+
+
+# ------------------------------------------------------------------ progress
+
+@dataclass
+class Progress:
+    """Trial counters fed by a Tune callback, printed with step counters by a ticker thread."""
+
+    total: int
+    done: int = 0
+    failed: int = 0
+    running: set = field(default_factory=set)
+    start: float = field(default_factory=time.time)
+
+
+def _make_progress_callback(progress: Progress):
+    from ray import tune
+
+    class ProgressCallback(tune.Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            progress.running.add(trial.trial_id)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            progress.running.discard(trial.trial_id)
+            progress.done += 1
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            progress.running.discard(trial.trial_id)
+            progress.failed += 1
+    return ProgressCallback()
+
+
+def _ticker(progress: Progress, coord: Any, planned_steps: int, out: TextIO, stop: threading.Event) -> None:
+    import ray
+
+    tty = out.isatty()
+    while not stop.wait(2.0 if tty else 15.0):
+        try:
+            s = ray.get(coord.get_stats.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - progress must never break the sweep
+            continue
+        elapsed = time.time() - progress.start
+        finished = progress.done + progress.failed
+        eta = elapsed / finished * (progress.total - finished) if finished else float("nan")
+        line = (f"trials {progress.done}/{progress.total} done, {len(progress.running)} running, "
+                f"{progress.failed} failed | steps {s['computed']} computed, {s['reused']} reused, "
+                f"{s['inflight']} in flight of {planned_steps} | {elapsed:5.0f}s"
+                + (f", ETA {eta:4.0f}s" if eta == eta else ""))
+        out.write(("\r" + line.ljust(110)) if tty else line + "\n")
+        out.flush()
+    if tty:
+        out.write("\n")
+
+
+# ------------------------------------------------------------------ driver
+
+def _trial_name(trial: Any) -> str:
+    return f"trial-{trial.config['trial']['id']}"
+
+
+def _quiet_ray_logging(log_dir: Path) -> Path:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / "ray.log"
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    for name in ("ray", "ray.tune", "ray.train", "ray.data"):
+        lg = logging.getLogger(name)
+        lg.handlers[:] = [handler]
+        lg.propagate = False
+        lg.setLevel(logging.INFO)
+    return path
+
+
+def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None = None,
+              out: TextIO = sys.stdout, fault_kill_at: int = 0) -> dict[str, Any]:
+    """Run (or resume) a sweep; returns a summary with paths and counts."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled") if not address else None
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "100000")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import ray
+    from ray import tune
+
+    from tscray import cluster, results
+    from tscray.tracking import MLflowCallback, Tracker, default_uri
+
+    uri = spec.storage_path(storage)
+    store = Store(uri)
+    sid = sweep_id(uri)
+    plan = make_plan(spec)
+    store.write_json("sweep.json", {"spec": spec.to_dict(), "sweep_id": sid, "trials": len(plan.trials),
+                                     "steps": len(plan.steps)})
+    done = results.done_trials(store)
+    pending = [t for t in plan.trials if t.id not in done]
+    local_dir = Path(uri) if "://" not in uri else Path.cwd() / f".tscray-{sid}"
+    ray_log = _quiet_ray_logging(local_dir / "logs")
+    print(f"sweep {spec.name} ({sid}) at {uri}: {len(plan.trials)} trials, {len(pending)} to run, "
+          f"{len(plan.steps)} distinct steps; Ray log: {ray_log}", file=out, flush=True)
+    mlflow_uri = spec.mlflow_uri or default_uri(uri)
+    tracker = Tracker(mlflow_uri, spec.name, sid, uri, spec.to_dict())
+    summary: dict[str, Any] = {"storage": uri, "results": f"{uri}/results", "mlflow_uri": mlflow_uri,
+                               "trials": len(plan.trials), "ran": len(pending), "sweep_id": sid}
+    if not pending:
+        print("every trial is already finished; nothing to run", file=out)
+        _finish(tracker, uri, store, summary, out)
+        return summary
+
+    ray.init(address=address, namespace=cluster.NAMESPACE, log_to_driver=False, include_dashboard=False,
+             logging_level=logging.WARNING, configure_logging=False,
+             runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}})
+    stop = threading.Event()
+    try:
+        res = spec.resources
+        coord, n_workers = cluster.start(uri, sid, {
+            "gpus_per_step": res.gpus_per_step, "cpus_per_step": res.cpus_per_step, "threads": res.threads,
+            "workers": res.workers, "precision": res.precision, "channels_last": res.channels_last,
+            "step_retries": res.step_retries}, spec.data_root, spec.eval.batch_size, fault_kill_at)
+        print(f"{n_workers} shard worker(s), {res.threads} thread(s) each"
+              + (f", {res.gpus_per_step} GPU each" if res.gpus_per_step else ""), file=out, flush=True)
+        progress = Progress(total=len(pending))
+        ticker = threading.Thread(target=_ticker, args=(progress, coord, len(plan.steps), out, stop), daemon=True)
+        ticker.start()
+        trainable = tune.with_resources(run_trial, {"cpu": cluster.TRIAL_CPU})
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"coordinator": cluster.coordinator_name(sid), "storage": uri, "sweep": spec.name,
+                         "trial": tune.grid_search([t.to_dict() for t in pending])},
+            tune_config=tune.TuneConfig(max_concurrent_trials=res.max_concurrent_trials,
+                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+            run_config=tune.RunConfig(
+                name=f"run-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=f"{uri}/tune" if "://" in uri
+                else str(Path(uri) / "tune"), verbose=0,
+                failure_config=tune.FailureConfig(max_failures=res.max_failures),
+                callbacks=[MLflowCallback(tracker), _make_progress_callback(progress)]),
+        )
+        grid = tuner.fit()
+        stop.set()
+        ticker.join(timeout=5)
+        summary["stats"] = ray.get(coord.get_stats.remote())
+        summary["errors"] = sum(1 for r in grid if r.error is not None)
+    finally:
+        stop.set()
+        ray.shutdown()
+    _finish(tracker, uri, store, summary, out)
+    return summary
+
+
+def _finish(tracker: Any, uri: str, store: Store, summary: dict[str, Any], out: TextIO) -> None:
+    from tscray import results
+
+    table = results.read(store)
+    summary["rows"] = table.num_rows
+    done = results.done_trials(store)
+    summary["done"] = len(done)
+    if "://" not in uri:
+        tracker.log_artifacts(str(Path(uri) / "results"), "results")
+    tracker.close("FINISHED" if summary.get("errors", 0) == 0 else "FAILED")
+    stats = summary.get("stats", {})
+    print(f"\nfinished: {summary['done']}/{summary['trials']} trials have results ({table.num_rows} rows); "
+          f"steps computed {stats.get('computed', 0)}, reused {stats.get('reused', 0)}"
+          + (f"; {summary['errors']} trial(s) errored: run the same command again to retry"
+             if summary.get("errors") else ""), file=out)
+    print(f"  Parquet : {summary['results']}  (pandas.read_parquet)\n"
+          f"  MLflow  : {summary['mlflow_uri']}  (mlflow ui --backend-store-uri {summary['mlflow_uri']})", file=out)
+    if "figures" in summary:
+        print(f"  Figures : {summary['figures']}", file=out)
+    out.flush()

@@ -1,0 +1,122 @@
+"""MLflow logging from a single writer on the driver.
+
+One parent run per sweep and one child run per trial, found again by tags on resume (so no run is
+ever duplicated); per-round metrics use the round as the MLflow step. Many processes writing one
+fresh SQLite file race on schema creation, so only the driver writes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
+
+def default_uri(storage: str) -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else an absolute SQLite URI inside a local sweep directory."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if "://" in storage and not storage.startswith("file://"):
+        raise ValueError(f"storage {storage} is not local: set mlflow_uri (e.g. http://<head>:5000) in the spec, "
+                         "--mlflow-uri, or $MLFLOW_TRACKING_URI")
+    path = Path(storage.removeprefix("file://")).resolve() / "mlflow.db"
+    return f"sqlite:///{path}"
+
+
+class Tracker:
+    """Finds or creates the sweep's parent run and its trials' child runs."""
+
+    def __init__(self, uri: str, sweep_name: str, sweep_id: str, storage: str, spec: dict[str, Any]) -> None:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        mlflow.set_tracking_uri(uri)
+        self.client = MlflowClient(uri)
+        name = f"tscray/{sweep_name}"
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            loc = None if "://" in storage else (Path(storage) / "mlartifacts").resolve().as_uri()
+            self.exp_id = self.client.create_experiment(name, artifact_location=loc)
+        else:
+            self.exp_id = exp.experiment_id
+        self.sweep_id = sweep_id
+        runs = self.client.search_runs([self.exp_id], f"tags.tscray_sweep_id = '{sweep_id}' and "
+                                                      "tags.tscray_kind = 'sweep'", max_results=1)
+        if runs:
+            self.parent = runs[0].info.run_id
+        else:
+            self.parent = self.client.create_run(self.exp_id, run_name=sweep_name, tags={
+                "tscray_sweep_id": sweep_id, "tscray_kind": "sweep", "tscray_storage": storage}).info.run_id
+            flat = _flatten(spec)
+            for k, v in list(flat.items())[:400]:
+                self.client.log_param(self.parent, k, str(v)[:500])
+        self.children: dict[str, str] = {}
+        for r in self.client.search_runs([self.exp_id], f"tags.tscray_parent = '{self.parent}'", max_results=50000):
+            self.children[r.data.tags["tscray_trial_id"]] = r.info.run_id
+
+    def child(self, trial_id: str, params: dict[str, Any]) -> str:
+        if trial_id not in self.children:
+            name = "-".join(f"{v}" for v in params.values())
+            run = self.client.create_run(self.exp_id, run_name=name[:200], tags={
+                "mlflow.parentRunId": self.parent, "tscray_parent": self.parent, "tscray_trial_id": trial_id,
+                "tscray_kind": "trial"})
+            self.children[trial_id] = run.info.run_id
+            for k, v in params.items():
+                self.client.log_param(run.info.run_id, k, "" if v is None else str(v))
+        return self.children[trial_id]
+
+    def log_round(self, trial_id: str, params: dict[str, Any], metrics: dict[str, float], step: int) -> None:
+        run = self.child(trial_id, params)
+        for k, v in metrics.items():
+            self.client.log_metric(run, k, float(v), step=step)
+
+    def finish(self, trial_id: str, params: dict[str, Any], status: str) -> None:
+        self.client.set_terminated(self.child(trial_id, params), status)
+
+    def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
+        if Path(local_dir).is_dir():
+            self.client.log_artifacts(self.parent, local_dir, artifact_path)
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.parent, status)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class MLflowCallback(tune.Callback):
+    """Tune callback (driver side) forwarding per-round trial results to the :class:`Tracker`."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+
+    def _ids(self, trial: Any) -> tuple[str, dict[str, Any]]:
+        t = trial.config["trial"]
+        return t["id"], t["params"]
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        tid, params = self._ids(trial)
+        metrics = {k: result[k] for k in ("acc", "asr") if isinstance(result.get(k), (int, float))}
+        if metrics:
+            self.tracker.log_round(tid, params, metrics, int(result.get("round", 0)))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        tid, params = self._ids(trial)
+        self.tracker.finish(tid, params, "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        tid, params = self._ids(trial)
+        self.tracker.finish(tid, params, "FAILED")
