@@ -222,9 +222,10 @@ def _section(cls: type, raw: Any, path: str, problems: list[str],
         elif value is None and key in ("mlflow_uri", "data_root"):
             values[key] = None
         else:
+            n = len(problems)
             values[key] = _check_scalar(where, value, default, problems)
-            if checks and key in checks and values[key] is not None:
-                msg = checks[key](values[key])
+            if checks and key in checks and values[key] is not None and len(problems) == n:
+                msg = checks[key](value)
                 if msg:
                     problems.append(f"{where}: {msg}")
     try:

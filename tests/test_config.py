@@ -1,0 +1,77 @@
+import pytest
+import yaml
+
+from tscray.cli import main
+from tscray.config import SpecError, load_spec, validate
+
+GOOD = {"name": "x", "grid": {"t": [0.3, 0.5], "rounds": [1, 2]}}
+
+
+def problems(raw):
+    with pytest.raises(SpecError) as e:
+        validate(raw)
+    return "\n".join(e.value.problems)
+
+
+def test_good_spec_and_shipped_sweeps_validate():
+    spec = validate(GOOD)
+    assert spec.grid.t == (0.3, 0.5) and spec.grid.rounds == (1, 2)
+    assert load_spec("sweeps/quickstart.yaml").name == "quickstart"
+
+
+@pytest.mark.parametrize("raw,needle", [
+    ({**GOOD, "bogus": 1}, "bogus: unknown key"),
+    ({"name": "x", "grid": {"colour": [1]}}, "grid.colour: unknown key"),
+    ({"name": "x", "grid": {"t": [0.3, 1.5]}}, "grid.t[1]: 1.5 is outside (0, 1)"),
+    ({"name": "x", "grid": {"t": [0]}}, "grid.t[0]: 0 is outside (0, 1)"),
+    ({"name": "x", "grid": {"rounds": [0]}}, "grid.rounds[0]: 0 is outside [1, ∞)"),
+    ({"name": "x", "grid": {"rounds": [1.5]}}, "grid.rounds[0]: 1.5 is not an integer"),
+    ({"name": "x", "grid": {"poison_rate": [1.2]}}, "grid.poison_rate[0]: 1.2 is outside [0, 1]"),
+    ({"name": "x", "grid": {"attack": ["badnetz"]}}, "grid.attack[0]: unknown attack 'badnetz'; allowed: badnets"),
+    ({"name": "x", "grid": {"arch": ["resnet9"]}}, "unknown architecture 'resnet9'; allowed:"),
+    ({"name": "x", "grid": {"dataset": ["mnist"]}}, "unknown dataset 'mnist'; allowed:"),
+    ({"name": "x", "grid": {"defense": ["nc"]}}, "unknown defense 'nc'; allowed: tsc, mcr, finetune, none"),
+    ({"name": "x", "grid": {"t": []}}, "grid.t: empty list"),
+    ({"name": "x", "train": {"epochs": "ten"}}, "train.epochs: 'ten' is not an integer"),
+    ({"name": "x", "defense": {"clean_ratio": 0}}, "defense.clean_ratio: 0 is outside (0, 1]"),
+    ({"name": "x", "defense": {"preset": "fast"}}, "unknown preset 'fast'"),
+    ({"name": "x", "defense": {"tsc": {"curve_epoch": 3}}}, "defense.tsc: unknown tsc setting(s) ['curve_epoch']"),
+    ({"name": "x", "defense": {"tsc": {"t": 0.3}}}, "defense.tsc.t: set through the grid"),
+    ({"name": "x", "resources": {"gpus_per_step": -1}}, "resources.gpus_per_step: -1 is outside [0, ∞)"),
+    ({"name": "x", "eval": {"curve_ts": [2]}}, "eval.curve_ts[0]: 2 is outside [0, 1]"),
+    ({"name": "a b"}, "name: 'a b' must be"),
+    ({"grid": {}}, "name: None must be"),
+    ({"name": "x", "grid": {"dataset": ["cifar10"]}, "data_root": "/nonexistent/data"}, "data_root: /nonexistent/data does not exist"),
+])
+def test_each_bad_input_is_named(raw, needle):
+    assert needle in problems(raw)
+
+
+def test_all_problems_are_reported_at_once():
+    text = problems({"name": "x", "grid": {"t": [2], "attack": ["nope"]}, "train": {"lr": -1}})
+    assert "grid.t" in text and "grid.attack" in text and "train.lr" in text
+
+
+def test_cli_exits_2_and_writes_nothing_on_a_bad_spec(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "x", "storage": str(tmp_path / "out"), "grid": {"t": [1.5]}}))
+    assert main(["sweep", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "grid.t[0]: 1.5 is outside (0, 1)" in err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "syntax.yaml").write_text("name: [unclosed")
+    assert main(["sweep", str(tmp_path / "syntax.yaml")]) == 2
+    assert "YAML syntax" in capsys.readouterr().err
+    assert main(["sweep", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"name": "x", "storage": str(tmp_path / "out"),
+                                    "grid": {"t": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], "rounds": [1, 2, 3]}}))
+    assert main(["sweep", str(spec), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "27 trials" in out and "curve fits" in out
+    assert [l.split() for l in out.splitlines() if l.startswith("curve fits")][0][-2:] == ["46", "108"]
+    assert not (tmp_path / "out").exists()
