@@ -125,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", default="final", help="row stage to show (default: %(default)s; 'all' for every row)")
     p.add_argument("--csv", type=Path, help="also write the rows to this CSV file")
 
+    p = sub.add_parser("report", help="figures (Figures 3, 5, 6 style), Table 1 and index.html from a sweep",
+                       description="Read a sweep's Parquet rows and write the paper-style figures and tables, "
+                                   "an index.html to open them all, and log them to the sweep's MLflow run.")
+    p.add_argument("storage", help="sweep directory or URI")
+    p.add_argument("--out", type=Path, help="output directory (default: SWEEP_DIR/report)")
+    p.add_argument("--format", default="png", choices=["png", "svg", "pdf"], help="figure format (default: png)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
+
     p = sub.add_parser("demo", help="backdoor a small CNN on the embedded data, then purify it with TSC and MCR",
                        description="The end-to-end demo on the embedded Fashion-MNIST subset: BadNets at 10%% "
                                    "poison on a small CNN, then TSC (and MCR beside it), in a few minutes on a "
@@ -307,6 +315,20 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from tscray.sweep import report_sweep
+
+    store = _open_store(args.storage)
+    out = args.out or (Path(store.uri) / "report" if "://" not in store.uri else Path("report"))
+    rep = report_sweep(store, out, args.format, mlflow=not args.no_mlflow)
+    for p in rep.figures + rep.tables:
+        print(f"wrote {p}")
+    for s in rep.skipped:
+        print(f"skipped {s}")
+    print(f"open {rep.index}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from tscray.demo import run_demo
 
@@ -315,7 +337,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"purify": cmd_purify, "backdoor": cmd_backdoor, "sweep": cmd_sweep, "status": cmd_status,
-            "results": cmd_results, "demo": cmd_demo}
+            "results": cmd_results, "report": cmd_report, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

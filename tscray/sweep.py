@@ -220,6 +220,24 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
     return summary
 
 
+def report_sweep(store: Store, out: Path, fmt: str = "png", mlflow: bool = True, tracker: Any = None):
+    """Write the sweep's report and log it (and the Parquet) to the sweep's MLflow parent run."""
+    from tscray import results
+    from tscray.report import make_report
+
+    info = store.read_json("sweep.json")
+    rep = make_report(results.read(store).to_pandas(), out, fmt, title=f"tscray sweep {info['spec']['name']}")
+    if mlflow:
+        if tracker is None:
+            from tscray.tracking import Tracker, default_uri
+
+            spec = info["spec"]
+            tracker = Tracker(spec.get("mlflow_uri") or default_uri(store.uri), spec["name"], info["sweep_id"],
+                              store.uri, spec)
+        tracker.log_artifacts(str(out), "report")
+    return rep
+
+
 def _finish(tracker: Any, uri: str, store: Store, summary: dict[str, Any], out: TextIO) -> None:
     from tscray import results
 
@@ -229,6 +247,13 @@ def _finish(tracker: Any, uri: str, store: Store, summary: dict[str, Any], out: 
     summary["done"] = len(done)
     if "://" not in uri:
         tracker.log_artifacts(str(Path(uri) / "results"), "results")
+    if table.num_rows:
+        try:
+            local = Path(uri) / "report" if "://" not in uri else Path.cwd() / f"tscray-report-{summary['sweep_id']}"
+            rep = report_sweep(store, local, tracker=tracker)
+            summary["figures"] = str(rep.index)
+        except Exception as err:  # noqa: BLE001 - a failed plot must not fail a finished sweep
+            print(f"report not written: {err} (run `tscray report {uri}`)", file=out)
     tracker.close("FINISHED" if summary.get("errors", 0) == 0 else "FAILED")
     stats = summary.get("stats", {})
     print(f"\nfinished: {summary['done']}/{summary['trials']} trials have results ({table.num_rows} rows); "
