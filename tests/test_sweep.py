@@ -73,6 +73,22 @@ def test_sweep_shares_steps_survives_a_killed_worker_and_logs_once(tmp_path):
     assert c1.acc.max() - c1.acc.min() < 2.0
 
 
+def _ray_processes():
+    r = subprocess.run(["pgrep", "-f", "ray::|raylet|gcs_server"], capture_output=True, text=True)
+    return [int(p) for p in r.stdout.split()]
+
+
+def _wait_for_ray_to_die(timeout=60):
+    deadline = time.time() + timeout
+    while _ray_processes() and time.time() < deadline:
+        time.sleep(0.5)
+    for pid in _ray_processes():  # still there: a real user would find and kill them too
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _run_cli(spec_path, env, wait=True):
     cmd = [sys.executable, "-m", "tscray.cli", "sweep", str(spec_path)]
     if wait:
@@ -95,6 +111,7 @@ def test_killed_driver_resumes_without_recomputing_and_new_grid_values_run_alone
     assert proc.poll() is None, "the sweep finished before it could be interrupted"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
     proc.wait()
+    _wait_for_ray_to_die()  # a crashed driver's Ray workers may outlive it for a moment; the user re-runs after
     finished_before = {k for v in store.step_keys().values() for k in v}
     assert finished_before and len(finished_before) < len(make_plan(validate(raw)).steps)
 

@@ -29,9 +29,11 @@ from safetensors.torch import save as st_save
 class Store:
     """Content-addressed step artifacts, computation events and per-trial results."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, filesystem: pafs.FileSystem | None = None) -> None:
         self.uri = uri
-        if "://" in uri:
+        if filesystem is not None:  # an explicit pyarrow filesystem (tests use an in-memory one)
+            self.fs, self.root = filesystem, uri
+        elif "://" in uri:
             self.fs, self.root = pafs.FileSystem.from_uri(uri)
         else:
             self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(uri)

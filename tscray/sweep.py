@@ -103,7 +103,7 @@ def _make_progress_callback(progress: Progress):
     return ProgressCallback()
 
 
-def _ticker(progress: Progress, coord: Any, planned_steps: int, out: TextIO, stop: threading.Event) -> None:
+def _ticker(progress: Progress, coord: Any, to_compute: int, out: TextIO, stop: threading.Event) -> None:
     import ray
 
     tty = out.isatty()
@@ -113,11 +113,11 @@ def _ticker(progress: Progress, coord: Any, planned_steps: int, out: TextIO, sto
         except Exception:  # noqa: BLE001 - progress must never break the sweep
             continue
         elapsed = time.time() - progress.start
-        finished = progress.done + progress.failed
-        eta = elapsed / finished * (progress.total - finished) if finished else float("nan")
+        done = s["computed"]
+        eta = elapsed / done * max(0, to_compute - done) if done else float("nan")  # steps are the work
         line = (f"trials {progress.done}/{progress.total} done, {len(progress.running)} running, "
-                f"{progress.failed} failed | steps {s['computed']} computed, {s['reused']} reused, "
-                f"{s['inflight']} in flight of {planned_steps} | {elapsed:5.0f}s"
+                f"{progress.failed} failed | steps {done}/{to_compute} computed, {s['reused']} reused, "
+                f"{s['inflight']} in flight | {elapsed:5.0f}s"
                 + (f", ETA {eta:4.0f}s" if eta == eta else ""))
         out.write(("\r" + line.ljust(110)) if tty else line + "\n")
         out.flush()
@@ -146,8 +146,9 @@ def _quiet_ray_logging(log_dir: Path) -> Path:
 
 
 def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None = None,
-              out: TextIO = sys.stdout, fault_kill_at: int = 0) -> dict[str, Any]:
+              out: TextIO | None = None, fault_kill_at: int = 0) -> dict[str, Any]:
     """Run (or resume) a sweep; returns a summary with paths and counts."""
+    out = out if out is not None else sys.stdout  # resolved per call: sys.stdout may have been swapped
     os.environ.setdefault("RAY_AUTH_MODE", "disabled") if not address else None
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -193,7 +194,8 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
         print(f"{n_workers} shard worker(s), {res.threads} thread(s) each"
               + (f", {res.gpus_per_step} GPU each" if res.gpus_per_step else ""), file=out, flush=True)
         progress = Progress(total=len(pending))
-        ticker = threading.Thread(target=_ticker, args=(progress, coord, len(plan.steps), out, stop), daemon=True)
+        to_compute = sum(1 for s in plan.steps.values() if not store.has_step(s.kind, s.key))
+        ticker = threading.Thread(target=_ticker, args=(progress, coord, to_compute, out, stop), daemon=True)
         ticker.start()
         trainable = tune.with_resources(run_trial, {"cpu": cluster.TRIAL_CPU})
         tuner = tune.Tuner(

@@ -31,9 +31,12 @@ class Tracker:
     """Finds or creates the sweep's parent run and its trials' child runs."""
 
     def __init__(self, uri: str, sweep_name: str, sweep_id: str, storage: str, spec: dict[str, Any]) -> None:
+        import logging
+
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow sets INFO on import
         self.uri = uri
         mlflow.set_tracking_uri(uri)
         self.client = MlflowClient(uri)

@@ -7,7 +7,7 @@ training images to poison; :mod:`tscray.attacks.poison` builds the poisoned view
 from __future__ import annotations
 
 from tscray.attacks.base import ATTACKS, Attack
-from tscray.attacks import badnets  # noqa: F401  (registration)
+from tscray.attacks import badnets, blended, sig, wanet  # noqa: F401  (registration)
 from tscray.attacks.poison import PoisonedTrain, poison_test, poison_train
 from tscray.attacks.train import Backdoored, TrainRecipe, evaluator, train_backdoored
 

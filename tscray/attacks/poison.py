@@ -12,14 +12,22 @@ from tscray.data.tensors import ImageData
 
 @dataclass
 class PoisonedTrain:
-    """The poisoned training set and which indices were poisoned."""
+    """The poisoned training set and which indices were poisoned.
+
+    ``data`` holds the training set (poisoned at ``poison_idx``) followed by any extra images the
+    attack trains on (:meth:`Attack.extra_training`, e.g. WaNet's noise-mode images), so it can be
+    longer than the clean set; ``poison_idx`` indexes its first ``len(train)`` images.
+    """
 
     data: ImageData
     poison_idx: torch.Tensor
 
 
 def poison_train(train: ImageData, attack: Attack, rate: float, target: int = 0, seed: int = 0) -> PoisonedTrain:
-    """Apply ``attack`` to a seeded ``rate`` of the training images (deterministic from the seed)."""
+    """Apply ``attack`` to a seeded ``rate`` of the training images (deterministic from the seed).
+
+    Images the attack adds (:meth:`Attack.extra_training`) are appended after the training set.
+    """
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"poison rate must be in [0, 1], got {rate}")
     gen = torch.Generator().manual_seed(seed)
@@ -29,6 +37,9 @@ def poison_train(train: ImageData, attack: Attack, rate: float, target: int = 0,
         x[idx] = attack.apply(x[idx])
         if not attack.clean_label:
             y[idx] = target
+    extra = attack.extra_training(train, idx, rate, target, gen)
+    if extra is not None and len(extra):
+        x, y = torch.cat([x, extra.x]), torch.cat([y, extra.y])
     return PoisonedTrain(ImageData(x, y), idx)
 
 
