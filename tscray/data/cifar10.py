@@ -28,7 +28,7 @@ import torch
 
 from tscray.data import DATASETS, Dataset, ImageData
 from tscray.data.errors import not_found
-from tscray.data.files import check_image_size, image_data, preprocess, require_root, resize_square
+from tscray.data.files import check_image_size, image_data, locate, preprocess, require_root, resize_square
 
 NAME = "cifar10"
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
@@ -149,12 +149,8 @@ def cifar10(root: Path | None = None, image_size: int | None = None, download: b
     """CIFAR-10 (10 classes, 50,000 + 10,000 RGB images, native 32 px; ``image_size`` resizes)."""
     root = require_root(NAME, root)
     size = check_image_size(image_size, 32)
-    found = _locate(root)
-    if found is None and download:
-        _download(root)
-        found = _locate(root)
-    if found is None:
-        raise not_found(NAME, "CIFAR-10", root, _searched(root), LAYOUT)
+    found = locate(_locate, root, _download, download,
+                   lambda: not_found(NAME, "CIFAR-10", root, _searched(root), LAYOUT))
     folder, is_py = found
     train = _split(folder, TRAIN_PY if is_py else TRAIN_BIN, is_py)
     test = _split(folder, [TEST_PY] if is_py else [TEST_BIN], is_py)

@@ -15,7 +15,7 @@ import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -141,3 +141,18 @@ def decode_cached(name: str, split: str, base: Path, samples: Sequence[tuple[Pat
 def pil_to_chw(img: "object") -> np.ndarray:
     """A PIL RGB image as a contiguous uint8 3×H×W array."""
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
+T = TypeVar("T")
+
+
+def locate(find: Callable[[Path], T | None], root: Path, download: Callable[[Path], None] | None,
+           want_download: bool, missing: Callable[[], Exception]) -> T:
+    """Find a dataset under ``root``; download it first when asked and possible; else raise ``missing()``."""
+    found = find(root)
+    if found is None and want_download and download is not None:
+        download(root)
+        found = find(root)
+    if found is None:
+        raise missing()
+    return found

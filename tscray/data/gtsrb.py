@@ -29,7 +29,8 @@ import numpy as np
 
 from tscray.data import DATASETS, Dataset
 from tscray.data.errors import not_found
-from tscray.data.files import check_image_size, decode_cached, image_data, pil_to_chw, preprocess, require_root
+from tscray.data.files import (check_image_size, decode_cached, image_data, locate,
+                               pil_to_chw, preprocess, require_root)
 
 NAME = "gtsrb"
 NUM_CLASSES = 43
@@ -107,12 +108,8 @@ def gtsrb(root: Path | None = None, image_size: int | None = None, download: boo
     """
     root = require_root(NAME, root)
     size = check_image_size(image_size, 32)
-    found = _locate(root)
-    if found is None and download:
-        _download(root)
-        found = _locate(root)
-    if found is None:
-        raise not_found(NAME, "GTSRB", root, [root / "gtsrb", root], LAYOUT)
+    found = locate(_locate, root, _download, download,
+                   lambda: not_found(NAME, "GTSRB", root, [root / "gtsrb", root], LAYOUT))
     base, train_dir, test_dir, table = found
     splits = {}
     for split, samples in (("train", _train_samples(train_dir)), ("test", _test_samples(test_dir, table))):

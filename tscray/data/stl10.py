@@ -27,7 +27,7 @@ import torch
 
 from tscray.data import DATASETS, Dataset
 from tscray.data.errors import not_found
-from tscray.data.files import check_image_size, image_data, preprocess, require_root, resize_square
+from tscray.data.files import check_image_size, image_data, locate, preprocess, require_root, resize_square
 
 NAME = "stl10"
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # not in BackdoorBench: plain [-1, 1] scaling
@@ -72,13 +72,8 @@ def stl10(root: Path | None = None, image_size: int | None = None, download: boo
     """STL-10 labelled splits (10 classes, 5,000 + 8,000 RGB images, native 96 px; ``image_size`` resizes)."""
     root = require_root(NAME, root)
     size = check_image_size(image_size, SIDE)
-    folder = _locate(root)
-    if folder is None and download:
-        _download(root)
-        folder = _locate(root)
-    if folder is None:
-        raise not_found(NAME, "STL-10", root, [root / "stl10_binary", root / "stl10" / "stl10_binary", root],
-                        LAYOUT)
+    folder = locate(_locate, root, _download, download, lambda: not_found(
+        NAME, "STL-10", root, [root / "stl10_binary", root / "stl10" / "stl10_binary", root], LAYOUT))
     splits = {}
     for split in ("train", "test"):
         x, y = read_split(folder, split)

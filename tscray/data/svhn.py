@@ -22,7 +22,7 @@ import torch
 
 from tscray.data import DATASETS, Dataset
 from tscray.data.errors import not_found
-from tscray.data.files import check_image_size, image_data, preprocess, require_root, resize_square
+from tscray.data.files import check_image_size, image_data, locate, preprocess, require_root, resize_square
 
 NAME = "svhn"
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # not in BackdoorBench: plain [-1, 1] scaling
@@ -73,12 +73,8 @@ def svhn(root: Path | None = None, image_size: int | None = None, download: bool
     """SVHN (10 digit classes, 73,257 + 26,032 RGB images, native 32 px; ``image_size`` resizes)."""
     root = require_root(NAME, root)
     size = check_image_size(image_size, 32)
-    folder = _locate(root)
-    if folder is None and download:
-        _download(root)
-        folder = _locate(root)
-    if folder is None:
-        raise not_found(NAME, "SVHN", root, [root, root / "svhn"], LAYOUT)
+    folder = locate(_locate, root, _download, download,
+                    lambda: not_found(NAME, "SVHN", root, [root, root / "svhn"], LAYOUT))
     splits = {}
     for split, f in FILES.items():
         x, y = read_mat(folder / f)
