@@ -83,7 +83,7 @@ class Resources:
     cpus_per_step: int = 1
     threads: int = 1
     workers: int = 0
-    max_concurrent_trials: int = 16
+    max_concurrent_trials: int = 8
     precision: str = "auto"
     channels_last: bool = True
     max_failures: int = 2

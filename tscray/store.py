@@ -18,12 +18,12 @@ import os
 import posixpath
 import time
 import uuid
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import pyarrow.fs as pafs
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+
+if TYPE_CHECKING:  # torch is imported lazily: light Tune trials use the store without it
+    import torch
 
 
 class Store:
@@ -89,6 +89,8 @@ class Store:
     def put_step(self, kind: str, key: str, tensors: Mapping[str, Mapping[str, torch.Tensor]],
                  manifest: dict[str, Any]) -> dict[str, Any]:
         """Write a step's tensor artifacts, then its manifest (which makes the step exist)."""
+        from safetensors.torch import save as st_save
+
         d = self.step_dir(kind, key)
         for name, state in tensors.items():
             blob = st_save({k: v.detach().contiguous().cpu() for k, v in state.items()})
@@ -98,6 +100,8 @@ class Store:
         return manifest
 
     def load_tensors(self, kind: str, key: str, name: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load as st_load
+
         return st_load(self.read_bytes(f"{self.step_dir(kind, key)}/{name}.safetensors"))
 
     def step_keys(self) -> dict[str, list[str]]:

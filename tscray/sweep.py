@@ -132,9 +132,21 @@ def _trial_name(trial: Any) -> str:
 
 
 def _quiet_ray_logging(log_dir: Path) -> Path:
+    """Send Ray's logging, and the raylet messages Ray prints straight to the terminal, to a log file."""
+    import ray._private.worker as ray_worker
+
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / "ray.log"
     handler = logging.FileHandler(path)
+    original = getattr(ray_worker.print_to_stdstream, "__wrapped__", ray_worker.print_to_stdstream)
+
+    def to_log(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet":
+            logging.getLogger("ray").warning("(raylet) %s", " ".join(map(str, data.get("lines", []))))
+        else:
+            original(data, ignore_prefix)
+    to_log.__wrapped__ = original  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = to_log
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     for name in ("ray", "ray.tune", "ray.train", "ray.data"):
