@@ -27,3 +27,20 @@ def test_artifacts_without_a_manifest_do_not_count(tmp_path):
     store.write_bytes("steps/tsc_round/k2/point.safetensors", b"partial")
     assert not store.has_step("tsc_round", "k2") and store.step_keys() == {"tsc_round": []}
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_results_written_by_an_older_schema_still_read(tmp_path):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tscray import results
+    store = Store(str(tmp_path))
+    old = pa.table({"sweep": ["s"], "trial_id": ["t1"], "stage": ["final"], "acc": [90.0], "asr": [5.0]})
+    buf = io.BytesIO()
+    pq.write_table(old, buf)
+    store.write_bytes("results/trial-t1.parquet", buf.getvalue())
+    table = results.read(store)
+    assert table.schema == results.SCHEMA and table.num_rows == 1
+    assert table.column("acc").to_pylist() == [90.0] and table.column("sweep_id").to_pylist() == [None]

@@ -17,20 +17,21 @@ from tscray.plan import Trial
 from tscray.store import Store
 
 SCHEMA = pa.schema([
-    ("sweep", pa.string()), ("trial_id", pa.string()),
+    ("sweep", pa.string()), ("sweep_id", pa.string()), ("trial_id", pa.string()),
     ("dataset", pa.string()), ("arch", pa.string()), ("attack", pa.string()), ("poison_rate", pa.float64()),
     ("seed", pa.int64()), ("defense", pa.string()), ("e_tsc", pa.int64()), ("t", pa.float64()),
     ("round", pa.int64()), ("stage", pa.string()), ("t_curve", pa.float64()),
     ("acc", pa.float64()), ("asr", pa.float64()), ("clean_loss", pa.float64()), ("poison_loss", pa.float64()),
     ("step_kind", pa.string()), ("step_key", pa.string()), ("seconds", pa.float64()), ("device", pa.string()),
-    ("precision", pa.string()),
+    ("precision", pa.string()), ("channels_last", pa.bool_()),
 ])
 
 
-def trial_rows(sweep: str, trial: Trial, manifests: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def trial_rows(sweep: str, trial: Trial, manifests: dict[str, dict[str, Any]],
+               sweep_id: str | None = None) -> list[dict[str, Any]]:
     """Rows of one trial from its steps' manifests, plus a ``final`` row for its output model."""
     p = trial.params
-    base = {"sweep": sweep, "trial_id": trial.id, "dataset": p["dataset"], "arch": p["arch"],
+    base = {"sweep": sweep, "sweep_id": sweep_id, "trial_id": trial.id, "dataset": p["dataset"], "arch": p["arch"],
             "attack": p["attack"], "poison_rate": p["poison_rate"], "seed": p["seed"], "defense": p["defense"],
             "e_tsc": p.get("rounds"), "t": p.get("t")}
     rows: list[dict[str, Any]] = []
@@ -41,7 +42,8 @@ def trial_rows(sweep: str, trial: Trial, manifests: dict[str, dict[str, Any]]) -
                          "t_curve": rec.get("t_curve"), **{k: rec.get(k) for k in ("acc", "asr", "clean_loss",
                                                                                     "poison_loss")},
                          "step_kind": stage.step.kind, "step_key": stage.step.key, "seconds": m["seconds"],
-                         "device": m["device"], "precision": m.get("precision")})
+                         "device": m["device"], "precision": m.get("precision"),
+                         "channels_last": m.get("channels_last")})
     if not any(r["stage"] == "final" and r["step_key"] == trial.final[0] for r in rows):
         rows.append({**final_record(trial, manifests, rows), "stage": "final"})
     return rows
@@ -77,5 +79,12 @@ def read(store: Store) -> pa.Table:
     names = [n for n in store.listdir("results") if n.endswith(".parquet")]
     if not names:
         return SCHEMA.empty_table()
-    tables = [pq.read_table(io.BytesIO(store.read_bytes(f"results/{n}"))) for n in names]
-    return pa.concat_tables([t.cast(SCHEMA) for t in tables])
+    tables = [_conform(pq.read_table(io.BytesIO(store.read_bytes(f"results/{n}")))) for n in names]
+    return pa.concat_tables(tables)
+
+
+def _conform(table: pa.Table) -> pa.Table:
+    """Files written by an older tscray may lack newer columns: add them as nulls, in schema order."""
+    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+            for f in SCHEMA]
+    return pa.Table.from_arrays(cols, schema=SCHEMA)

@@ -242,7 +242,7 @@ def compute(step: Step, ctx: Context) -> dict[str, Any]:
         tensors, records = KINDS[step.kind](step, ctx)
     seconds = time.time() - t0
     manifest = {"records": _records(records), "seconds": seconds, "device": ctx.device,
-                "precision": ctx.precision, "params": step.params, "inputs": [i.key for i in step.inputs]}
+                "precision": ctx.precision, "channels_last": ctx.channels_last, "params": step.params, "inputs": [i.key for i in step.inputs]}
     manifest = ctx.store.put_step(step.kind, step.key, tensors, manifest)
     ctx.store.log_computation(step.kind, step.key, seconds, ctx.device)
     return manifest

@@ -60,7 +60,7 @@ def run_trial(config: dict[str, Any]) -> None:
         if stage.step.kind in ("tsc_round", "mcr_point", "finetune") or stage.round == 0:
             # ("done" is a reserved Tune key that ends the trial: never report it)
             tune.report({"round": stage.round, **_round_metrics(manifests[stage.step.key], stage.step.kind)})
-    rows = results.trial_rows(config["sweep"], trial, manifests)
+    rows = results.trial_rows(config["sweep"], trial, manifests, config.get("sweep_id"))
     results.write_trial(store, trial.id, rows)
 
 
@@ -213,6 +213,7 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
         tuner = tune.Tuner(
             trainable,
             param_space={"coordinator": cluster.coordinator_name(sid), "storage": uri, "sweep": spec.name,
+                         "sweep_id": sid,
                          "trial": tune.grid_search([t.to_dict() for t in pending])},
             tune_config=tune.TuneConfig(max_concurrent_trials=res.max_concurrent_trials,
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),

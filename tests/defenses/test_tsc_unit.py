@@ -30,6 +30,7 @@ def test_round_r_of_one_run_is_exactly_an_e_tsc_r_run(setting, preset):
     two = tsc.run(model, clean, method("supervised"), tsc.make_config(preset, rounds=2, **TINY))
     one = tsc.run(model, clean, method("supervised"), tsc.make_config(preset, rounds=1, **TINY))
     assert len(two.outputs) == 2 and two.model is two.outputs[-1]
+    assert {(1, "stage1"), (1, "stage2"), (2, "stage1"), (2, "stage2")} <= set(two.points)
     for k, v in one.model.state_dict().items():
         assert torch.equal(two.outputs[0].state_dict()[k], v), k
     assert not torch.equal(two.outputs[1].convs[0].weight, two.outputs[0].convs[0].weight)

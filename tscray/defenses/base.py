@@ -34,11 +34,13 @@ class CleanData:
 @dataclass
 class DefenseResult:
     """The purified model, every round's output (``outputs[r-1]`` is what an E = r run returns),
-    and one record per evaluated model (round, stage, t of the point, t along the curve)."""
+    the model taken at each stage (``points[(round, stage)]``, e.g. ``(1, "stage1")`` is θt), and
+    one record per evaluated model (round, stage, t of the point, t along the curve)."""
 
     model: nn.Module
     outputs: list[nn.Module] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)
+    points: dict[tuple[int, str], nn.Module] = field(default_factory=dict)
 
 
 def evaluate_curve(curve: BezierCurve, ts: Iterable[float], bn_loader: Iterable, evaluate: Evaluate,

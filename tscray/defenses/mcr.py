@@ -56,7 +56,7 @@ def run(model: nn.Module, clean: CleanData, method: Method, cfg: MCRConfig,
         records += evaluate_curve(curve, cfg.eval_ts, bn, evaluate, **tags, stage="curve")
         if log:
             log(f"mcr: acc {records[0]['acc']:.2f}" + (f", asr {records[0]['asr']:.2f}" if "asr" in records[0] else ""))
-    return DefenseResult(point, [point], records)
+    return DefenseResult(point, [point], records, {(1, "finetuned"): tuned, (1, "point"): point})
 
 
 DEFENSES.register("mcr")(Defense("mcr", MCRConfig, run))

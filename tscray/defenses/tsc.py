@@ -148,13 +148,16 @@ def tsc_round(model: nn.Module, clean: CleanData, method: Method, cfg: TSCConfig
 def run(model: nn.Module, clean: CleanData, method: Method, cfg: TSCConfig,
         evaluate: Evaluate | None = None, log: Log | None = None) -> DefenseResult:
     """Purify ``model`` with E_TSC = ``cfg.rounds`` rounds of TSC (Algorithm 1)."""
-    current, outputs, records = model, [], []
+    current, outputs, records, points = model, [], [], {}
     for r in range(1, cfg.rounds + 1):
         res = tsc_round(current, clean, method, cfg, r, last=r == cfg.rounds, evaluate=evaluate, log=log)
         outputs.append(res.output)
         records += res.records
+        points |= {(r, "stage1"): res.theta_t, (r, "stage2"): res.point}
+        if res.next_input is not res.point:
+            points[(r, "finetune")] = res.next_input
         current = res.next_input
-    return DefenseResult(outputs[-1], outputs, records)
+    return DefenseResult(outputs[-1], outputs, records, points)
 
 
 DEFENSES.register("tsc")(Defense("tsc", TSCConfig, run))
