@@ -161,7 +161,8 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
               out: TextIO | None = None, fault_kill_at: int = 0) -> dict[str, Any]:
     """Run (or resume) a sweep; returns a summary with paths and counts."""
     out = out if out is not None else sys.stdout  # resolved per call: sys.stdout may have been swapped
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled") if not address else None
+    if not address:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local Ray: no token-auth warning
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "100000")
