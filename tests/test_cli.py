@@ -63,3 +63,12 @@ def test_purify_runs_end_to_end_on_a_tiny_setting(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "before" in out and "after" in out and "ASR" in out
     assert (tmp_path / "m.purified.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_demo_quick_runs_and_writes_its_outputs(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "tsc E_TSC=2" in out and "mcr" in out and "backdoored" in out
+    for name in ("backdoored.safetensors", "tsc.safetensors", "results.json"):
+        assert (tmp_path / "demo" / name).exists()
