@@ -60,6 +60,7 @@ def test_sweep_shares_steps_survives_a_killed_worker_and_logs_once(tmp_path):
     spec = validate(raw)
     # kill the shard worker running the 2nd dispatched step, mid-step
     summary = run_sweep(spec, fault_kill_at=2)
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # the driver must not leak its tracking URI
     assert summary["done"] == summary["trials"] == len(make_plan(spec).trials) == 7
     assert summary["stats"]["replaced_workers"] >= 1
     plan, table, counts = check_complete(tmp_path / "run", raw)
@@ -102,7 +103,8 @@ def test_killed_driver_resumes_without_recomputing_and_new_grid_values_run_alone
     raw = tiny(storage, epochs=4)
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env |= {"PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
     proc = _run_cli(spec_path, env, wait=False)
     store = Store(str(storage))
     deadline = time.time() + 300

@@ -33,12 +33,12 @@ class Tracker:
     def __init__(self, uri: str, sweep_name: str, sweep_id: str, storage: str, spec: dict[str, Any]) -> None:
         import logging
 
-        import mlflow
         from mlflow.tracking import MlflowClient
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow sets INFO on import
         self.uri = uri
-        mlflow.set_tracking_uri(uri)
+        # An explicit client, never mlflow.set_tracking_uri: that also exports MLFLOW_TRACKING_URI to the
+        # process environment, which then leaks into every later sweep started from this process.
         self.client = MlflowClient(uri)
         name = f"tscray/{sweep_name}"
         exp = self.client.get_experiment_by_name(name)
