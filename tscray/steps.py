@@ -20,7 +20,7 @@ from tscray.curves import BezierCurve, fit
 from tscray.defenses.base import CleanData, evaluate_curve
 from tscray.defenses.finetune import finetune_model
 from tscray.defenses.mcr import MCRConfig
-from tscray.defenses.tsc import TSCConfig, stage1_curve, stage2_curve, _seed
+from tscray.defenses.tsc import TSCConfig, stage1_curve, stage2_curve, stage_seed
 from tscray.metrics import Evaluator
 from tscray.optim import OptimConfig
 from tscray.plan import Step
@@ -189,7 +189,7 @@ def step_tsc_stage1(step: Step, ctx: Context) -> Result:
     clean = ctx.clean(root["dataset"], p["clean_ratio"], p["clean_seed"])
     curve = stage1_curve(model, clean, methods.build("supervised"), cfg, p["round"])
     # Store the far endpoint (a permutation of the input, BN buffers included) with the bend.
-    bn = clean.loader(cfg.batch_size, _seed(cfg, p["round"], 3))
+    bn = clean.loader(cfg.batch_size, stage_seed(cfg, p["round"], 3))
     rows = evaluate_curve(curve, p["curve_ts"], bn, ctx.evaluator(root), stage="curve1", round=p["round"])
     end_state = {**curve._end_buffers, **dict(zip(curve.names, curve.endpoint("end")))}
     bend = {f"{i}": b.detach() for i, b in enumerate(curve.bend)}
@@ -207,13 +207,13 @@ def step_tsc_round(step: Step, ctx: Context) -> Result:
     end.load_state_dict(ctx.store.load_tensors(s1.kind, s1.key, "end"))
     curve1 = _curve_from(s1, ctx, model, ctx.place(end))
     clean = ctx.clean(root["dataset"], p["clean_ratio"], p["clean_seed"])
-    bn = clean.loader(cfg.batch_size, _seed(cfg, r, 3))
+    bn = clean.loader(cfg.batch_size, stage_seed(cfg, r, 3))
     ev = ctx.evaluator(root)
     theta_t = curve1.point(t, bn)
     curve2 = stage2_curve(model, theta_t, clean, sup, cfg, r)
     point = curve2.point(t, bn)
     tuned = (finetune_model(point, clean, sup, cfg.finetune_epochs, cfg.finetune_optim, cfg.batch_size,
-                            _seed(cfg, r, 4)) if cfg.finetune_epochs > 0 else point)
+                            stage_seed(cfg, r, 4)) if cfg.finetune_epochs > 0 else point)
     rows = [{"stage": "stage1", "t_curve": t, **ev(theta_t)}, {"stage": "stage2", "t_curve": t, **ev(point)}]
     if cfg.finetune_epochs > 0:
         rows.append({"stage": "finetune", "t_curve": None, **ev(tuned)})

@@ -68,14 +68,16 @@ class TSCConfig:
         raise ValueError(f"unknown TSC preset {name!r}; known: paper, released, ssl")
 
 
-def _seed(cfg: TSCConfig, round_index: int, stage: int) -> int:
+def stage_seed(cfg: TSCConfig, round_index: int, stage: int) -> int:
+    """The seed of one stage of one round (1: γ1, 2: γ2, 3: BN refresh, 4: fine-tune); shared with
+    the sweep's step functions so a planned run reproduces ``run`` exactly."""
     return cfg.seed * 1_000_003 + round_index * 101 + stage
 
 
 def stage1_curve(model: nn.Module, clean: CleanData, method: Method, cfg: TSCConfig, round_index: int = 1,
                  log: Log | None = None) -> BezierCurve:
     """γ1 between θp and its un-aligned copy, fitted on the clean set (independent of t)."""
-    seed = _seed(cfg, round_index, 1)
+    seed = stage_seed(cfg, round_index, 1)
     perm = match(model, model, clean.loader(cfg.batch_size, seed, shuffle=False), "unalign",
                  cfg.probes, cfg.match_batches)
     curve = BezierCurve(model, permute(model, perm))
@@ -86,7 +88,7 @@ def stage1_curve(model: nn.Module, clean: CleanData, method: Method, cfg: TSCCon
 def stage2_curve(model: nn.Module, theta_t: nn.Module, clean: CleanData, method: Method, cfg: TSCConfig,
                  round_index: int = 1, log: Log | None = None) -> BezierCurve:
     """γ2 between θp and θt re-aligned to θp."""
-    seed = _seed(cfg, round_index, 2)
+    seed = stage_seed(cfg, round_index, 2)
     perm = match(model, theta_t, clean.loader(cfg.batch_size, seed, shuffle=False), "align",
                  cfg.probes, cfg.match_batches)
     curve = BezierCurve(model, permute(theta_t, perm))
@@ -119,7 +121,7 @@ def tsc_round(model: nn.Module, clean: CleanData, method: Method, cfg: TSCConfig
               last: bool, evaluate: Evaluate | None = None, log: Log | None = None,
               curve1: BezierCurve | None = None) -> RoundResult:
     """One TSC round from θp = ``model``. ``curve1`` may be a cached γ1 for this θp."""
-    bn = clean.loader(cfg.batch_size, _seed(cfg, round_index, 3))
+    bn = clean.loader(cfg.batch_size, stage_seed(cfg, round_index, 3))
     tags = {"defense": "tsc", "round": round_index, "t": cfg.t}
     records: list[dict[str, Any]] = []
     c1 = curve1 if curve1 is not None else stage1_curve(model, clean, method, cfg, round_index, log)
@@ -128,7 +130,7 @@ def tsc_round(model: nn.Module, clean: CleanData, method: Method, cfg: TSCConfig
     point = c2.point(cfg.t, bn)
     tune = cfg.finetune_epochs > 0 and (cfg.finetune_last or not last)
     tuned = (finetune_model(point, clean, method, cfg.finetune_epochs, cfg.finetune_optim, cfg.batch_size,
-                            _seed(cfg, round_index, 4)) if tune else point)
+                            stage_seed(cfg, round_index, 4)) if tune else point)
     output = tuned if cfg.finetune_last else point
     if evaluate is not None:
         records.append({**tags, "stage": "stage1", "t_curve": cfg.t, **evaluate(theta_t)})
