@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from tscray import attacks, data, methods, models
-from tscray.curves import BezierCurve, fit
+from tscray.curves import BezierCurve
+from tscray.defenses import mcr
 from tscray.defenses.base import CleanData, evaluate_curve
 from tscray.defenses.finetune import finetune_model
 from tscray.defenses.mcr import MCRConfig
-from tscray.defenses.tsc import TSCConfig, stage1_curve, stage2_curve, stage_seed
+from tscray.defenses.tsc import TSCConfig, stage1_curve, stage_seed, tsc_round
 from tscray.metrics import Evaluator
 from tscray.optim import OptimConfig
 from tscray.plan import Step
@@ -142,20 +143,20 @@ def step_finetune(step: Step, ctx: Context) -> Result:
     return {"model": _state(tuned)}, [{"stage": "final", "t_curve": None, **ctx.evaluator(root)(tuned)}]
 
 
+def mcr_config(d: dict[str, Any], t: float = 0.5) -> MCRConfig:
+    d = dict(d)
+    d["curve_optim"], d["finetune_optim"] = _optim(d["curve_optim"]), _optim(d["finetune_optim"])
+    return MCRConfig(**d, t=t)
+
+
 def step_mcr_curve(step: Step, ctx: Context) -> Result:
     p, (bd,) = step.params, step.inputs
     root = root_params(step)
-    c = dict(p["config"])
-    c["curve_optim"], c["finetune_optim"] = _optim(c["curve_optim"]), _optim(c["finetune_optim"])
-    cfg = MCRConfig(**c)
+    cfg = mcr_config(p["config"])
     model = ctx.load_model(bd, "model")
     clean = ctx.clean(root["dataset"], p["clean_ratio"], p["clean_seed"])
-    sup = methods.build("supervised")
-    tuned = finetune_model(model, clean, sup, cfg.finetune_epochs, cfg.finetune_optim, cfg.batch_size, cfg.seed + 7)
-    curve = fit(BezierCurve(model, tuned), clean.loader(cfg.batch_size, cfg.seed + 1), sup, cfg.curve_epochs,
-                cfg.curve_optim, cfg.seed + 1)
-    bn = clean.loader(cfg.batch_size, cfg.seed + 2)
-    rows = evaluate_curve(curve, p["curve_ts"], bn, ctx.evaluator(root), stage="curve")
+    tuned, curve = mcr.mcr_curve(model, clean, methods.build("supervised"), cfg)
+    rows = evaluate_curve(curve, p["curve_ts"], mcr.bn_loader(clean, cfg), ctx.evaluator(root), stage="curve")
     bend = {f"{i}": b.detach() for i, b in enumerate(curve.bend)}
     return {"finetuned": _state(tuned), "bend": bend}, rows
 
@@ -177,7 +178,7 @@ def step_mcr_point(step: Step, ctx: Context) -> Result:
     start, end = ctx.load_model(bd, "model"), ctx.load_model(curve_step, "finetuned")
     curve = _curve_from(curve_step, ctx, start, end)
     clean = ctx.clean(root["dataset"], cp["clean_ratio"], cp["clean_seed"])
-    point = curve.point(step.params["t"], clean.loader(cp["config"]["batch_size"], cp["config"]["seed"] + 2))
+    point = curve.point(step.params["t"], mcr.bn_loader(clean, mcr_config(cp["config"])))
     return {"model": _state(point)}, [{"stage": "final", "t_curve": step.params["t"], **ctx.evaluator(root)(point)}]
 
 
@@ -201,24 +202,18 @@ def step_tsc_round(step: Step, ctx: Context) -> Result:
     root = root_params(step)
     r, t = p["round"], p["t"]
     cfg = tsc_config(p["config"], t=t)
-    sup = methods.build("supervised")
     model = ctx.load_model(src, p["input"])
     end = ctx.new_model(root)
     end.load_state_dict(ctx.store.load_tensors(s1.kind, s1.key, "end"))
     curve1 = _curve_from(s1, ctx, model, ctx.place(end))
     clean = ctx.clean(root["dataset"], p["clean_ratio"], p["clean_seed"])
-    bn = clean.loader(cfg.batch_size, stage_seed(cfg, r, 3))
     ev = ctx.evaluator(root)
-    theta_t = curve1.point(t, bn)
-    curve2 = stage2_curve(model, theta_t, clean, sup, cfg, r)
-    point = curve2.point(t, bn)
-    tuned = (finetune_model(point, clean, sup, cfg.finetune_epochs, cfg.finetune_optim, cfg.batch_size,
-                            stage_seed(cfg, r, 4)) if cfg.finetune_epochs > 0 else point)
-    rows = [{"stage": "stage1", "t_curve": t, **ev(theta_t)}, {"stage": "stage2", "t_curve": t, **ev(point)}]
-    if cfg.finetune_epochs > 0:
-        rows.append({"stage": "finetune", "t_curve": None, **ev(tuned)})
-    rows += evaluate_curve(curve2, p["curve_ts"], bn, ev, stage="curve2")
-    return {"point": _state(point), "next": _state(tuned)}, [{**row, "round": r} for row in rows]
+    # last=False: always fine-tune, so the step serves both as a final round and as the next round's input
+    res = tsc_round(model, clean, methods.build("supervised"), cfg, r, last=False, evaluate=ev, curve1=curve1)
+    rows = [row for row in res.records if row["stage"] != "output"]
+    rows += evaluate_curve(res.curve2, p["curve_ts"], clean.loader(cfg.batch_size, stage_seed(cfg, r, 3)), ev,
+                           stage="curve2")
+    return {"point": _state(res.point), "next": _state(res.next_input)}, [{**row, "round": r} for row in rows]
 
 
 KINDS: dict[str, Callable[[Step, Context], Result]] = {

@@ -40,14 +40,25 @@ class MCRConfig:
         raise ValueError(f"unknown MCR preset {name!r}; known: paper, released, ssl")
 
 
-def run(model: nn.Module, clean: CleanData, method: Method, cfg: MCRConfig,
-        evaluate: Evaluate | None = None, log: Log | None = None) -> DefenseResult:
-    """Fine-tune a copy, fit a curve between the model and the copy, return the point at t."""
+def mcr_curve(model: nn.Module, clean: CleanData, method: Method, cfg: MCRConfig) -> tuple[nn.Module, BezierCurve]:
+    """The fine-tuned copy and the fitted curve from the model to it (independent of t)."""
     tuned = finetune_model(model, clean, method, cfg.finetune_epochs, cfg.finetune_optim, cfg.batch_size,
                            cfg.seed + 7)
     curve = fit(BezierCurve(model, tuned), clean.loader(cfg.batch_size, cfg.seed + 1), method,
                 cfg.curve_epochs, cfg.curve_optim, cfg.seed + 1)
-    bn = clean.loader(cfg.batch_size, cfg.seed + 2)
+    return tuned, curve
+
+
+def bn_loader(clean: CleanData, cfg: MCRConfig):
+    """The loader that recomputes BatchNorm statistics at MCR's points."""
+    return clean.loader(cfg.batch_size, cfg.seed + 2)
+
+
+def run(model: nn.Module, clean: CleanData, method: Method, cfg: MCRConfig,
+        evaluate: Evaluate | None = None, log: Log | None = None) -> DefenseResult:
+    """Fine-tune a copy, fit a curve between the model and the copy, return the point at t."""
+    tuned, curve = mcr_curve(model, clean, method, cfg)
+    bn = bn_loader(clean, cfg)
     point = curve.point(cfg.t, bn)
     records = []
     if evaluate is not None:

@@ -115,6 +115,7 @@ class RoundResult:
     next_input: nn.Module
     output: nn.Module
     records: list[dict[str, Any]]
+    curve2: BezierCurve
 
 
 def tsc_round(model: nn.Module, clean: CleanData, method: Method, cfg: TSCConfig, round_index: int,
@@ -144,7 +145,7 @@ def tsc_round(model: nn.Module, clean: CleanData, method: Method, cfg: TSCConfig
         if log:
             r = records[-1]
             log(f"round {round_index}: " + ", ".join(f"{k} {r[k]:.2f}" for k in ("acc", "asr") if k in r))
-    return RoundResult(theta_t, point, tuned, output, records)
+    return RoundResult(theta_t, point, tuned, output, records, c2)
 
 
 def run(model: nn.Module, clean: CleanData, method: Method, cfg: TSCConfig,
