@@ -135,13 +135,31 @@ def _config_dict(cfg: Any, drop: tuple[str, ...]) -> dict[str, Any]:
     return d
 
 
+def resource_step(spec: SweepSpec, p: dict[str, Any]) -> Step | None:
+    """The attack's precomputed resource (surrogate, generator, trigger...), if it needs one.
+
+    Keyed by what the attack says it depends on, so models that differ in architecture, epochs or
+    (for most attacks) poison rate share it.
+    """
+    from tscray import attacks
+
+    params = attacks.build(p["attack"], **spec.train.attack_kw).resource_params(p["poison_rate"])
+    if params is None:
+        return None
+    return Step.make("attack_resource", {
+        "dataset": p["dataset"], "attack": p["attack"], "attack_kw": spec.train.attack_kw,
+        "target": spec.train.target, "seed": p["seed"], "rate": p["poison_rate"] if "rate" in params else None,
+        "resource": params})
+
+
 def backdoor_step(spec: SweepSpec, p: dict[str, Any]) -> Step:
     tr = spec.train
+    res = resource_step(spec, p)
     return Step.make("backdoor", {
         "dataset": p["dataset"], "arch": p["arch"], "arch_kw": tr.arch_kw, "attack": p["attack"],
         "attack_kw": tr.attack_kw, "poison_rate": p["poison_rate"], "target": tr.target, "seed": p["seed"],
         "epochs": tr.epochs, "batch_size": tr.batch_size, "lr": tr.lr, "momentum": tr.momentum,
-        "weight_decay": tr.weight_decay})
+        "weight_decay": tr.weight_decay}, (res,) if res is not None else ())
 
 
 def _clean(spec: SweepSpec) -> dict[str, Any]:

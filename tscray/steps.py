@@ -58,14 +58,27 @@ class Context:
     def dataset(self, name: str) -> data.Dataset:
         return self._cached(("ds", name), lambda: data.load(name, self.data_root))
 
-    def evaluator(self, p: dict[str, Any]) -> Evaluator:
-        def make() -> Evaluator:
-            ds = self.dataset(p["dataset"])
+    def attack(self, bd: Step) -> attacks.Attack:
+        """The backdoor step's attack, with its resource loaded from the store when it has one."""
+        def make() -> attacks.Attack:
+            p = bd.params
             atk = attacks.build(p["attack"], **p["attack_kw"])
-            ev = attacks.evaluator(ds, atk, p["target"])
+            for res in bd.inputs:
+                if res.kind == "attack_resource":
+                    atk.load_resource(self.store.load_tensors(res.kind, res.key, "resource"))
+            return atk
+        return self._cached(("attack", bd.key), make)
+
+    def evaluator(self, bd: Step) -> Evaluator:
+        """ACC/ASR evaluator of the backdoor step ``bd`` (its attack's triggered test set)."""
+        def make() -> Evaluator:
+            p = bd.params
+            ev = attacks.evaluator(self.dataset(p["dataset"]), self.attack(bd), p["target"])
             ev.batch_size = self.eval_batch
             return ev
-        return self._cached(("ev", p["dataset"], p["attack"], repr(p["attack_kw"]), p["target"]), make)
+        p = bd.params
+        return self._cached(("ev", p["dataset"], p["attack"], repr(p["attack_kw"]), p["target"],
+                             tuple(i.key for i in bd.inputs)), make)
 
     def clean(self, dataset: str, ratio: float, seed: int) -> CleanData:
         def make() -> CleanData:
@@ -97,12 +110,17 @@ class Context:
             yield
 
 
-def root_params(step: Step) -> dict[str, Any]:
-    """Parameters of the backdoor step at the root of ``step``'s graph (dataset, arch, attack...)."""
+def root_step(step: Step) -> Step:
+    """The backdoor step at the root of ``step``'s graph."""
     s = step
     while s.kind != "backdoor":
         s = s.inputs[0]
-    return s.params
+    return s
+
+
+def root_params(step: Step) -> dict[str, Any]:
+    """Parameters of the backdoor step at the root of ``step``'s graph (dataset, arch, attack...)."""
+    return root_step(step).params
 
 
 def _records(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -120,15 +138,23 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
+def step_attack_resource(step: Step, ctx: Context) -> Result:
+    p = step.params
+    atk = attacks.build(p["attack"], **p["attack_kw"])
+    rate = p["rate"] if p["rate"] is not None else 0.0
+    tensors = atk.make_resource(ctx.dataset(p["dataset"]), rate, p["target"], p["seed"], ctx.device)
+    return {"resource": {k: v.detach().contiguous() for k, v in tensors.items()}}, []
+
+
 def step_backdoor(step: Step, ctx: Context) -> Result:
     p = step.params
     ds = ctx.dataset(p["dataset"])
-    atk = attacks.build(p["attack"], **p["attack_kw"])
+    atk = ctx.attack(step)
     recipe = attacks.TrainRecipe(p["epochs"], p["batch_size"],
                                  OptimConfig(lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"]))
     bd = attacks.train_backdoored(ds, p["arch"], atk, p["poison_rate"], p["target"], p["seed"], recipe,
                                   ctx.device, p["arch_kw"])
-    ev = ctx.evaluator(p)
+    ev = ctx.evaluator(step)
     return {"model": _state(bd.model)}, [{"stage": "backdoored", "t_curve": None, **ev(bd.model)}]
 
 
@@ -140,7 +166,7 @@ def step_finetune(step: Step, ctx: Context) -> Result:
     clean = ctx.clean(root["dataset"], p["clean_ratio"], p["clean_seed"])
     tuned = finetune_model(model, clean, methods.build("supervised"), cfg["epochs"], _optim(cfg["optim"]),
                            cfg["batch_size"], cfg["seed"])
-    return {"model": _state(tuned)}, [{"stage": "final", "t_curve": None, **ctx.evaluator(root)(tuned)}]
+    return {"model": _state(tuned)}, [{"stage": "final", "t_curve": None, **ctx.evaluator(root_step(step))(tuned)}]
 
 
 def mcr_config(d: dict[str, Any], t: float = 0.5) -> MCRConfig:
@@ -156,7 +182,7 @@ def step_mcr_curve(step: Step, ctx: Context) -> Result:
     model = ctx.load_model(bd, "model")
     clean = ctx.clean(root["dataset"], p["clean_ratio"], p["clean_seed"])
     tuned, curve = mcr.mcr_curve(model, clean, methods.build("supervised"), cfg)
-    rows = evaluate_curve(curve, p["curve_ts"], mcr.bn_loader(clean, cfg), ctx.evaluator(root), stage="curve")
+    rows = evaluate_curve(curve, p["curve_ts"], mcr.bn_loader(clean, cfg), ctx.evaluator(root_step(step)), stage="curve")
     bend = {f"{i}": b.detach() for i, b in enumerate(curve.bend)}
     return {"finetuned": _state(tuned), "bend": bend}, rows
 
@@ -179,7 +205,7 @@ def step_mcr_point(step: Step, ctx: Context) -> Result:
     curve = _curve_from(curve_step, ctx, start, end)
     clean = ctx.clean(root["dataset"], cp["clean_ratio"], cp["clean_seed"])
     point = curve.point(step.params["t"], mcr.bn_loader(clean, mcr_config(cp["config"])))
-    return {"model": _state(point)}, [{"stage": "final", "t_curve": step.params["t"], **ctx.evaluator(root)(point)}]
+    return {"model": _state(point)}, [{"stage": "final", "t_curve": step.params["t"], **ctx.evaluator(root_step(step))(point)}]
 
 
 def step_tsc_stage1(step: Step, ctx: Context) -> Result:
@@ -191,7 +217,7 @@ def step_tsc_stage1(step: Step, ctx: Context) -> Result:
     curve = stage1_curve(model, clean, methods.build("supervised"), cfg, p["round"])
     # Store the far endpoint (a permutation of the input, BN buffers included) with the bend.
     bn = clean.loader(cfg.batch_size, stage_seed(cfg, p["round"], 3))
-    rows = evaluate_curve(curve, p["curve_ts"], bn, ctx.evaluator(root), stage="curve1", round=p["round"])
+    rows = evaluate_curve(curve, p["curve_ts"], bn, ctx.evaluator(root_step(step)), stage="curve1", round=p["round"])
     end_state = {**curve._end_buffers, **dict(zip(curve.names, curve.endpoint("end")))}
     bend = {f"{i}": b.detach() for i, b in enumerate(curve.bend)}
     return {"end": end_state, "bend": bend}, rows
@@ -207,7 +233,7 @@ def step_tsc_round(step: Step, ctx: Context) -> Result:
     end.load_state_dict(ctx.store.load_tensors(s1.kind, s1.key, "end"))
     curve1 = _curve_from(s1, ctx, model, ctx.place(end))
     clean = ctx.clean(root["dataset"], p["clean_ratio"], p["clean_seed"])
-    ev = ctx.evaluator(root)
+    ev = ctx.evaluator(root_step(step))
     # last=False: always fine-tune, so the step serves both as a final round and as the next round's input
     res = tsc_round(model, clean, methods.build("supervised"), cfg, r, last=False, evaluate=ev, curve1=curve1)
     rows = [row for row in res.records if row["stage"] != "output"]
@@ -217,7 +243,7 @@ def step_tsc_round(step: Step, ctx: Context) -> Result:
 
 
 KINDS: dict[str, Callable[[Step, Context], Result]] = {
-    "backdoor": step_backdoor, "finetune": step_finetune, "mcr_curve": step_mcr_curve,
+    "attack_resource": step_attack_resource, "backdoor": step_backdoor, "finetune": step_finetune, "mcr_curve": step_mcr_curve,
     "mcr_point": step_mcr_point, "tsc_stage1": step_tsc_stage1, "tsc_round": step_tsc_round,
 }
 
@@ -230,7 +256,7 @@ def compute(step: Step, ctx: Context) -> dict[str, Any]:
     for i in step.inputs:
         if not ctx.store.has_step(i.kind, i.key):
             raise RuntimeError(f"step {step.kind}/{step.key}: input {i.kind}/{i.key} is not computed")
-    seed = step.params.get("seed", 0) if step.kind == "backdoor" else 0
+    seed = step.params.get("seed", 0) if step.kind in ("backdoor", "attack_resource") else 0
     torch.manual_seed(seed)
     t0 = time.time()
     with ctx.autocast():
@@ -253,4 +279,4 @@ def run_local(steps: list[Step], ctx: Context) -> dict[str, dict[str, Any]]:
     return out
 
 
-__all__ = ["KINDS", "Context", "compute", "root_params", "run_local", "tsc_config"]
+__all__ = ["KINDS", "Context", "compute", "root_params", "root_step", "run_local", "tsc_config"]

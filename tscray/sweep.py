@@ -32,12 +32,12 @@ def describe_plan(plan: Plan, done: set[str] | None = None) -> str:
     counts, naive = plan.count_by_kind(), plan.naive_count_by_kind()
     lines = [f"sweep {plan.spec.name}: {len(plan.trials)} trials"
              + (f" ({len(done & {t.id for t in plan.trials})} already finished)" if done is not None else ""),
-             f"{'step kind':<14}{'distinct':>10}{'naive':>10}"]
-    for kind in ("backdoor", "finetune", "mcr_curve", "mcr_point", "tsc_stage1", "tsc_round"):
+             f"{'step kind':<16}{'distinct':>10}{'naive':>10}"]
+    for kind in ("attack_resource", "backdoor", "finetune", "mcr_curve", "mcr_point", "tsc_stage1", "tsc_round"):
         if kind in naive:
-            lines.append(f"{kind:<14}{counts.get(kind, 0):>10}{naive[kind]:>10}")
-    lines.append(f"{'all steps':<14}{sum(counts.values()):>10}{sum(naive.values()):>10}")
-    lines.append(f"{'curve fits':<14}{Plan.curve_fits(counts):>10}{Plan.curve_fits(naive):>10}")
+            lines.append(f"{kind:<16}{counts.get(kind, 0):>10}{naive[kind]:>10}")
+    lines.append(f"{'all steps':<16}{sum(counts.values()):>10}{sum(naive.values()):>10}")
+    lines.append(f"{'curve fits':<16}{Plan.curve_fits(counts):>10}{Plan.curve_fits(naive):>10}")
     return "\n".join(lines)
 
 

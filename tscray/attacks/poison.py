@@ -23,6 +23,12 @@ class PoisonedTrain:
     poison_idx: torch.Tensor
 
 
+def _check_ready(attack: Attack) -> None:
+    if not attack.ready:
+        raise RuntimeError(f"attack {attack.name!r} needs its resource: call attack.prepare(...) or "
+                           "attack.load_resource(...) first")
+
+
 def poison_train(train: ImageData, attack: Attack, rate: float, target: int = 0, seed: int = 0) -> PoisonedTrain:
     """Apply ``attack`` to a seeded ``rate`` of the training images (deterministic from the seed).
 
@@ -30,11 +36,12 @@ def poison_train(train: ImageData, attack: Attack, rate: float, target: int = 0,
     """
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"poison rate must be in [0, 1], got {rate}")
+    _check_ready(attack)
     gen = torch.Generator().manual_seed(seed)
     idx = attack.select(train.y, rate, target, gen)
     x, y = train.x.clone(), train.y.clone()
     if len(idx):
-        x[idx] = attack.apply(x[idx])
+        x[idx] = attack.poison(x[idx], idx, "train")
         if not attack.clean_label:
             y[idx] = target
     extra = attack.extra_training(train, idx, rate, target, gen)
@@ -45,6 +52,7 @@ def poison_train(train: ImageData, attack: Attack, rate: float, target: int = 0,
 
 def poison_test(test: ImageData, attack: Attack, target: int = 0) -> ImageData:
     """Triggered test images whose true label is not the target, labelled with the target."""
+    _check_ready(attack)
     keep = torch.nonzero(test.y != target).flatten()
-    x = attack.apply(test.x[keep])
+    x = attack.poison(test.x[keep], keep, "test")
     return ImageData(x, torch.full((len(keep),), target, dtype=torch.long))

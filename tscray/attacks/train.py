@@ -11,12 +11,10 @@ from torch import nn
 from tscray.attacks.base import Attack
 from tscray.attacks.poison import PoisonedTrain, poison_test, poison_train
 from tscray.data import Dataset
-from tscray.data.tensors import Loader
-from tscray.methods.supervised import Supervised
 from tscray.metrics import Evaluator
 from tscray.models import build as build_model
 from tscray.optim import OptimConfig
-from tscray.train import Progress, train
+from tscray.train import Progress
 
 
 @dataclass(frozen=True)
@@ -45,11 +43,15 @@ def evaluator(dataset: Dataset, attack: Attack | None, target: int = 0) -> Evalu
 def train_backdoored(dataset: Dataset, arch: str, attack: Attack, rate: float, target: int = 0, seed: int = 0,
                      recipe: TrainRecipe = TrainRecipe(), device: torch.device | str = "cpu",
                      arch_kw: dict[str, Any] | None = None, progress: Progress | None = None) -> Backdoored:
-    """Poison ``rate`` of the training set with ``attack`` and train ``arch`` on it from a seeded init."""
+    """Poison ``rate`` of the training set with ``attack`` and train ``arch`` on it from a seeded init.
+
+    An attack that needs a resource (a surrogate, a generator...) and has none loaded computes it
+    first (:meth:`Attack.prepare`); the sweep instead loads it from its own cached step.
+    """
+    attack.prepare(dataset, rate, target, seed, device)
     poisoned = poison_train(dataset.train, attack, rate, target, seed)
     torch.manual_seed(seed)
     model = build_model(arch, dataset.num_classes, dataset.in_channels, **(arch_kw or {})).to(device)
-    loader = Loader(poisoned.data, dataset.prep, recipe.batch_size, shuffle=True, augment=True, seed=seed,
-                    device=device)
-    train(model, loader, Supervised(), recipe.epochs, recipe.optim, progress)
+    attack.train_model(model, poisoned.data, dataset, target, seed, recipe.epochs, recipe.batch_size, recipe.optim,
+                       device, progress)
     return Backdoored(model, poisoned, evaluator(dataset, attack, target))

@@ -7,8 +7,14 @@ plain training with the model itself, so adding SimCLR or CLIP-style training is
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from tscray.methods.base import METHODS, Method
-from tscray.methods import supervised  # noqa: F401  (registration)
+
+for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _mod != "base" and not _mod.startswith("_"):
+        importlib.import_module(f"{__name__}.{_mod}")  # each module registers its method
 
 
 def build(name: str, **kw: object) -> Method:
