@@ -29,3 +29,52 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
 def embedded():
     from tscray.data import load
     return load("fashion-mnist-embedded", train_per_class=60, test_per_class=20)
+
+
+# --- a test attack with a resource ----------------------------------------------------------------------
+
+class PatternAttack:
+    """A test attack whose trigger is a seeded random patch computed as a resource (counts computations)."""
+
+    made = 0
+
+    @staticmethod
+    def make():
+        from tscray.attacks.base import Attack
+
+        class Pattern(Attack):
+            name = "test-pattern"
+
+            def __init__(self, size: int = 4) -> None:
+                self.size, self.patch = size, None
+
+            def resource_params(self, rate):
+                return {"size": self.size}
+
+            def make_resource(self, dataset, rate, target, seed, device="cpu", progress=None):
+                PatternAttack.made += 1
+                gen = torch.Generator().manual_seed(seed)
+                c = dataset.in_channels
+                return {"patch": torch.randint(0, 256, (c, self.size, self.size), generator=gen, dtype=torch.uint8)}
+
+            def load_resource(self, tensors):
+                self.patch = tensors["patch"]
+
+            @property
+            def ready(self):
+                return self.patch is not None
+
+            def apply(self, x):
+                x = x.clone()
+                x[..., :self.size, :self.size] = self.patch
+                return x
+        return Pattern
+
+
+@pytest.fixture
+def pattern_attack():
+    from tscray.attacks import ATTACKS
+    ATTACKS.register("test-pattern")(PatternAttack.make())
+    PatternAttack.made = 0
+    yield PatternAttack
+    del ATTACKS._items["test-pattern"]

@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from tscray.checkpoint import save_model
+from tscray.checkpoint import load_state, save_model
 from tscray.cli import main
 from tscray.models import build
 
@@ -72,3 +72,22 @@ def test_demo_quick_runs_and_writes_its_outputs(tmp_path, capsys):
     assert "tsc E_TSC=2" in out and "mcr" in out and "backdoored" in out
     for name in ("backdoored.safetensors", "tsc.safetensors", "results.json"):
         assert (tmp_path / "demo" / name).exists()
+
+
+def test_backdoor_writes_the_attack_resource_and_purify_reads_it(tmp_path, capsys, pattern_attack):
+    torch.set_num_threads(1)
+    out = tmp_path / "bd.safetensors"
+    assert main(["backdoor", "--attack", "test-pattern", "--attack-kw", '{"size": 5}', "--arch-kw",
+                 '{"widths": [8, 8, 8, 8]}', "--epochs", "1", "--batch-size", "500", "--out", str(out)]) == 0
+    res = tmp_path / "bd.attack.safetensors"
+    assert res.exists() and load_state(res)["patch"].shape == (1, 5, 5)
+    capsys.readouterr()
+    args = ["purify", "--model", str(out), "--attack", "test-pattern", "--rounds", "1", "--curve-epochs", "1",
+            "--finetune-epochs", "1", "--clean-ratio", "0.01", "--batch-size", "50"]
+    assert main(args) == 0  # attack_kw comes from the checkpoint's metadata, the resource from beside it
+    assert "ASR" in capsys.readouterr().out
+    moved = tmp_path / "elsewhere.safetensors"
+    res.rename(moved)
+    assert main(args) == 2
+    assert "--attack-resource" in capsys.readouterr().err
+    assert main(args + ["--attack-resource", str(moved)]) == 0

@@ -75,3 +75,54 @@ def test_local_run_of_a_planned_trial_equals_the_library_defense(tmp_path):
     # and a second run reuses everything
     run_local(trial.steps, ctx)
     assert set(ctx.store.computations().values()) == {1}
+
+
+# --- attack resources ------------------------------------------------------------------------------------
+
+def test_attack_resource_is_one_shared_step(pattern_attack):
+    plan = make_plan(spec_of(attack=["test-pattern", "badnets"], poison_rate=[0.05, 0.1], arch=["cnn", "mlp"],
+                             defense=["none"]))
+    counts = plan.count_by_kind()
+    assert counts["attack_resource"] == 1  # shared across rates and architectures (it depends on neither)
+    assert counts["backdoor"] == 8
+    res = [s for s in plan.steps.values() if s.kind == "attack_resource"][0]
+    users = [s for s in plan.steps.values() if s.kind == "backdoor" and res in s.inputs]
+    assert len(users) == 4 and all(s.params["attack"] == "test-pattern" for s in users)
+    other = make_plan(spec_of(attack=["test-pattern"], seed=[1], defense=["none"]))
+    assert not {s.key for s in other.steps.values() if s.kind == "attack_resource"} & {res.key}
+
+
+def test_local_run_computes_the_resource_once_and_poisons_with_it(pattern_attack, tmp_path):
+    torch.set_num_threads(1)
+    spec = spec_of(attack=["test-pattern"], poison_rate=[0.05, 0.1], defense=["none"])
+    plan = make_plan(spec)
+    ctx = Context(Store(str(tmp_path)))
+    manifests = run_local([t.steps[-1] for t in plan.trials], ctx)
+    assert pattern_attack.made == 1
+    res = [s for s in plan.steps.values() if s.kind == "attack_resource"][0]
+    patch = ctx.store.load_tensors(res.kind, res.key, "resource")["patch"]
+    atk = ctx.attack(plan.trials[0].steps[0])
+    assert torch.equal(atk.patch, patch)
+    ds = data.load("fashion-mnist-embedded")
+    ev = ctx.evaluator(plan.trials[0].steps[0])
+    assert torch.all(ev.poisoned.x[:, :, :4, :4] == patch)  # the triggered test set uses the stored patch
+    for t in plan.trials:
+        rec = manifests[t.steps[-1].key]["records"][0]
+        assert rec["stage"] == "backdoored" and 0 <= rec["asr"] <= 100
+    # a fresh context (another worker) loads the same resource instead of recomputing it
+    ctx2 = Context(Store(str(tmp_path)))
+    assert torch.equal(ctx2.attack(plan.trials[1].steps[0]).patch, patch) and pattern_attack.made == 1
+    assert len(ds.train) == 10000
+
+
+def test_attack_without_its_resource_refuses_to_poison(pattern_attack, embedded):
+    from tscray.attacks import build, poison_test, poison_train
+    atk = build("test-pattern")
+    with pytest.raises(RuntimeError, match="resource"):
+        poison_train(embedded.train, atk, 0.1)
+    with pytest.raises(RuntimeError, match="resource"):
+        poison_test(embedded.test, atk)
+    atk.prepare(embedded, 0.1, 0, seed=3)
+    assert atk.ready and pattern_attack.made == 1
+    atk.prepare(embedded, 0.1, 0, seed=3)
+    assert pattern_attack.made == 1

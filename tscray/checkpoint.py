@@ -28,10 +28,15 @@ class CheckpointError(ValueError):
 def save_model(model: nn.Module, path: str | os.PathLike, arch: str | None = None,
                **meta: Any) -> Path:
     """Write ``model``'s state dict as safetensors (atomically), with ``arch`` and ``meta`` as metadata."""
+    return save_tensors(model.state_dict(), path, arch=arch, **meta)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, **meta: Any) -> Path:
+    """Write named tensors (a state dict, an attack's resource) as safetensors, atomically, with metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    metadata = {"format": "tscray", "meta": json.dumps({"arch": arch, **meta}, default=str)}
+    state = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata = {"format": "tscray", "meta": json.dumps(meta, default=str)}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", help="architecture (default: read from a tscray checkpoint's metadata)")
     p.add_argument("--arch-kw", type=_json_dict, default=None, help="architecture options as JSON")
     p.add_argument("--attack", help="attack whose trigger measures ASR, e.g. badnets")
+    p.add_argument("--attack-kw", type=_json_dict, default=None, help="attack options as JSON")
+    p.add_argument("--attack-resource", type=Path,
+                   help="the attack's resource (trigger generator, universal trigger...) as written by "
+                        "`tscray backdoor` (default: MODEL.attack.safetensors when it exists)")
     p.add_argument("--target", type=int, default=0, help="attack target label (default: 0)")
     p.add_argument("--out", type=Path, help="output path (default: MODEL.purified.safetensors)")
     _common(p)
@@ -99,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="cnn", help="architecture (default: %(default)s)")
     p.add_argument("--arch-kw", type=_json_dict, default=None, help="architecture options as JSON")
     p.add_argument("--attack", default="badnets", help="attack (default: %(default)s)")
+    p.add_argument("--attack-kw", type=_json_dict, default=None, help="attack options as JSON")
     p.add_argument("--rate", type=_ratio, default=0.1, help="poisoning rate (default: %(default)s)")
     p.add_argument("--target", type=int, default=0, help="target label (default: 0)")
     p.add_argument("--epochs", type=_nonneg, default=100, help="training epochs (default: %(default)s)")
@@ -180,6 +185,10 @@ def _defense_config(args: argparse.Namespace):
     return defense, defense.make_config(args.preset, **overrides)
 
 
+def _resource_path(model: Path) -> Path:
+    return model.with_name(model.name.split(".")[0] + ".attack.safetensors")
+
+
 def cmd_purify(args: argparse.Namespace) -> int:
     from tscray import attacks, checkpoint, data, methods, models
     from tscray.defenses import CleanData
@@ -195,7 +204,15 @@ def cmd_purify(args: argparse.Namespace) -> int:
     model = models.build(arch, ds.num_classes, ds.in_channels, **arch_kw)
     checkpoint.load_into(model, args.model)
     model.to(args.device)
-    attack = attacks.build(args.attack) if args.attack else None
+    attack_kw = args.attack_kw if args.attack_kw is not None else (
+        meta.get("attack_kw", {}) if meta.get("attack") == args.attack else {})
+    attack = attacks.build(args.attack, **attack_kw) if args.attack else None
+    if attack is not None and not attack.ready:
+        res = args.attack_resource or _resource_path(args.model)
+        if not res.exists():
+            raise ValueError(f"attack {args.attack!r} needs its resource to build the triggered test set; "
+                             f"pass --attack-resource (no {res})")
+        attack.load_resource(checkpoint.load_state(res))
     evaluate = attacks.evaluator(ds, attack, args.target)
     idx = data.clean_subset(len(ds.train), args.clean_ratio, args.seed)
     clean = CleanData(ds.train.subset(idx), ds.prep, args.device)
@@ -222,15 +239,21 @@ def cmd_backdoor(args: argparse.Namespace) -> int:
 
     _setup(args)
     ds = data.load(args.data, args.data_root)
-    attack = attacks.build(args.attack)
+    attack = attacks.build(args.attack, **(args.attack_kw or {}))
     recipe = attacks.TrainRecipe(args.epochs, args.batch_size, OptimConfig(lr=args.lr))
     _log(f"training {args.arch} on {ds.name} with {args.attack} at {args.rate:.1%} poison, target {args.target}")
+    resource = attack.prepare(ds, args.rate, args.target, args.seed, args.device)
     bd = attacks.train_backdoored(ds, args.arch, attack, args.rate, args.target, args.seed, recipe, args.device,
                                   args.arch_kw, lambda e, n, loss: _log(f"epoch {e}/{n} loss {loss:.4f}"))
     m = bd.evaluate(bd.model)
     checkpoint.save_model(bd.model, args.out, arch=args.arch, arch_kw=args.arch_kw or {}, attack=args.attack,
-                          rate=args.rate, target=args.target, data=ds.name, seed=args.seed)
+                          attack_kw=args.attack_kw or {}, rate=args.rate, target=args.target, data=ds.name,
+                          seed=args.seed)
     _log(f"backdoored model: {_fmt(m)}; wrote {args.out}")
+    if resource is not None:
+        res = checkpoint.save_tensors(resource, _resource_path(args.out), attack=args.attack,
+                                      attack_kw=args.attack_kw or {}, target=args.target, data=ds.name, seed=args.seed)
+        _log(f"wrote the attack's resource to {res} (purify reads it to rebuild the trigger)")
     return 0
 
 
