@@ -13,8 +13,11 @@ from tscray.symmetry import PermSpec, Probe, invert, permute, permute_state, ran
 from tscray.symmetry.spec import bn_entries, conv_bn, linear
 
 SMALL = {"mlp": dict(in_channels=1, image_size=28), "cnn": dict(in_channels=1)}
-HEAVY = {"resnet50", "vgg19_bn"}  # batch 2 keeps this file near a minute on 2 CPU cores
+HEAVY = {"resnet50", "vgg19_bn", "simclr-resnet50"}  # batch 2 keeps this file near a minute on 2 CPU cores
 EXPECTED_GROUPS = {"mlp": 2, "cnn": 4, "preactresnet18": 12, "resnet18": 12, "resnet50": 37, "vgg19_bn": 18}
+# SimCLR encoders: the backbone without its classifier plus a projection head with one group of its own
+SMALL |= {f"simclr-{k}": v for k, v in SMALL.items()}
+EXPECTED_GROUPS |= {f"simclr-{k}": v + 1 for k, v in EXPECTED_GROUPS.items() if k != "vgg19_bn"}
 
 
 def input_shape(name: str) -> tuple[int, ...]:

@@ -10,6 +10,7 @@ from torch import nn
 
 from tscray.models.registry import MODELS
 from tscray.models import cnn, mlp, preactresnet, resnet, vgg  # noqa: F401  (registration)
+from tscray.models import encoder  # noqa: F401,E402  (SimCLR encoders over the architectures above)
 
 
 def build(name: str, num_classes: int, in_channels: int = 3, **kw: object) -> nn.Module:
