@@ -3,6 +3,8 @@ import yaml
 
 from tscray.cli import main
 from tscray.config import SpecError, load_spec, validate
+from tscray.attacks import ATTACKS
+from tscray.ssl.attacks import SSL_ATTACKS
 
 GOOD = {"name": "x", "grid": {"t": [0.3, 0.5], "rounds": [1, 2]}}
 
@@ -27,7 +29,7 @@ def test_good_spec_and_shipped_sweeps_validate():
     ({"name": "x", "grid": {"rounds": [0]}}, "grid.rounds[0]: 0 is outside [1, ∞)"),
     ({"name": "x", "grid": {"rounds": [1.5]}}, "grid.rounds[0]: 1.5 is not an integer"),
     ({"name": "x", "grid": {"poison_rate": [1.2]}}, "grid.poison_rate[0]: 1.2 is outside [0, 1]"),
-    ({"name": "x", "grid": {"attack": ["badnetz"]}}, "grid.attack[0]: unknown attack 'badnetz'; allowed: badnets, blended, sig, wanet"),
+    ({"name": "x", "grid": {"attack": ["badnetz"]}}, "grid.attack[0]: unknown attack 'badnetz'; allowed: " + ", ".join(sorted(ATTACKS.names() + SSL_ATTACKS.names()))),
     ({"name": "x", "grid": {"arch": ["resnet9"]}}, "unknown architecture 'resnet9'; allowed:"),
     ({"name": "x", "grid": {"dataset": ["mnist"]}}, "unknown dataset 'mnist'; allowed:"),
     ({"name": "x", "grid": {"defense": ["nc"]}}, "unknown defense 'nc'; allowed: tsc, mcr, finetune, none"),

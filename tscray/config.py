@@ -17,6 +17,7 @@ import yaml
 DEFENSE_NAMES = ("tsc", "mcr", "finetune", "none")
 GRID_AXES = ("dataset", "arch", "attack", "poison_rate", "seed", "defense", "rounds", "t")
 REAL_DATA = ("cifar10", "gtsrb", "svhn", "stl10", "imagenet100")
+SWEEP_METHODS = ("supervised", "simclr")
 
 
 class SpecError(ValueError):
@@ -53,6 +54,40 @@ class TrainSpec:
     arch_kw: dict[str, Any] = field(default_factory=dict)
     attack_kw: dict[str, Any] = field(default_factory=dict)
     target: int = 0
+    method: str = "supervised"
+    method_kw: dict[str, Any] = field(default_factory=dict)
+    optimizer: str = "sgd"
+
+
+def attack_kw_for(train: "TrainSpec", attack: str) -> dict[str, Any]:
+    """Options of one attack: ``train.attack_kw`` is either one mapping for every attack of the grid, or a
+    mapping from attack names to their own options (``{wanet: {k: 4}, lc: {steps: 10}}``)."""
+    kw = train.attack_kw
+    if kw and all(isinstance(v, dict) for v in kw.values()) and set(kw) <= set(_all_attack_names()):
+        return dict(kw.get(attack, {}))
+    return dict(kw)
+
+
+def _all_attack_names() -> list[str]:
+    from tscray import attacks
+    from tscray.ssl.attacks import SSL_ATTACKS
+    return sorted(attacks.ATTACKS.names() + SSL_ATTACKS.names())
+
+
+@dataclass(frozen=True)
+class SSLSpec:
+    """Self-supervised sweeps (``train.method: simclr``): the downstream task that measures an encoder.
+
+    ``train`` is then the SimCLR pre-training recipe, the grid's attacks are SSL attacks (badencoder,
+    ctrl) and architectures are encoders (``simclr-cnn``, ``simclr-resnet18``...). ACC/ASR are a linear
+    probe's on ``downstream`` (default: the pre-training dataset), trained on its training split.
+    """
+
+    downstream: str = ""
+    probe_epochs: int = 100
+    probe_lr: float = 0.01
+    probe_batch_size: int = 256
+    knn_k: int = 200
 
 
 @dataclass(frozen=True)
@@ -97,6 +132,7 @@ class SweepSpec:
     train: TrainSpec = field(default_factory=TrainSpec)
     defense: DefenseSpec = field(default_factory=DefenseSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
+    ssl: SSLSpec = field(default_factory=SSLSpec)
     resources: Resources = field(default_factory=Resources)
     storage: str = "runs/{name}"
     mlflow_uri: str | None = None
@@ -147,12 +183,12 @@ def _range(lo: float, hi: float, lo_open: bool, hi_open: bool, integer: bool = F
 
 
 def _grid_checks() -> dict[str, Check]:
-    from tscray import attacks, data, models
+    from tscray import data, models
 
     return {
         "dataset": _names(data.DATASETS.names, "dataset"),
         "arch": _names(models.names, "architecture"),
-        "attack": _names(attacks.ATTACKS.names, "attack"),
+        "attack": _names(_all_attack_names, "attack"),
         "poison_rate": _range(0, 1, False, False),
         "seed": _range(0, math.inf, False, True, integer=True),
         "defense": _names(lambda: list(DEFENSE_NAMES), "defense"),
@@ -292,7 +328,14 @@ def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> S
     train = _section(TrainSpec, raw.get("train"), "train", problems, {
         "epochs": _range(0, math.inf, False, True, integer=True),
         "batch_size": _range(1, math.inf, False, True, integer=True),
-        "lr": _range(0, math.inf, True, True), "target": _range(0, math.inf, False, True, integer=True)})
+        "lr": _range(0, math.inf, True, True), "target": _range(0, math.inf, False, True, integer=True),
+        "method": _names(lambda: list(SWEEP_METHODS), "training method"),
+        "optimizer": _names(lambda: ["sgd", "adam"], "optimizer")})
+    ssl = _section(SSLSpec, raw.get("ssl"), "ssl", problems, {
+        "downstream": lambda v: None if v == "" else _names(_dataset_names, "dataset")(v),
+        "probe_epochs": _range(1, math.inf, False, True, integer=True), "probe_lr": _range(0, math.inf, True, True),
+        "probe_batch_size": _range(1, math.inf, False, True, integer=True),
+        "knn_k": _range(1, math.inf, False, True, integer=True)})
     defense = _section(DefenseSpec, raw.get("defense"), "defense", problems, {
         "preset": _names(lambda: ["paper", "released", "ssl"], "preset"),
         "clean_ratio": _range(0, 1, True, False)})
@@ -311,7 +354,8 @@ def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> S
             scalars[key] = raw[key]
     if not problems:
         _check_defense_overrides(defense, problems)
-    spec = SweepSpec(name=name, grid=grid, train=train, defense=defense, eval=ev, resources=res, **scalars)
+        _check_method(grid, train, raw, problems)
+    spec = SweepSpec(name=name, grid=grid, train=train, defense=defense, eval=ev, ssl=ssl, resources=res, **scalars)
     if check_data and not problems:
         _check_data(spec, problems)
     if problems:
@@ -319,11 +363,43 @@ def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> S
     return spec
 
 
+def _dataset_names() -> list[str]:
+    from tscray import data
+    return data.DATASETS.names()
+
+
+def _check_method(grid: Grid, train: TrainSpec, raw: dict[str, Any], problems: list[str]) -> None:
+    """Attacks and architectures must fit the training method (classifiers vs self-supervised encoders)."""
+    from tscray import attacks
+    from tscray.ssl.attacks import SSL_ATTACKS
+
+    ssl = train.method != "supervised"
+    allowed = SSL_ATTACKS.names() if ssl else attacks.ATTACKS.names()
+    for i, a in enumerate(grid.attack):
+        if a not in allowed:
+            kind = "self-supervised" if ssl else "supervised"
+            problems.append(f"grid.attack[{i}]: {a!r} is not a {kind} attack (train.method: {train.method}); "
+                            f"allowed: {', '.join(allowed)}")
+    for i, a in enumerate(grid.arch):
+        if ssl != a.startswith("simclr-"):
+            want = "an encoder (simclr-<backbone>)" if ssl else "a classifier (not simclr-*)"
+            problems.append(f"grid.arch[{i}]: {a!r} is not {want} for train.method: {train.method}")
+    if not ssl and raw.get("ssl") is not None:
+        problems.append("ssl: applies only with train.method: simclr")
+    registry = SSL_ATTACKS if ssl else attacks.ATTACKS
+    for a in grid.attack:
+        if a in allowed:
+            try:
+                registry.get(a)(**attack_kw_for(train, a))
+            except (TypeError, ValueError) as err:
+                problems.append(f"train.attack_kw: attack {a!r}: {err}")
+
+
 def _check_data(spec: SweepSpec, problems: list[str]) -> None:
     """Datasets read from disk need an existing data root."""
     from tscray.data import data_root
 
-    needs = [d for d in spec.grid.dataset if d in REAL_DATA]
+    needs = [d for d in (*spec.grid.dataset, spec.ssl.downstream) if d in REAL_DATA]
     if not needs:
         return
     root = data_root(spec.data_root)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Iterator
 
-from tscray.config import SweepSpec, defense_config
+from tscray.config import SweepSpec, attack_kw_for, defense_config
 
 # Bump when a step's computation changes meaning, so old artifacts are not reused for it.
 STEP_VERSION = 1
@@ -121,6 +121,8 @@ def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
     seen, out = set(), []
     for combo in itertools.product(*axes):
         p = relevant(dict(zip(names, combo)))
+        if spec.train.method != "supervised":  # (supervised trials keep the ids they always had)
+            p["method"] = spec.train.method
         k = _canon(p)
         if k not in seen:
             seen.add(k)
@@ -143,21 +145,47 @@ def resource_step(spec: SweepSpec, p: dict[str, Any]) -> Step | None:
     """
     from tscray import attacks
 
-    params = attacks.build(p["attack"], **spec.train.attack_kw).resource_params(p["poison_rate"])
+    kw = attack_kw_for(spec.train, p["attack"])
+    params = attacks.build(p["attack"], **kw).resource_params(p["poison_rate"])
     if params is None:
         return None
     return Step.make("attack_resource", {
-        "dataset": p["dataset"], "attack": p["attack"], "attack_kw": spec.train.attack_kw,
+        "dataset": p["dataset"], "attack": p["attack"], "attack_kw": kw,
         "target": spec.train.target, "seed": p["seed"], "rate": p["poison_rate"] if "rate" in params else None,
         "resource": params})
 
 
+def pretrain_step(spec: SweepSpec, p: dict[str, Any]) -> Step:
+    """A clean self-supervised encoder: what BadEncoder fine-tunes, shared by every such trial of a seed."""
+    tr = spec.train
+    return Step.make("ssl_pretrain", {
+        "dataset": p["dataset"], "arch": p["arch"], "arch_kw": tr.arch_kw, "seed": p["seed"], "method": tr.method,
+        "method_kw": tr.method_kw, "epochs": tr.epochs, "batch_size": tr.batch_size, "lr": tr.lr,
+        "weight_decay": tr.weight_decay, "optimizer": tr.optimizer})
+
+
+def ssl_backdoor_step(spec: SweepSpec, p: dict[str, Any]) -> Step:
+    """A backdoored encoder (BadEncoder on the clean encoder, or CTRL's poisoned pre-training)."""
+    from tscray.ssl import attacks as ssl_attacks
+
+    tr = spec.train
+    pre = pretrain_step(spec, p)
+    kw = attack_kw_for(tr, p["attack"])
+    atk = ssl_attacks.build(p["attack"], **kw)
+    params = {**pre.params, "attack": p["attack"], "attack_kw": kw, "poison_rate": p["poison_rate"],
+              "target": tr.target, "ssl": dataclasses.asdict(spec.ssl)}
+    return Step.make("backdoor", params, (pre,) if atk.needs_clean_encoder else ())
+
+
 def backdoor_step(spec: SweepSpec, p: dict[str, Any]) -> Step:
     tr = spec.train
+    if tr.method != "supervised":
+        return ssl_backdoor_step(spec, p)
     res = resource_step(spec, p)
     return Step.make("backdoor", {
         "dataset": p["dataset"], "arch": p["arch"], "arch_kw": tr.arch_kw, "attack": p["attack"],
-        "attack_kw": tr.attack_kw, "poison_rate": p["poison_rate"], "target": tr.target, "seed": p["seed"],
+        "attack_kw": attack_kw_for(tr, p["attack"]), "poison_rate": p["poison_rate"], "target": tr.target,
+        "seed": p["seed"],
         "epochs": tr.epochs, "batch_size": tr.batch_size, "lr": tr.lr, "momentum": tr.momentum,
         "weight_decay": tr.weight_decay}, (res,) if res is not None else ())
 

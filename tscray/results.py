@@ -16,12 +16,14 @@ import pyarrow.parquet as pq
 from tscray.plan import Trial
 from tscray.store import Store
 
+METRICS = ("acc", "asr", "clean_loss", "poison_loss", "knn_acc", "knn_asr")
 SCHEMA = pa.schema([
     ("sweep", pa.string()), ("sweep_id", pa.string()), ("trial_id", pa.string()),
-    ("dataset", pa.string()), ("arch", pa.string()), ("attack", pa.string()), ("poison_rate", pa.float64()),
+    ("dataset", pa.string()), ("method", pa.string()), ("arch", pa.string()), ("attack", pa.string()), ("poison_rate", pa.float64()),
     ("seed", pa.int64()), ("defense", pa.string()), ("e_tsc", pa.int64()), ("t", pa.float64()),
     ("round", pa.int64()), ("stage", pa.string()), ("t_curve", pa.float64()),
     ("acc", pa.float64()), ("asr", pa.float64()), ("clean_loss", pa.float64()), ("poison_loss", pa.float64()),
+    ("knn_acc", pa.float64()), ("knn_asr", pa.float64()),
     ("step_kind", pa.string()), ("step_key", pa.string()), ("seconds", pa.float64()), ("device", pa.string()),
     ("precision", pa.string()), ("channels_last", pa.bool_()),
 ])
@@ -31,7 +33,8 @@ def trial_rows(sweep: str, trial: Trial, manifests: dict[str, dict[str, Any]],
                sweep_id: str | None = None) -> list[dict[str, Any]]:
     """Rows of one trial from its steps' manifests, plus a ``final`` row for its output model."""
     p = trial.params
-    base = {"sweep": sweep, "sweep_id": sweep_id, "trial_id": trial.id, "dataset": p["dataset"], "arch": p["arch"],
+    base = {"sweep": sweep, "sweep_id": sweep_id, "trial_id": trial.id, "dataset": p["dataset"],
+            "method": p.get("method", "supervised"), "arch": p["arch"],
             "attack": p["attack"], "poison_rate": p["poison_rate"], "seed": p["seed"], "defense": p["defense"],
             "e_tsc": p.get("rounds"), "t": p.get("t")}
     rows: list[dict[str, Any]] = []
@@ -39,8 +42,7 @@ def trial_rows(sweep: str, trial: Trial, manifests: dict[str, dict[str, Any]],
         m = manifests[stage.step.key]
         for rec in m["records"]:
             rows.append({**base, "round": rec.get("round", stage.round), "stage": rec["stage"],
-                         "t_curve": rec.get("t_curve"), **{k: rec.get(k) for k in ("acc", "asr", "clean_loss",
-                                                                                    "poison_loss")},
+                         "t_curve": rec.get("t_curve"), **{k: rec.get(k) for k in METRICS},
                          "step_kind": stage.step.kind, "step_key": stage.step.key, "seconds": m["seconds"],
                          "device": m["device"], "precision": m.get("precision"),
                          "channels_last": m.get("channels_last")})

@@ -58,6 +58,16 @@ class Context:
     def dataset(self, name: str) -> data.Dataset:
         return self._cached(("ds", name), lambda: data.load(name, self.data_root))
 
+    def method(self, bd: Step) -> methods.Method:
+        """The training method F of the backdoor step ``bd``'s model (what defenses re-use on clean data)."""
+        p = bd.params
+        name = p.get("method", "supervised")
+        kw = dict(p.get("method_kw", {}))
+        if name == "simclr":  # its views jitter colours in pixel space: it needs the dataset's normalisation
+            prep = self.dataset(p["dataset"]).prep
+            kw = {"mean": prep.mean, "std": prep.std, **kw}
+        return methods.build(name, **kw)
+
     def attack(self, bd: Step) -> attacks.Attack:
         """The backdoor step's attack, with its resource loaded from the store when it has one."""
         def make() -> attacks.Attack:
@@ -69,16 +79,36 @@ class Context:
             return atk
         return self._cached(("attack", bd.key), make)
 
-    def evaluator(self, bd: Step) -> Evaluator:
-        """ACC/ASR evaluator of the backdoor step ``bd`` (its attack's triggered test set)."""
-        def make() -> Evaluator:
+    def evaluator(self, bd: Step) -> Callable[[nn.Module], dict[str, float]]:
+        """ACC/ASR evaluator of the backdoor step ``bd``: its attack's triggered test set, or for an encoder
+        a linear probe on the downstream task."""
+        def make() -> Callable[[nn.Module], dict[str, float]]:
             p = bd.params
+            if p.get("method", "supervised") != "supervised":
+                return self._probe(p)
             ev = attacks.evaluator(self.dataset(p["dataset"]), self.attack(bd), p["target"])
             ev.batch_size = self.eval_batch
             return ev
         p = bd.params
         return self._cached(("ev", p["dataset"], p["attack"], repr(p["attack_kw"]), p["target"],
                              tuple(i.key for i in bd.inputs)), make)
+
+    def _probe(self, p: dict[str, Any]) -> Callable[[nn.Module], dict[str, float]]:
+        from tscray.ssl import ProbeEvaluator, add_target_class
+        from tscray.ssl import attacks as ssl_attacks
+
+        pre = self.dataset(p["dataset"])
+        s = p["ssl"]
+        down = self.dataset(s["downstream"] or p["dataset"])
+        train, test, target = down.train, down.test, p["target"]
+        if not bool((test.y == target).any()) or target >= down.num_classes:
+            # the downstream task lacks the target class: add the pre-training set's (Tables 18-19)
+            train, target = add_target_class(train, pre.train, p["target"])
+            test, _ = add_target_class(test, pre.test, p["target"], label=target)
+        trigger = ssl_attacks.build(p["attack"], **p["attack_kw"]).trigger()
+        return ProbeEvaluator(train, test, pre.prep, trigger=trigger, target=target, epochs=s["probe_epochs"],
+                              lr=s["probe_lr"], probe_batch_size=s["probe_batch_size"], knn_k=s["knn_k"],
+                              seed=p["seed"], batch_size=self.eval_batch)
 
     def clean(self, dataset: str, ratio: float, seed: int) -> CleanData:
         def make() -> CleanData:
@@ -91,7 +121,7 @@ class Context:
         return models.build(p["arch"], ds.num_classes, ds.in_channels, **p["arch_kw"])
 
     def load_model(self, step: Step, artifact: str) -> nn.Module:
-        model = self.new_model(root_params(step))
+        model = self.new_model(step.params if step.kind == "ssl_pretrain" else root_params(step))
         model.load_state_dict(self.store.load_tensors(step.kind, step.key, artifact))
         return self.place(model)
 
@@ -146,8 +176,38 @@ def step_attack_resource(step: Step, ctx: Context) -> Result:
     return {"resource": {k: v.detach().contiguous() for k, v in tensors.items()}}, []
 
 
+def _pretrain_recipe(p: dict[str, Any]) -> Any:
+    from tscray.ssl.attacks import PretrainRecipe
+    return PretrainRecipe(p["epochs"], p["batch_size"],
+                          OptimConfig(name=p["optimizer"], lr=p["lr"], weight_decay=p["weight_decay"]))
+
+
+def step_ssl_pretrain(step: Step, ctx: Context) -> Result:
+    from tscray.ssl.attacks import pretrain
+
+    p = step.params
+    ds = ctx.dataset(p["dataset"])
+    model = ctx.place(ctx.new_model(p))
+    pretrain(model, ds.train, ds, ctx.method(step), _pretrain_recipe(p), p["seed"], ctx.device)
+    return {"model": _state(model)}, []
+
+
+def step_ssl_backdoor(step: Step, ctx: Context) -> Result:
+    from tscray.ssl import attacks as ssl_attacks
+
+    p = step.params
+    ds = ctx.dataset(p["dataset"])
+    atk = ssl_attacks.build(p["attack"], **p["attack_kw"])
+    model = ctx.load_model(step.inputs[0], "model") if atk.needs_clean_encoder else ctx.place(ctx.new_model(p))
+    bd = atk.backdoor(ds, model, ctx.method(step), _pretrain_recipe(p), p["poison_rate"], p["target"], p["seed"],
+                      ctx.device)
+    return {"model": _state(bd)}, [{"stage": "backdoored", "t_curve": None, **ctx.evaluator(step)(bd)}]
+
+
 def step_backdoor(step: Step, ctx: Context) -> Result:
     p = step.params
+    if p.get("method", "supervised") != "supervised":
+        return step_ssl_backdoor(step, ctx)
     ds = ctx.dataset(p["dataset"])
     atk = ctx.attack(step)
     recipe = attacks.TrainRecipe(p["epochs"], p["batch_size"],
@@ -164,7 +224,7 @@ def step_finetune(step: Step, ctx: Context) -> Result:
     cfg = p["config"]
     model = ctx.load_model(bd, "model")
     clean = ctx.clean(root["dataset"], p["clean_ratio"], p["clean_seed"])
-    tuned = finetune_model(model, clean, methods.build("supervised"), cfg["epochs"], _optim(cfg["optim"]),
+    tuned = finetune_model(model, clean, ctx.method(root_step(step)), cfg["epochs"], _optim(cfg["optim"]),
                            cfg["batch_size"], cfg["seed"])
     return {"model": _state(tuned)}, [{"stage": "final", "t_curve": None, **ctx.evaluator(root_step(step))(tuned)}]
 
@@ -181,7 +241,7 @@ def step_mcr_curve(step: Step, ctx: Context) -> Result:
     cfg = mcr_config(p["config"])
     model = ctx.load_model(bd, "model")
     clean = ctx.clean(root["dataset"], p["clean_ratio"], p["clean_seed"])
-    tuned, curve = mcr.mcr_curve(model, clean, methods.build("supervised"), cfg)
+    tuned, curve = mcr.mcr_curve(model, clean, ctx.method(root_step(step)), cfg)
     rows = evaluate_curve(curve, p["curve_ts"], mcr.bn_loader(clean, cfg), ctx.evaluator(root_step(step)), stage="curve")
     bend = {f"{i}": b.detach() for i, b in enumerate(curve.bend)}
     return {"finetuned": _state(tuned), "bend": bend}, rows
@@ -214,7 +274,7 @@ def step_tsc_stage1(step: Step, ctx: Context) -> Result:
     cfg = tsc_config(p["config"])
     model = ctx.load_model(src, p["input"])
     clean = ctx.clean(root["dataset"], p["clean_ratio"], p["clean_seed"])
-    curve = stage1_curve(model, clean, methods.build("supervised"), cfg, p["round"])
+    curve = stage1_curve(model, clean, ctx.method(root_step(step)), cfg, p["round"])
     # Store the far endpoint (a permutation of the input, BN buffers included) with the bend.
     bn = clean.loader(cfg.batch_size, stage_seed(cfg, p["round"], 3))
     rows = evaluate_curve(curve, p["curve_ts"], bn, ctx.evaluator(root_step(step)), stage="curve1", round=p["round"])
@@ -235,7 +295,7 @@ def step_tsc_round(step: Step, ctx: Context) -> Result:
     clean = ctx.clean(root["dataset"], p["clean_ratio"], p["clean_seed"])
     ev = ctx.evaluator(root_step(step))
     # last=False: always fine-tune, so the step serves both as a final round and as the next round's input
-    res = tsc_round(model, clean, methods.build("supervised"), cfg, r, last=False, evaluate=ev, curve1=curve1)
+    res = tsc_round(model, clean, ctx.method(root_step(step)), cfg, r, last=False, evaluate=ev, curve1=curve1)
     rows = [row for row in res.records if row["stage"] != "output"]
     rows += evaluate_curve(res.curve2, p["curve_ts"], clean.loader(cfg.batch_size, stage_seed(cfg, r, 3)), ev,
                            stage="curve2")
@@ -243,7 +303,7 @@ def step_tsc_round(step: Step, ctx: Context) -> Result:
 
 
 KINDS: dict[str, Callable[[Step, Context], Result]] = {
-    "attack_resource": step_attack_resource, "backdoor": step_backdoor, "finetune": step_finetune, "mcr_curve": step_mcr_curve,
+    "attack_resource": step_attack_resource, "ssl_pretrain": step_ssl_pretrain, "backdoor": step_backdoor, "finetune": step_finetune, "mcr_curve": step_mcr_curve,
     "mcr_point": step_mcr_point, "tsc_stage1": step_tsc_stage1, "tsc_round": step_tsc_round,
 }
 
@@ -256,7 +316,7 @@ def compute(step: Step, ctx: Context) -> dict[str, Any]:
     for i in step.inputs:
         if not ctx.store.has_step(i.kind, i.key):
             raise RuntimeError(f"step {step.kind}/{step.key}: input {i.kind}/{i.key} is not computed")
-    seed = step.params.get("seed", 0) if step.kind in ("backdoor", "attack_resource") else 0
+    seed = step.params.get("seed", 0) if step.kind in ("backdoor", "attack_resource", "ssl_pretrain") else 0
     torch.manual_seed(seed)
     t0 = time.time()
     with ctx.autocast():

@@ -33,7 +33,7 @@ def describe_plan(plan: Plan, done: set[str] | None = None) -> str:
     lines = [f"sweep {plan.spec.name}: {len(plan.trials)} trials"
              + (f" ({len(done & {t.id for t in plan.trials})} already finished)" if done is not None else ""),
              f"{'step kind':<16}{'distinct':>10}{'naive':>10}"]
-    for kind in ("attack_resource", "backdoor", "finetune", "mcr_curve", "mcr_point", "tsc_stage1", "tsc_round"):
+    for kind in ("attack_resource", "ssl_pretrain", "backdoor", "finetune", "mcr_curve", "mcr_point", "tsc_stage1", "tsc_round"):
         if kind in naive:
             lines.append(f"{kind:<16}{counts.get(kind, 0):>10}{naive[kind]:>10}")
     lines.append(f"{'all steps':<16}{sum(counts.values()):>10}{sum(naive.values()):>10}")

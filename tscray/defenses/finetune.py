@@ -24,9 +24,14 @@ class FinetuneConfig:
 
     @classmethod
     def preset(cls, name: str = "paper") -> "FinetuneConfig":
-        if name not in ("paper", "released"):
-            raise ValueError(f"unknown preset {name!r}; known: paper, released")
-        return cls()
+        """``paper``/``released``: SGD lr 0.01. ``ssl``: the training method's own optimiser family for
+        encoders, Adam lr 1e-4 wd 1e-6 (the paper gives no SSL fine-tuning baseline recipe: our choice, a
+        tenth of the SimCLR pre-training lr)."""
+        if name in ("paper", "released"):
+            return cls()
+        if name == "ssl":
+            return cls(optim=OptimConfig(name="adam", lr=1e-4, weight_decay=1e-6))
+        raise ValueError(f"unknown preset {name!r}; known: paper, released, ssl")
 
 
 def finetune_model(model: nn.Module, clean: CleanData, method: Method, epochs: int, optim: OptimConfig,
