@@ -253,7 +253,11 @@ class Plan:
         """Steps a per-trial run without reuse would execute (every trial computes its whole chain)."""
         counts: dict[str, int] = {}
         for trial in self.trials:
+            needed: dict[str, Step] = {}
             for s in trial.steps:
+                for a in s.walk():
+                    needed.setdefault(a.key, a)
+            for s in needed.values():
                 counts[s.kind] = counts.get(s.kind, 0) + 1
         return counts
 
