@@ -77,3 +77,16 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys):
     assert "27 trials" in out and "curve fits" in out
     assert [l.split() for l in out.splitlines() if l.startswith("curve fits")][0][-2:] == ["46", "108"]
     assert not (tmp_path / "out").exists()
+
+
+def test_data_kw_is_checked_against_the_sweeps_datasets_and_their_loaders():
+    spec = validate({"name": "x", "grid": {"dataset": ["cifar10"]}, "data_kw": {"cifar10": {"image_size": 64}}},
+                    check_data=False)
+    assert spec.data_kw == {"cifar10": {"image_size": 64}}
+    with pytest.raises(SpecError) as e:
+        validate({"name": "x", "data_kw": {"cifar10": {"image_size": 64},
+                                           "fashion-mnist-embedded": {"image_size": 32, "train_per_class": 0}}})
+    got = e.value.problems
+    assert "data_kw.cifar10: not a dataset of this sweep (fashion-mnist-embedded)" in got
+    assert any(p.startswith("data_kw.fashion-mnist-embedded.image_size: unknown option") for p in got)
+    assert "data_kw.fashion-mnist-embedded.train_per_class: 0 is not a positive integer" in got

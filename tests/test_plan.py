@@ -66,7 +66,7 @@ def test_local_run_of_a_planned_trial_equals_the_library_defense(tmp_path):
     ds = data.load("fashion-mnist-embedded")
     bd_step = trial.steps[0]
     bd = ctx.load_model(bd_step, "model")
-    clean = ctx.clean(ds.name, 0.02, 0)
+    clean = ctx.clean({"dataset": ds.name}, 0.02, 0)
     tsc = defenses.get("tsc")
     cfg = tsc.make_config("paper", rounds=2, t=0.4, curve_epochs=1, finetune_epochs=1, batch_size=100)
     res = tsc.run(bd, clean, methods.build("supervised"), cfg)
@@ -126,3 +126,20 @@ def test_attack_without_its_resource_refuses_to_poison(pattern_attack, embedded)
     assert atk.ready and pattern_attack.made == 1
     atk.prepare(embedded, 0.1, 0, seed=3)
     assert pattern_attack.made == 1
+
+
+def test_data_kw_reaches_the_steps_and_leaves_other_keys_alone(tmp_path):
+    torch.set_num_threads(1)
+    plain = make_plan(spec_of(defense=["none"]))
+    raw_spec = spec_of(defense=["none"])
+    import dataclasses
+    small = dataclasses.replace(raw_spec, data_kw={"fashion-mnist-embedded": {"train_per_class": 50,
+                                                                             "test_per_class": 10}})
+    plan = make_plan(small)
+    (bd,) = [s for s in plan.steps.values() if s.kind == "backdoor"]
+    assert bd.params["data_kw"] == {"train_per_class": 50, "test_per_class": 10}
+    assert "data_kw" not in [s for s in plain.steps.values() if s.kind == "backdoor"][0].params
+    ctx = Context(Store(str(tmp_path)))
+    run_local([bd], ctx)
+    ev = ctx.evaluator(bd)
+    assert len(ev.clean) == 100  # the 10-per-class test set was used

@@ -137,6 +137,7 @@ class SweepSpec:
     storage: str = "runs/{name}"
     mlflow_uri: str | None = None
     data_root: str | None = None
+    data_kw: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def storage_path(self, override: str | None = None) -> str:
         """The sweep's storage: a URI as given, or an absolute local path."""
@@ -352,15 +353,60 @@ def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> S
             problems.append(f"{key}: {raw[key]!r} is not a string")
         elif key in raw:
             scalars[key] = raw[key]
+    data_kw = _check_data_kw(raw.get("data_kw"), grid, ssl, problems)
     if not problems:
         _check_defense_overrides(defense, problems)
         _check_method(grid, train, raw, problems)
-    spec = SweepSpec(name=name, grid=grid, train=train, defense=defense, eval=ev, ssl=ssl, resources=res, **scalars)
+    spec = SweepSpec(name=name, grid=grid, train=train, defense=defense, eval=ev, ssl=ssl, resources=res,
+                     data_kw=data_kw, **scalars)
     if check_data and not problems:
         _check_data(spec, problems)
     if problems:
         raise SpecError(problems, source)
     return spec
+
+
+DATA_KW = {"image_size": int, "download": bool, "train_per_class": int, "test_per_class": int}
+
+
+def _check_data_kw(raw: Any, grid: Grid, ssl: SSLSpec, problems: list[str]) -> dict[str, dict[str, Any]]:
+    """``data_kw``: per dataset of the sweep, its load options (``image_size``, ``download``...)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        problems.append(f"data_kw: expected a mapping of dataset name to options, got {type(raw).__name__}")
+        return {}
+    used = {*grid.dataset, ssl.downstream} - {""}
+    out: dict[str, dict[str, Any]] = {}
+    for name, kw in raw.items():
+        if name not in used:
+            problems.append(f"data_kw.{name}: not a dataset of this sweep ({', '.join(sorted(used))})")
+            continue
+        if not isinstance(kw, dict):
+            problems.append(f"data_kw.{name}: expected a mapping of options, got {kw!r}")
+            continue
+        accepted = _loader_options(name)
+        for key, value in kw.items():
+            want = DATA_KW.get(key)
+            if want is None or key not in accepted:
+                problems.append(f"data_kw.{name}.{key}: unknown option; {name} accepts: {', '.join(accepted)}")
+            elif want is int and (not _is_int(value) or value < 1):
+                problems.append(f"data_kw.{name}.{key}: {value!r} is not a positive integer")
+            elif want is bool and not isinstance(value, bool):
+                problems.append(f"data_kw.{name}.{key}: {value!r} is not true/false")
+        out[name] = dict(kw)
+    return out
+
+
+def _loader_options(name: str) -> list[str]:
+    import inspect
+
+    from tscray import data
+    try:
+        params = inspect.signature(data.DATASETS.get(name)).parameters
+    except KeyError:
+        return []
+    return [k for k in params if k in DATA_KW]
 
 
 def _dataset_names() -> list[str]:

@@ -137,6 +137,13 @@ def _config_dict(cfg: Any, drop: tuple[str, ...]) -> dict[str, Any]:
     return d
 
 
+def _with_data_kw(spec: SweepSpec, params: dict[str, Any]) -> dict[str, Any]:
+    """Add the dataset's load options (``data_kw``) to a root step's params, only when it has some (so
+    keys of sweeps without options are unchanged)."""
+    kw = spec.data_kw.get(params["dataset"])
+    return {**params, "data_kw": kw} if kw else params
+
+
 def resource_step(spec: SweepSpec, p: dict[str, Any]) -> Step | None:
     """The attack's precomputed resource (surrogate, generator, trigger...), if it needs one.
 
@@ -149,19 +156,19 @@ def resource_step(spec: SweepSpec, p: dict[str, Any]) -> Step | None:
     params = attacks.build(p["attack"], **kw).resource_params(p["poison_rate"])
     if params is None:
         return None
-    return Step.make("attack_resource", {
+    return Step.make("attack_resource", _with_data_kw(spec, {
         "dataset": p["dataset"], "attack": p["attack"], "attack_kw": kw,
         "target": spec.train.target, "seed": p["seed"], "rate": p["poison_rate"] if "rate" in params else None,
-        "resource": params})
+        "resource": params}))
 
 
 def pretrain_step(spec: SweepSpec, p: dict[str, Any]) -> Step:
     """A clean self-supervised encoder: what BadEncoder fine-tunes, shared by every such trial of a seed."""
     tr = spec.train
-    return Step.make("ssl_pretrain", {
+    return Step.make("ssl_pretrain", _with_data_kw(spec, {
         "dataset": p["dataset"], "arch": p["arch"], "arch_kw": tr.arch_kw, "seed": p["seed"], "method": tr.method,
         "method_kw": tr.method_kw, "epochs": tr.epochs, "batch_size": tr.batch_size, "lr": tr.lr,
-        "weight_decay": tr.weight_decay, "optimizer": tr.optimizer})
+        "weight_decay": tr.weight_decay, "optimizer": tr.optimizer}))
 
 
 def ssl_backdoor_step(spec: SweepSpec, p: dict[str, Any]) -> Step:
@@ -173,7 +180,8 @@ def ssl_backdoor_step(spec: SweepSpec, p: dict[str, Any]) -> Step:
     kw = attack_kw_for(tr, p["attack"])
     atk = ssl_attacks.build(p["attack"], **kw)
     params = {**pre.params, "attack": p["attack"], "attack_kw": kw, "poison_rate": p["poison_rate"],
-              "target": tr.target, "ssl": dataclasses.asdict(spec.ssl)}
+              "target": tr.target, "ssl": {**dataclasses.asdict(spec.ssl),
+                                                        "downstream_kw": spec.data_kw.get(spec.ssl.downstream, {})}}
     return Step.make("backdoor", params, (pre,) if atk.needs_clean_encoder else ())
 
 
@@ -182,12 +190,12 @@ def backdoor_step(spec: SweepSpec, p: dict[str, Any]) -> Step:
     if tr.method != "supervised":
         return ssl_backdoor_step(spec, p)
     res = resource_step(spec, p)
-    return Step.make("backdoor", {
+    return Step.make("backdoor", _with_data_kw(spec, {
         "dataset": p["dataset"], "arch": p["arch"], "arch_kw": tr.arch_kw, "attack": p["attack"],
         "attack_kw": attack_kw_for(tr, p["attack"]), "poison_rate": p["poison_rate"], "target": tr.target,
         "seed": p["seed"],
         "epochs": tr.epochs, "batch_size": tr.batch_size, "lr": tr.lr, "momentum": tr.momentum,
-        "weight_decay": tr.weight_decay}, (res,) if res is not None else ())
+        "weight_decay": tr.weight_decay}), (res,) if res is not None else ())
 
 
 def _clean(spec: SweepSpec) -> dict[str, Any]:

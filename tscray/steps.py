@@ -55,8 +55,10 @@ class Context:
             self._cache[key] = make()
         return self._cache[key]
 
-    def dataset(self, name: str) -> data.Dataset:
-        return self._cached(("ds", name), lambda: data.load(name, self.data_root))
+    def dataset(self, name: str, kw: dict[str, Any] | None = None) -> data.Dataset:
+        """Dataset ``name`` loaded with options ``kw`` (e.g. ``image_size``), kept resident."""
+        kw = kw or {}
+        return self._cached(("ds", name, repr(sorted(kw.items()))), lambda: data.load(name, self.data_root, **kw))
 
     def method(self, bd: Step) -> methods.Method:
         """The training method F of the backdoor step ``bd``'s model (what defenses re-use on clean data)."""
@@ -64,7 +66,7 @@ class Context:
         name = p.get("method", "supervised")
         kw = dict(p.get("method_kw", {}))
         if name == "simclr":  # its views jitter colours in pixel space: it needs the dataset's normalisation
-            prep = self.dataset(p["dataset"]).prep
+            prep = self.dataset(p["dataset"], p.get("data_kw")).prep
             kw = {"mean": prep.mean, "std": prep.std, **kw}
         return methods.build(name, **kw)
 
@@ -86,7 +88,7 @@ class Context:
             p = bd.params
             if p.get("method", "supervised") != "supervised":
                 return self._probe(p)
-            ev = attacks.evaluator(self.dataset(p["dataset"]), self.attack(bd), p["target"])
+            ev = attacks.evaluator(self.dataset(p["dataset"], p.get("data_kw")), self.attack(bd), p["target"])
             ev.batch_size = self.eval_batch
             return ev
         p = bd.params
@@ -97,9 +99,9 @@ class Context:
         from tscray.ssl import ProbeEvaluator, add_target_class
         from tscray.ssl import attacks as ssl_attacks
 
-        pre = self.dataset(p["dataset"])
+        pre = self.dataset(p["dataset"], p.get("data_kw"))
         s = p["ssl"]
-        down = self.dataset(s["downstream"] or p["dataset"])
+        down = self.dataset(s["downstream"], s.get("downstream_kw")) if s["downstream"] else pre
         train, test, target = down.train, down.test, p["target"]
         if not bool((test.y == target).any()) or target >= down.num_classes:
             # the downstream task lacks the target class: add the pre-training set's (Tables 18-19)
@@ -110,14 +112,15 @@ class Context:
                               lr=s["probe_lr"], probe_batch_size=s["probe_batch_size"], knn_k=s["knn_k"],
                               seed=p["seed"], batch_size=self.eval_batch)
 
-    def clean(self, dataset: str, ratio: float, seed: int) -> CleanData:
+    def clean(self, root: dict[str, Any], ratio: float, seed: int) -> CleanData:
+        """The defender's clean subset of the training set of ``root``'s dataset."""
         def make() -> CleanData:
-            ds = self.dataset(dataset)
+            ds = self.dataset(root["dataset"], root.get("data_kw"))
             return CleanData(ds.train.subset(data.clean_subset(len(ds.train), ratio, seed)), ds.prep, self.device)
-        return self._cached(("clean", dataset, ratio, seed), make)
+        return self._cached(("clean", root["dataset"], repr(root.get("data_kw")), ratio, seed), make)
 
     def new_model(self, p: dict[str, Any]) -> nn.Module:
-        ds = self.dataset(p["dataset"])
+        ds = self.dataset(p["dataset"], p.get("data_kw"))
         return models.build(p["arch"], ds.num_classes, ds.in_channels, **p["arch_kw"])
 
     def load_model(self, step: Step, artifact: str) -> nn.Module:
@@ -172,7 +175,7 @@ def step_attack_resource(step: Step, ctx: Context) -> Result:
     p = step.params
     atk = attacks.build(p["attack"], **p["attack_kw"])
     rate = p["rate"] if p["rate"] is not None else 0.0
-    tensors = atk.make_resource(ctx.dataset(p["dataset"]), rate, p["target"], p["seed"], ctx.device)
+    tensors = atk.make_resource(ctx.dataset(p["dataset"], p.get("data_kw")), rate, p["target"], p["seed"], ctx.device)
     return {"resource": {k: v.detach().contiguous() for k, v in tensors.items()}}, []
 
 
@@ -186,7 +189,7 @@ def step_ssl_pretrain(step: Step, ctx: Context) -> Result:
     from tscray.ssl.attacks import pretrain
 
     p = step.params
-    ds = ctx.dataset(p["dataset"])
+    ds = ctx.dataset(p["dataset"], p.get("data_kw"))
     model = ctx.place(ctx.new_model(p))
     pretrain(model, ds.train, ds, ctx.method(step), _pretrain_recipe(p), p["seed"], ctx.device)
     return {"model": _state(model)}, []
@@ -196,7 +199,7 @@ def step_ssl_backdoor(step: Step, ctx: Context) -> Result:
     from tscray.ssl import attacks as ssl_attacks
 
     p = step.params
-    ds = ctx.dataset(p["dataset"])
+    ds = ctx.dataset(p["dataset"], p.get("data_kw"))
     atk = ssl_attacks.build(p["attack"], **p["attack_kw"])
     model = ctx.load_model(step.inputs[0], "model") if atk.needs_clean_encoder else ctx.place(ctx.new_model(p))
     bd = atk.backdoor(ds, model, ctx.method(step), _pretrain_recipe(p), p["poison_rate"], p["target"], p["seed"],
@@ -208,7 +211,7 @@ def step_backdoor(step: Step, ctx: Context) -> Result:
     p = step.params
     if p.get("method", "supervised") != "supervised":
         return step_ssl_backdoor(step, ctx)
-    ds = ctx.dataset(p["dataset"])
+    ds = ctx.dataset(p["dataset"], p.get("data_kw"))
     atk = ctx.attack(step)
     recipe = attacks.TrainRecipe(p["epochs"], p["batch_size"],
                                  OptimConfig(lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"]))
@@ -223,7 +226,7 @@ def step_finetune(step: Step, ctx: Context) -> Result:
     root = root_params(step)
     cfg = p["config"]
     model = ctx.load_model(bd, "model")
-    clean = ctx.clean(root["dataset"], p["clean_ratio"], p["clean_seed"])
+    clean = ctx.clean(root, p["clean_ratio"], p["clean_seed"])
     tuned = finetune_model(model, clean, ctx.method(root_step(step)), cfg["epochs"], _optim(cfg["optim"]),
                            cfg["batch_size"], cfg["seed"])
     return {"model": _state(tuned)}, [{"stage": "final", "t_curve": None, **ctx.evaluator(root_step(step))(tuned)}]
@@ -240,7 +243,7 @@ def step_mcr_curve(step: Step, ctx: Context) -> Result:
     root = root_params(step)
     cfg = mcr_config(p["config"])
     model = ctx.load_model(bd, "model")
-    clean = ctx.clean(root["dataset"], p["clean_ratio"], p["clean_seed"])
+    clean = ctx.clean(root, p["clean_ratio"], p["clean_seed"])
     tuned, curve = mcr.mcr_curve(model, clean, ctx.method(root_step(step)), cfg)
     rows = evaluate_curve(curve, p["curve_ts"], mcr.bn_loader(clean, cfg), ctx.evaluator(root_step(step)), stage="curve")
     bend = {f"{i}": b.detach() for i, b in enumerate(curve.bend)}
@@ -263,7 +266,7 @@ def step_mcr_point(step: Step, ctx: Context) -> Result:
     cp = curve_step.params
     start, end = ctx.load_model(bd, "model"), ctx.load_model(curve_step, "finetuned")
     curve = _curve_from(curve_step, ctx, start, end)
-    clean = ctx.clean(root["dataset"], cp["clean_ratio"], cp["clean_seed"])
+    clean = ctx.clean(root, cp["clean_ratio"], cp["clean_seed"])
     point = curve.point(step.params["t"], mcr.bn_loader(clean, mcr_config(cp["config"])))
     return {"model": _state(point)}, [{"stage": "final", "t_curve": step.params["t"], **ctx.evaluator(root_step(step))(point)}]
 
@@ -273,7 +276,7 @@ def step_tsc_stage1(step: Step, ctx: Context) -> Result:
     root = root_params(step)
     cfg = tsc_config(p["config"])
     model = ctx.load_model(src, p["input"])
-    clean = ctx.clean(root["dataset"], p["clean_ratio"], p["clean_seed"])
+    clean = ctx.clean(root, p["clean_ratio"], p["clean_seed"])
     curve = stage1_curve(model, clean, ctx.method(root_step(step)), cfg, p["round"])
     # Store the far endpoint (a permutation of the input, BN buffers included) with the bend.
     bn = clean.loader(cfg.batch_size, stage_seed(cfg, p["round"], 3))
@@ -292,7 +295,7 @@ def step_tsc_round(step: Step, ctx: Context) -> Result:
     end = ctx.new_model(root)
     end.load_state_dict(ctx.store.load_tensors(s1.kind, s1.key, "end"))
     curve1 = _curve_from(s1, ctx, model, ctx.place(end))
-    clean = ctx.clean(root["dataset"], p["clean_ratio"], p["clean_seed"])
+    clean = ctx.clean(root, p["clean_ratio"], p["clean_seed"])
     ev = ctx.evaluator(root_step(step))
     # last=False: always fine-tune, so the step serves both as a final round and as the next round's input
     res = tsc_round(model, clean, ctx.method(root_step(step)), cfg, r, last=False, evaluate=ev, curve1=curve1)
