@@ -81,7 +81,8 @@ def test_empty_sweep_is_a_clear_message(tmp_path, capsys):
     assert "not a tscray sweep directory" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["quickstart", "ablation", "ablation_small", "table1", "attacks_small"])
+@pytest.mark.parametrize("name", ["quickstart", "ablation", "ablation_small", "table1", "attacks_small",
+                                  "ablation_ssl", "ablation_ssl_small"])
 def test_shipped_sweeps_dry_run(name, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("TSCRAY_DATA", str(tmp_path))
     assert main(["sweep", f"sweeps/{name}.yaml", "--dry-run", "--storage", str(tmp_path / "s")]) == 0

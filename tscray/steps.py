@@ -22,7 +22,6 @@ from tscray.defenses.base import CleanData, evaluate_curve
 from tscray.defenses.finetune import finetune_model
 from tscray.defenses.mcr import MCRConfig
 from tscray.defenses.tsc import TSCConfig, stage1_curve, stage_seed, tsc_round
-from tscray.metrics import Evaluator
 from tscray.optim import OptimConfig
 from tscray.plan import Step
 from tscray.store import Store

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-import torch
 from torch import nn
 
 from tscray.methods.base import Method

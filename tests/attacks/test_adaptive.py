@@ -72,10 +72,8 @@ def test_train_model_unaligns_fits_the_curve_and_returns_its_start(embedded):
 
 
 @pytest.mark.slow
-def test_adaptive_backdoor_is_learnt_and_lives_along_the_curve():
-    from tscray.data import load
-
-    ds = load("fashion-mnist-embedded", train_per_class=300, test_per_class=50)
+def test_adaptive_backdoor_is_learnt_and_lives_along_the_curve(reduced):
+    ds = reduced
     atk = build("adaptive")
     bd = train_backdoored(ds, "cnn", atk, 0.1, target=0, seed=0, recipe=TrainRecipe(8, 128, OptimConfig(lr=0.05)))
     r = bd.evaluate(bd.model)

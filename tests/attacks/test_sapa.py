@@ -113,10 +113,8 @@ def test_crafting_raises_gradient_alignment(embedded):
 
 
 @pytest.mark.slow
-def test_sapa_reaches_high_asr():
-    from tscray.data import load
-
-    ds = load("fashion-mnist-embedded", train_per_class=300, test_per_class=50)
+def test_sapa_reaches_high_asr(reduced):
+    ds = reduced
     atk = build("sapa", steps=10, surrogate_epochs=2, sources=128)
     bd = train_backdoored(ds, "cnn", atk, 0.1, target=0, seed=0, recipe=TrainRecipe(8, 128, OptimConfig(lr=0.05)))
     r = bd.evaluate(bd.model)

@@ -129,3 +129,10 @@ def test_sbl_backdoor_is_learnt_then_compared_under_clean_finetuning():
     # 24.7. At this scale SBL's resilience does not show (its task 1 is only a few steps on 150 clean images), so
     # the fine-tuning comparison is printed, not asserted.
     assert sbl[0]["asr"] >= 85 and sbl[0]["acc"] >= 75 and sbl[0]["acc"] >= badnets[0]["acc"] - 9
+
+
+def test_sbl_blended_is_sbl_with_the_blended_trigger(embedded):
+    from tscray.attacks import build
+    x = embedded.test.x[:4]
+    assert torch.equal(build("sbl-blended").apply(x), build("blended").apply(x))
+    assert torch.equal(build("sbl").apply(x), build("badnets").apply(x))

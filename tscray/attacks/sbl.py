@@ -234,3 +234,13 @@ class SBL(Attack):
         self.history["fisher_mean"] = float(torch.cat([f.flatten() for f in fisher.values()]).mean())
         self.history["drift"] = float(sum(((p.detach() - anchor[k]) ** 2).sum() for k, p in model.named_parameters()))
         return model
+
+
+@ATTACKS.register("sbl-blended")
+class SBLBlended(SBL):
+    """SBL with the Blended trigger: the paper's SBL-Blended (``sbl`` is its SBL-BadNets)."""
+
+    name = "sbl-blended"
+
+    def __init__(self, trigger: str = "blended", **kw: Any) -> None:
+        super().__init__(trigger=trigger, **kw)
