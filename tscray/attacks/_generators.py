@@ -92,9 +92,11 @@ def threshold(m: torch.Tensor) -> torch.Tensor:
 
 
 class SecretEncoder(nn.Module):
-    """StegaStamp-style encoder: secret bits → dense → ``C×g×g`` map upsampled to the image, concatenated with
-    the image, a U-Net → a residual (same channels as the image) added to the image; a 1×1 conv of the secret map
-    is added to the U-Net's output so bits reach the residual from the first step."""
+    """StegaStamp-style encoder: secret bits (as ±1) → dense → ``C×g×g`` map upsampled to the image, concatenated
+    with the image, a U-Net → a residual (same channels as the image) added to the image; a 1×1 conv of the secret
+    map is added to the U-Net's output so bits reach the residual from the first step. The U-Net's last conv
+    starts at zero, so a fresh encoder's residual is the secret map alone (not a large image-dependent offset that
+    clamping at black pixels would cut off)."""
 
     def __init__(self, in_channels: int, bits: int, width: int = 16, steps: int = 2, grid: int = 8) -> None:
         super().__init__()
@@ -102,9 +104,12 @@ class SecretEncoder(nn.Module):
         self.dense = nn.Linear(bits, in_channels * grid * grid)
         self.net = EncoderDecoder(2 * in_channels, in_channels, width, steps, bn=False, skip=True)
         self.direct = nn.Conv2d(in_channels, in_channels, 1)  # secret map → residual shortcut (learns fast)
+        last = self.net.up[-1][-1][0]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def forward(self, image: torch.Tensor, secret: torch.Tensor) -> torch.Tensor:
-        s = torch.relu(self.dense(secret)).view(-1, self.in_channels, self.grid, self.grid)
+        s = self.dense(secret * 2 - 1).view(-1, self.in_channels, self.grid, self.grid)
         s = F.interpolate(s, size=image.shape[-2:], mode="nearest")
         s = s.expand(len(image), -1, -1, -1)
         return self.net(torch.cat([s, image], 1)) + self.direct(s)
