@@ -2,8 +2,9 @@
 
 Scaled to CPU: embedded Fashion-MNIST; SimCLR pre-trains a small CNN encoder (widths 16-64, projection 64)
 on 1,500 images (150 per class) for 15 epochs (Adam 2e-3, batch 256); BadEncoder (λ1 = λ2 = 1, one reference
-image of class 0, a 6 px white patch, SGD lr 0.05 instead of 1e-3 to make up for 20 epochs on a 500-image
-shadow set instead of 200 on tens of thousands) backdoors it. Downstream task: the same ten classes, a
+image of class 0, a 6 px white patch, SGD lr 0.05 instead of 1e-3 to make up for 20 epochs on the 1,500-image
+pre-training set as shadow data instead of 200 epochs on tens of thousands) backdoors it (15 epochs gave ASR 85%,
+10 epochs on 500 images 22%). Downstream task: the same ten classes, a
 disjoint train split (images 300-499 of each class) for the linear probe, the 2,000 test images for ACC/ASR.
 TSC: the paper's SSL recipe (E_TSC 2, t 0.25, Adam 5e-3 wd 1e-6, L2 0.5·5e-5, NT-Xent τ 0.5, fine-tune 5
 epochs at lr 5e-5) on a random 5% clean subset (500 images), with 20 curve epochs at batch 128 (4 steps per
@@ -53,7 +54,7 @@ def setting():
           OptimConfig(name="adam", lr=2e-3, weight_decay=1e-6))
     t_pre = time.time() - t0
     t0 = time.time()
-    shadow = pre.subset(torch.randperm(len(pre), generator=torch.Generator().manual_seed(0))[:500])
+    shadow = pre
     bd = badencoder(clean, shadow, reference_images(pre, TARGET, 1), ds.prep, trigger,
                     BadEncoderConfig(epochs=20, batch_size=128, lr=0.05))
     t_bd = time.time() - t0
