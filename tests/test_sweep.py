@@ -79,11 +79,15 @@ def _ray_processes():
     return [int(p) for p in r.stdout.split()]
 
 
-def _wait_for_ray_to_die(timeout=60):
+def _wait_for_ray_to_die(before: set[int], timeout=60):
+    """Wait for the Ray processes the killed sweep started (those not in ``before``) to exit; kill the rest.
+
+    Only the test's own: another Ray on the machine (a user's sweep) is left alone."""
+    ours = lambda: [p for p in _ray_processes() if p not in before]  # noqa: E731
     deadline = time.time() + timeout
-    while _ray_processes() and time.time() < deadline:
+    while ours() and time.time() < deadline:
         time.sleep(0.5)
-    for pid in _ray_processes():  # still there: a real user would find and kill them too
+    for pid in ours():  # still there: a real user would find and kill them too
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -105,6 +109,7 @@ def test_killed_driver_resumes_without_recomputing_and_new_grid_values_run_alone
     spec_path.write_text(yaml.safe_dump(raw))
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env |= {"PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    before = set(_ray_processes())
     proc = _run_cli(spec_path, env, wait=False)
     store = Store(str(storage))
     deadline = time.time() + 300
@@ -113,7 +118,7 @@ def test_killed_driver_resumes_without_recomputing_and_new_grid_values_run_alone
     assert proc.poll() is None, "the sweep finished before it could be interrupted"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
     proc.wait()
-    _wait_for_ray_to_die()  # a crashed driver's Ray workers may outlive it for a moment; the user re-runs after
+    _wait_for_ray_to_die(before)  # a crashed driver's Ray workers may outlive it for a moment; the user re-runs after
     finished_before = {k for v in store.step_keys().values() for k in v}
     assert finished_before and len(finished_before) < len(make_plan(validate(raw)).steps)
 
