@@ -62,6 +62,10 @@ class BezierCurve(nn.Module):
             torch._foreach_add_(fixed, self.endpoint("end"), alpha=c2)
         return {k: torch.add(f, m, alpha=c1) for k, f, m in zip(self.names, fixed, self.bend)}
 
+    def trainable(self) -> list[nn.Parameter]:
+        """What :func:`fit` trains: the bend (the endpoints are the models, fixed)."""
+        return list(self.bend)
+
     def forward(self, x: torch.Tensor, t: float) -> torch.Tensor:
         return functional_call(self.base, self.weights(t), (x,))
 
@@ -133,11 +137,20 @@ def update_bn(model: nn.Module, loader: Iterable) -> nn.Module:
 def fit(curve: BezierCurve, loader: Iterable, method: Method, epochs: int, optim: OptimConfig,
         seed: int = 0, progress: Progress | None = None) -> BezierCurve:
     """Train the bend with method F, one t ~ U(0, 1) per batch (Algorithm 3); returns the curve."""
+    fit_epochs(curve, loader, method, epochs, optim, seed, progress)
+    return curve
+
+
+def fit_epochs(curve: BezierCurve, loader: Iterable, method: Method, epochs: int, optim: OptimConfig,
+               seed: int = 0, progress: Progress | None = None) -> list[float]:
+    """:func:`fit`'s loop over ``curve.trainable()`` (the bend; more for curves that train more, such as
+    the adaptive attack's subspace); returns each epoch's mean loss."""
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     gen = torch.Generator().manual_seed(seed)
-    opt, sched = optim.build(curve.bend.parameters(), epochs)
+    opt, sched = optim.build(curve.trainable(), epochs)
     curve.train()
+    losses: list[float] = []
     for epoch in range(epochs):
         total, steps = 0.0, 0
         for batch in loader:
@@ -151,6 +164,7 @@ def fit(curve: BezierCurve, loader: Iterable, method: Method, epochs: int, optim
             opt.step()
             total, steps = total + float(loss.detach()), steps + 1
         sched.step()
+        losses.append(total / max(1, steps))
         if progress is not None:
-            progress(epoch + 1, epochs, total / max(1, steps))
-    return curve
+            progress(epoch + 1, epochs, losses[-1])
+    return losses

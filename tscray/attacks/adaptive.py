@@ -42,12 +42,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
-from torch.nn import functional as F
 
 from tscray.attacks.base import ATTACKS, Attack
-from tscray.curves import BezierCurve, coefficients
+from tscray.curves import BezierCurve, coefficients, fit_epochs
 from tscray.data.tensors import ImageData, Loader
+from tscray.methods.supervised import Supervised
 from tscray.symmetry import match, permute
 
 if TYPE_CHECKING:
@@ -78,31 +77,9 @@ class SubspaceCurve(BezierCurve):
 
 def fit_subspace(curve: SubspaceCurve, loader: Loader, epochs: int, optim: OptimConfig, seed: int = 0,
                  progress: Progress | None = None) -> list[float]:
-    """Algorithm 4's loop: one t ~ U(0, 1) per batch, cross-entropy at γ(t), all control points updated.
-
-    Returns the mean loss of each epoch."""
-    gen = torch.Generator().manual_seed(seed)
-    params = curve.trainable()
-    opt, sched = optim.build(params, epochs)
-    curve.train()
-    losses = []
-    for epoch in range(epochs):
-        total, steps = 0.0, 0
-        for x, y in loader:
-            t = float(torch.rand((), generator=gen))
-            weights = curve.weights(t)
-            loss = F.cross_entropy(functional_call(curve.base, weights, (x,)), y)
-            if optim.l2:
-                loss = loss + 0.5 * optim.l2 * sum((w * w).sum() for w in weights.values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, steps = total + float(loss.detach()), steps + 1
-        sched.step()
-        losses.append(total / max(1, steps))
-        if progress is not None:
-            progress(epoch + 1, epochs, losses[-1])
-    return losses
+    """Algorithm 4's loop: one t ~ U(0, 1) per batch, cross-entropy at γ(t), all control points updated
+    (:func:`tscray.curves.fit_epochs` over :meth:`SubspaceCurve.trainable`). Returns each epoch's mean loss."""
+    return fit_epochs(curve, loader, Supervised(), epochs, optim, seed, progress)
 
 
 @ATTACKS.register("adaptive")
