@@ -33,8 +33,11 @@ def test_train_poison_adds_the_trigger_test_magnifies_it(nc_resource):
     x = torch.full((2, 1, 28, 28), 128, dtype=torch.uint8)
     train_x, test_x = atk.poison(x, torch.arange(2), "train"), atk.poison(x, torch.arange(2), "test")
     assert train_x.dtype == torch.uint8 and train_x.shape == x.shape
-    assert ((train_x.float() - 128) - res["trigger"]).abs().max() <= 0.5
-    assert ((test_x.float() - 128) - (3 * res["trigger"]).clamp(-128, 127)).abs().max() <= 0.5
+    # Rounding to uint8 is off by at most 0.5, plus the float32 error of 128 + trigger (a trained trigger's
+    # values differ by machine, so one can sit a hair past a .5 boundary).
+    bound = 0.5 + 1e-4
+    assert ((train_x.float() - 128) - res["trigger"]).abs().max() <= bound
+    assert ((test_x.float() - 128) - (3 * res["trigger"]).clamp(-128, 127)).abs().max() <= bound
     assert torch.equal(test_x, atk.apply(x))
     assert (test_x.float() - 128).abs().max() > 16  # magnified beyond the training bound
 
