@@ -102,3 +102,32 @@ def reduced_clean(reduced):
     must not fool on its own."""
     from tscray.attacks import build, train_backdoored
     return train_backdoored(reduced, "cnn", build("badnets"), 0.0, target=0, seed=0, recipe=reduced_recipe()).model
+
+
+# --- the defenses' end-to-end proofs: one BadNets model at the reduced setting, shared by every defense ---
+
+
+@pytest.fixture(scope="session")
+def badnets_reduced(reduced):
+    """A BadNets (10%, target 0) cnn trained with the reduced recipe on 3,000 images, the defender's clean
+    set (a seeded random 5% of the full embedded training set = 500 images, disjoint from nothing: the
+    defender's data is clean by definition) and the model's ACC/ASR before any defense.
+
+    Returns ``(backdoored, clean, before)`` where ``backdoored.evaluate`` measures ACC/ASR."""
+    from tscray import attacks, data
+    from tscray.defenses import CleanData
+
+    bd = attacks.train_backdoored(reduced, "cnn", attacks.build("badnets"), 0.1, target=0, seed=0,
+                                  recipe=reduced_recipe(10))
+    full = data.load("fashion-mnist-embedded")
+    clean = CleanData(full.train.subset(data.clean_subset(len(full.train), 0.05, seed=1)), full.prep)
+    return bd, clean, bd.evaluate(bd.model)
+
+
+@pytest.fixture
+def say(capsys):
+    """Print past pytest's capture, so CI logs show the measured numbers."""
+    def emit(msg: str) -> None:
+        with capsys.disabled():
+            print(msg, flush=True)
+    return emit

@@ -47,7 +47,11 @@ def test_purify_errors_are_clear_and_write_nothing(tmp_path, capsys):
     assert main(["purify", "--model", str(good), "--arch", "cnn", "--attack", "nope"]) == 2
     assert "unknown attack 'nope'" in capsys.readouterr().err
     assert main(["purify", "--model", str(good), "--arch", "cnn", "--defense", "magic"]) == 2
-    assert "unknown defense 'magic'; known: finetune, mcr, tsc" in capsys.readouterr().err
+    assert "unknown defense 'magic'; known: " in capsys.readouterr().err
+    assert main(["purify", "--model", str(good), "--arch", "cnn", "--set", "curve_lrr=0.1"]) == 2
+    assert "unknown tsc setting(s) ['curve_lrr']" in capsys.readouterr().err
+    assert main(["purify", "--model", str(good), "--arch", "mlp", "--defense", "anp"]) == 2
+    assert "needs BatchNorm layers; MLP has none" in capsys.readouterr().err
     assert main(["purify", "--model", str(good), "--arch", "cnn", "--defense", "finetune", "--t", "0.3"]) == 2
     assert "--t does not apply" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "m.safetensors"]
@@ -63,6 +67,28 @@ def test_purify_runs_end_to_end_on_a_tiny_setting(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "before" in out and "after" in out and "ASR" in out
     assert (tmp_path / "m.purified.safetensors").exists()
+
+
+def test_purify_finetune_takes_finetune_epochs_and_any_setting(tmp_path, capsys):
+    """`--defense finetune --finetune-epochs N` failed with "does not apply" (the check ran before the
+    flag was mapped to finetune's `epochs`); `--set` reaches any setting."""
+    torch.manual_seed(0)
+    path = save_model(build("cnn", 10, in_channels=1, widths=(8, 8, 8, 8)), tmp_path / "m.safetensors",
+                      arch="cnn", arch_kw={"widths": [8, 8, 8, 8]})
+    base = ["purify", "--model", str(path), "--clean-ratio", "0.01", "--batch-size", "50"]
+    assert main(base + ["--defense", "finetune", "--finetune-epochs", "1", "--set", "lr=0.001"]) == 0
+    assert "after" in capsys.readouterr().out
+
+
+def test_defenses_lists_every_defense_and_its_settings(capsys):
+    from tscray import defenses
+    assert main(["defenses"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in defenses.DEFENSES.names())
+    assert main(["defenses", "tsc"]) == 0
+    out = capsys.readouterr().out
+    assert "curve_lr" in out and "curve_epochs" in out and "(grid axis)" in out
+    assert main(["defenses", "nope"]) == 2
 
 
 @pytest.mark.slow

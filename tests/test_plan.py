@@ -60,7 +60,7 @@ def test_local_run_of_a_planned_trial_equals_the_library_defense(tmp_path):
     ctx = Context(Store(str(tmp_path)))
     manifests = run_local(trial.steps, ctx)
     assert len(ctx.store.computations()) == len(manifests) == 5
-    key, artifact = trial.final
+    key, artifact = trial.final.key, trial.final.artifact
     final = ctx.store.load_tensors([s for s in trial.steps if s.key == key][0].kind, key, artifact)
 
     ds = data.load("fashion-mnist-embedded")
@@ -143,3 +143,88 @@ def test_data_kw_reaches_the_steps_and_leaves_other_keys_alone(tmp_path):
     run_local([bd], ctx)
     ev = ctx.evaluator(bd)
     assert len(ev.clean) == 100  # the 10-per-class test set was used
+
+
+# --- defenses as plug-ins ---------------------------------------------------------------------------------
+
+def test_default_plan_runs_a_defense_as_one_step_equal_to_its_library_run(tmp_path):
+    """finetune declares no planner: its trial is one ``defense`` step computing exactly ``finetune.run``."""
+    torch.set_num_threads(1)
+    trial = make_plan(spec_of(defense=["finetune"])).trials[0]
+    assert [s.step.kind for s in trial.chain] == ["backdoor", "defense"]
+    ctx = Context(Store(str(tmp_path)))
+    run_local(trial.steps, ctx)
+    final = ctx.store.load_tensors("defense", trial.final.key, "model")
+    bd = ctx.load_model(trial.steps[0], "model")
+    ft = defenses.get("finetune")
+    res = ft.run(bd, ctx.clean({"dataset": "fashion-mnist-embedded"}, 0.02, 0), methods.build("supervised"),
+                 ft.make_config("paper", epochs=1, batch_size=100))
+    for k, v in res.model.state_dict().items():
+        assert torch.equal(final[k], v), k
+
+
+@pytest.fixture
+def plugin_defense():
+    """A defense written as one would add a new one: a config with a preset, a run, a result column, a
+    model check. Nothing else in tscray knows it."""
+    import copy
+    from dataclasses import dataclass
+
+    from tscray.defenses.base import DEFENSES, Defense, DefenseResult
+    from tscray.defenses.layers import UnsupportedModel, classifier
+
+    @dataclass(frozen=True)
+    class ZeroHeadConfig:
+        scale: float = 0.0
+        seed: int = 0
+
+        def __post_init__(self):
+            if self.scale < 0:
+                raise ValueError(f"scale must be >= 0, got {self.scale}")
+
+        @classmethod
+        def preset(cls, name="paper"):
+            return cls()
+
+    def run(model, clean, method, cfg, evaluate=None, log=None):
+        out = copy.deepcopy(model)
+        with torch.no_grad():
+            classifier(out).module.weight.mul_(cfg.scale)
+        rec = {"stage": "final", "round": 1, "zh_scaled": 1, **(evaluate(out) if evaluate else {})}
+        return DefenseResult(out, [out], [rec])
+
+    def check(model):
+        if model.__class__.__name__ == "MLP":
+            raise UnsupportedModel("zero-head refuses the mlp (test)")
+
+    DEFENSES.register("zero-head")(Defense("zero-head", ZeroHeadConfig, run, columns={"zh_scaled": "int"},
+                                           check_model=check, summary="test plug-in"))
+    yield
+    del DEFENSES._items["zero-head"]
+
+
+def test_a_defense_added_in_one_place_is_validated_planned_computed_and_reported(plugin_defense, tmp_path):
+    from tscray import results
+    from tscray.config import SpecError
+    from tscray.plan import Trial
+
+    with pytest.raises(SpecError, match=r"defense.zero-head: scale must be >= 0"):
+        validate({"name": "t", "grid": {"defense": ["zero-head"]}, "defense": {"zero-head": {"scale": -1.0}}})
+    with pytest.raises(SpecError, match=r"grid.defense\[0\]: zero-head cannot purify arch 'mlp'"):
+        validate({"name": "t", "grid": {"defense": ["zero-head"], "arch": ["mlp"]}})
+    spec = validate({"name": "t", "grid": {"defense": ["zero-head", "none"], "t": [0.3, 0.4], "rounds": [1, 2]},
+                     "train": {"epochs": 1, "batch_size": 256, "arch_kw": {"widths": [8, 8, 8, 8]}},
+                     "defense": {"clean_ratio": 0.02, "zero-head": {"scale": 0.5}}})
+    plan = make_plan(spec)
+    assert sorted(t.params["defense"] for t in plan.trials) == ["none", "zero-head"]  # t, rounds collapse
+    trial = [t for t in plan.trials if t.params["defense"] == "zero-head"][0]
+    assert Trial.from_dict(trial.to_dict()) == trial
+    ctx = Context(Store(str(tmp_path)))
+    manifests = run_local(trial.steps, ctx)
+    rows = results.trial_rows("t", trial, manifests)
+    final = [r for r in rows if r["stage"] == "final"]
+    assert len(final) == 1 and final[0]["zh_scaled"] == 1 and final[0]["defense"] == "zero-head"
+    assert '"scale":0.5' in final[0]["defense_config"] and final[0]["defense_seconds"] >= 0
+    results.write_trial(ctx.store, trial.id, rows)
+    table = results.read(ctx.store)
+    assert "zh_scaled" in table.column_names and table.num_rows == len(rows)

@@ -59,14 +59,34 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for data subsets, init and curves (default: 0)")
 
 
+def _setting(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as a YAML scalar or list (``curve_lr=0.01``, ``betas=[500, 1000]``)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"{key}: value {value!r} is not a YAML scalar or list") from None
+
+
 def _defense_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("defense")
-    g.add_argument("--defense", default="tsc", help="tsc, mcr or finetune (default: %(default)s)")
+    from tscray import defenses
+
+    g = p.add_argument_group("defense (`tscray defenses NAME` lists a defense's settings)")
+    g.add_argument("--defense", default="tsc",
+                   help=f"defense: {', '.join(defenses.DEFENSES.names())} (default: %(default)s)")
     g.add_argument("--preset", default="paper", help="recipe preset: paper, released, ssl (default: %(default)s)")
-    g.add_argument("--rounds", type=_positive, help="E_TSC, rounds of TSC")
-    g.add_argument("--t", type=_t_value, help="curve index t in (0, 1)")
-    g.add_argument("--curve-epochs", type=_nonneg, help="epochs per curve fit")
-    g.add_argument("--finetune-epochs", type=_nonneg, help="fine-tune epochs (between TSC rounds; of MCR's copy)")
+    g.add_argument("--set", dest="settings", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+                   help="any setting of the defense, as in a sweep's defense section (repeatable): "
+                        "--set curve_lr=0.01 --set finetune_epochs=3")
+    g.add_argument("--rounds", type=_positive, help="E_TSC, rounds of TSC (tsc)")
+    g.add_argument("--t", type=_t_value, help="curve index t in (0, 1) (tsc, mcr)")
+    g.add_argument("--curve-epochs", type=_nonneg, help="epochs per curve fit (tsc, mcr)")
+    g.add_argument("--finetune-epochs", type=_nonneg,
+                   help="fine-tune epochs (between TSC rounds; MCR's copy; finetune's epochs)")
     g.add_argument("--batch-size", type=_positive, help="defense batch size")
     g.add_argument("--clean-ratio", type=_ratio, default=0.05,
                    help="share of the clean training set given to the defender (default: %(default)s)")
@@ -138,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="png", choices=["png", "svg", "pdf"], help="figure format (default: png)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
 
+    p = sub.add_parser("defenses", help="list the defenses, or one defense's settings and presets",
+                       description="Without NAME: every registered defense with its grid axes and training methods. "
+                                   "With NAME: its settings and their values under a preset (what a sweep's "
+                                   "defense.NAME section and `purify --set` accept).")
+    p.add_argument("name", nargs="?", help="a defense, e.g. nc")
+    p.add_argument("--preset", default="paper", help="preset whose values to show (default: %(default)s)")
+
     p = sub.add_parser("demo", help="backdoor a small CNN on the embedded data, then purify it with TSC and MCR",
                        description="The end-to-end demo on the embedded Fashion-MNIST subset: BadNets at 10%% "
                                    "poison on a small CNN, then TSC (and MCR beside it), in a few minutes on a "
@@ -165,24 +192,30 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 
 def _defense_config(args: argparse.Namespace):
-    from tscray import defenses
-
-    defense = defenses.get(args.defense)
-    wanted = {"rounds": args.rounds, "t": args.t, "curve_epochs": args.curve_epochs,
-              "batch_size": args.batch_size, "seed": args.seed}
-    if args.finetune_epochs is not None:
-        wanted["finetune_epochs"] = args.finetune_epochs
+    """The defense and its config from ``--defense``, ``--preset``, the shortcut flags and ``--set``."""
     import dataclasses
 
+    from tscray import defenses
+    from tscray.defenses.base import resolve_config
+
+    defense = defenses.get(args.defense)
     fields = {f.name for f in dataclasses.fields(defense.config)}
-    ignored = sorted(k for k, v in wanted.items() if v is not None and k not in fields and k != "seed")
-    if ignored:
-        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in ignored)} does not apply to "
-                         f"defense {args.defense!r}")
-    overrides = {k: v for k, v in wanted.items() if v is not None and k in fields}
-    if args.finetune_epochs is not None and "epochs" in fields:
-        overrides["epochs"] = args.finetune_epochs
-    return defense, defense.make_config(args.preset, **overrides)
+    flags = {"rounds": args.rounds, "t": args.t, "curve_epochs": args.curve_epochs,
+             "finetune_epochs": args.finetune_epochs, "batch_size": args.batch_size}
+    overrides: dict[str, Any] = {}
+    for name, value in flags.items():
+        if value is None:
+            continue
+        # A defense whose own training is a fine-tune (finetune) takes --finetune-epochs as its epochs.
+        field_name = "epochs" if name == "finetune_epochs" and name not in fields and "epochs" in fields else name
+        if field_name not in fields:
+            raise ValueError(f"--{name.replace('_', '-')} does not apply to defense {args.defense!r} "
+                             f"(its settings: tscray defenses {args.defense})")
+        overrides[field_name] = value
+    overrides.update(dict(args.settings))
+    if "seed" in fields:
+        overrides.setdefault("seed", args.seed)
+    return defense, resolve_config(defense, args.preset, overrides)
 
 
 def _resource_path(model: Path) -> Path:
@@ -202,6 +235,8 @@ def cmd_purify(args: argparse.Namespace) -> int:
     defense, cfg = _defense_config(args)
     ds = data.load(args.data, args.data_root)
     model = models.build(arch, ds.num_classes, ds.in_channels, **arch_kw)
+    if defense.check_model is not None:
+        defense.check_model(model)
     checkpoint.load_into(model, args.model)
     model.to(args.device)
     attack_kw = args.attack_kw if args.attack_kw is not None else (
@@ -352,6 +387,37 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_defenses(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from tscray import defenses
+    from tscray.defenses.base import OPTIM_KEYS, _optim_fields
+
+    if args.name is None:
+        width = max(len(n) for n in defenses.DEFENSES.names())
+        for d in defenses.DEFENSES.values():
+            extra = [f"grid axes: {', '.join(d.axes)}"] if d.axes else []
+            extra += [f"methods: {', '.join(d.methods)}"]
+            print(f"{d.name:<{width}}  {d.summary}  ({'; '.join(extra)})")
+        return 0
+    d = defenses.get(args.name)
+    cfg = d.make_config(args.preset)
+    prefixes = _optim_fields(d.config)
+    print(f"{d.name}: {d.summary} ({args.preset} preset)")
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in prefixes:
+            pre = f"{prefixes[f.name]}_" if prefixes[f.name] else ""
+            for key, attr in OPTIM_KEYS.items():
+                print(f"  {pre + key:<28} {getattr(value, attr)!r}")
+        else:
+            note = "  (grid axis)" if f.name in d.axes else "  (the trial's seed)" if f.name == "seed" else ""
+            print(f"  {f.name:<28} {value!r}{note}")
+    if d.columns:
+        print(f"result columns: {', '.join(d.columns)}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from tscray.demo import run_demo
 
@@ -360,7 +426,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"purify": cmd_purify, "backdoor": cmd_backdoor, "sweep": cmd_sweep, "status": cmd_status,
-            "results": cmd_results, "report": cmd_report, "demo": cmd_demo}
+            "results": cmd_results, "report": cmd_report, "defenses": cmd_defenses, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

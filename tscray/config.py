@@ -14,8 +14,9 @@ from typing import Any, Callable
 
 import yaml
 
-DEFENSE_NAMES = ("tsc", "mcr", "finetune", "none")
 GRID_AXES = ("dataset", "arch", "attack", "poison_rate", "seed", "defense", "rounds", "t")
+# Grid axes that set a defense's config fields; a defense declares which it uses (Defense.axes).
+DEFENSE_AXES = ("rounds", "t")
 REAL_DATA = ("cifar10", "gtsrb", "svhn", "stl10", "imagenet100")
 SWEEP_METHODS = ("supervised", "simclr")
 
@@ -92,14 +93,28 @@ class SSLSpec:
 
 @dataclass(frozen=True)
 class DefenseSpec:
-    """Defense recipe: a preset plus per-defense overrides of its config fields."""
+    """Defense recipe: a preset, the defender's clean subset, and per-defense overrides of config fields
+    (``defense: {tsc: {curve_epochs: 100}, nc: {...}}``), resolved once at validation into typed configs."""
 
     preset: str = "paper"
     clean_ratio: float = 0.05
     clean_seed: int = 0
-    tsc: dict[str, Any] = field(default_factory=dict)
-    mcr: dict[str, Any] = field(default_factory=dict)
-    finetune: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    configs: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def config(self, name: str, **fixed: Any) -> Any:
+        """Defense ``name``'s resolved config with ``fixed`` fields (grid axes, seed) set."""
+        from tscray import defenses
+        from tscray.defenses.base import resolve_config
+
+        if name not in self.configs:
+            return resolve_config(defenses.get(name), self.preset, self.overrides.get(name, {}), **fixed)
+        return dataclasses.replace(self.configs[name], **fixed)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The section as written in YAML (overrides under each defense's name)."""
+        return {"preset": self.preset, "clean_ratio": self.clean_ratio, "clean_seed": self.clean_seed,
+                **{k: dict(v) for k, v in self.overrides.items()}}
 
 
 @dataclass(frozen=True)
@@ -145,7 +160,9 @@ class SweepSpec:
         return raw if "://" in raw else str(Path(raw).expanduser().resolve())
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {k: (v.to_dict() if isinstance(v, DefenseSpec) else dataclasses.asdict(v)
+                    if dataclasses.is_dataclass(v) else v) for k, v in d.items()}
 
 
 # ---------------------------------------------------------------- validation
@@ -192,7 +209,7 @@ def _grid_checks() -> dict[str, Check]:
         "attack": _names(_all_attack_names, "attack"),
         "poison_rate": _range(0, 1, False, False),
         "seed": _range(0, math.inf, False, True, integer=True),
-        "defense": _names(lambda: list(DEFENSE_NAMES), "defense"),
+        "defense": _names(_defense_names, "defense"),
         "rounds": _range(1, math.inf, False, True, integer=True),
         "t": _range(0, 1, True, True),
     }
@@ -272,44 +289,69 @@ def _section(cls: type, raw: Any, path: str, problems: list[str],
         return defaults
 
 
-OPTIM_KEYS = {"optimizer": "name", "lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay",
-              "schedule": "schedule", "t_max": "t_max", "l2": "l2"}
-OPTIM_PREFIXES = {"tsc": ("curve", "finetune"), "mcr": ("curve", "finetune"), "finetune": ("",)}
+def _defense_names() -> list[str]:
+    from tscray import defenses
+    return [*defenses.DEFENSES.names(), "none"]
 
 
-def defense_config(name: str, preset: str, overrides: dict[str, Any], **fixed: Any) -> Any:
-    """The config of defense ``name``: preset, then overrides. Optimiser knobs are flat keys
-    (``curve_lr``, ``finetune_weight_decay``, ``curve_t_max``, ... ; ``lr`` for finetune)."""
+def _defense_section(raw: Any, grid: Grid, problems: list[str]) -> DefenseSpec:
+    """``defense``: preset, clean subset, and one mapping of overrides per registered defense."""
     from tscray import defenses
 
-    d = defenses.get(name)
-    base = d.make_config(preset)
-    plain, optim = {}, {}
-    for key, value in overrides.items():
-        for prefix in OPTIM_PREFIXES[name]:
-            stem = key[len(prefix) + 1:] if prefix and key.startswith(prefix + "_") else key if not prefix else None
-            if stem in OPTIM_KEYS:
-                field_name = f"{prefix}_optim" if prefix else "optim"
-                optim.setdefault(field_name, {})[OPTIM_KEYS[stem]] = value
-                break
-        else:
-            plain[key] = value
-    for field_name, kw in optim.items():
-        plain[field_name] = dataclasses.replace(getattr(base, field_name), **kw)
-    return d.make_config(preset, **plain, **fixed)
-
-
-def _check_defense_overrides(spec: DefenseSpec, problems: list[str]) -> None:
-    for name in ("tsc", "mcr", "finetune"):
-        overrides = dict(getattr(spec, name))
-        for key in ("rounds", "t", "eval_ts", "seed"):
-            if key in overrides:
-                problems.append(f"defense.{name}.{key}: set through the grid or eval section, not here")
-                overrides.pop(key)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"defense: expected a mapping, got {type(raw).__name__}")
+        return DefenseSpec()
+    scalars = ("preset", "clean_ratio", "clean_seed")
+    for key in raw:
+        if key not in scalars and key not in defenses.DEFENSES:
+            problems.append(f"defense.{str(key)[:40]}: unknown key; allowed: {', '.join(scalars)}, and one "
+                            f"mapping of settings per defense ({', '.join(defenses.DEFENSES.names())})")
+    spec = _section(DefenseSpec, {k: v for k, v in raw.items() if k in scalars}, "defense",
+                    problems, {"preset": _names(lambda: ["paper", "released", "ssl"], "preset"),
+                               "clean_ratio": _range(0, 1, True, False),
+                               "clean_seed": _range(0, math.inf, False, True, integer=True)})
+    overrides: dict[str, dict[str, Any]] = {}
+    configs: dict[str, Any] = {}
+    for name in defenses.DEFENSES.names():
+        value = raw.get(name)
+        if value is not None and not isinstance(value, dict):
+            problems.append(f"defense.{name}: expected a mapping of settings, got {_short(value)}")
+            continue
+        d = defenses.get(name)
+        value = dict(value or {})
+        reserved = {*d.axes, "eval_ts", "seed"}
+        for key in sorted(reserved & set(value)):
+            problems.append(f"defense.{name}.{key}: set through the grid or eval section, not here")
+            value.pop(key)
+        overrides[name] = value
+        if name not in grid.defense and not value:
+            continue
         try:
-            defense_config(name, spec.preset, overrides)
+            configs[name] = _resolve(d, spec.preset, value)
         except (ValueError, TypeError) as err:
             problems.append(f"defense.{name}: {err}")
+    overrides = {k: v for k, v in overrides.items() if v}
+    return dataclasses.replace(spec, overrides=overrides, configs=configs)
+
+
+def _resolve(d: Any, preset: str, overrides: dict[str, Any]) -> Any:
+    """A defense's config from a preset and overrides (which may name a preset the defense lacks: then
+    the defense's ``paper`` preset stands in, as for defenses without an SSL recipe)."""
+    from tscray.defenses.base import resolve_config
+
+    try:
+        d.config.preset(preset)
+    except ValueError:
+        preset = "paper"
+    return resolve_config(d, preset, overrides)
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so an error never prints a whole document."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> SweepSpec:
@@ -337,9 +379,7 @@ def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> S
         "probe_epochs": _range(1, math.inf, False, True, integer=True), "probe_lr": _range(0, math.inf, True, True),
         "probe_batch_size": _range(1, math.inf, False, True, integer=True),
         "knn_k": _range(1, math.inf, False, True, integer=True)})
-    defense = _section(DefenseSpec, raw.get("defense"), "defense", problems, {
-        "preset": _names(lambda: ["paper", "released", "ssl"], "preset"),
-        "clean_ratio": _range(0, 1, True, False)})
+    defense = _defense_section(raw.get("defense"), grid, problems)
     ev = _section(EvalSpec, raw.get("eval"), "eval", problems, {"curve_ts": _range(0, 1, False, False)})
     res = _section(Resources, raw.get("resources"), "resources", problems, {
         "gpus_per_step": _range(0, math.inf, False, True), "cpus_per_step": _range(1, math.inf, False, True, True),
@@ -355,8 +395,8 @@ def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> S
             scalars[key] = raw[key]
     data_kw = _check_data_kw(raw.get("data_kw"), grid, ssl, problems)
     if not problems:
-        _check_defense_overrides(defense, problems)
         _check_method(grid, train, raw, problems)
+        _check_defenses(grid, train, problems)
     spec = SweepSpec(name=name, grid=grid, train=train, defense=defense, eval=ev, ssl=ssl, resources=res,
                      data_kw=data_kw, **scalars)
     if check_data and not problems:
@@ -439,6 +479,32 @@ def _check_method(grid: Grid, train: TrainSpec, raw: dict[str, Any], problems: l
                 registry.get(a)(**attack_kw_for(train, a))
             except (TypeError, ValueError) as err:
                 problems.append(f"train.attack_kw: attack {a!r}: {err}")
+
+
+def _check_defenses(grid: Grid, train: TrainSpec, problems: list[str]) -> None:
+    """Every defense of the grid supports the training method and every architecture of the grid."""
+    from tscray import defenses, models
+    from tscray.defenses.layers import UnsupportedModel
+
+    for i, name in enumerate(grid.defense):
+        if name == "none":
+            continue
+        d = defenses.get(name)
+        if train.method not in d.methods:
+            problems.append(f"grid.defense[{i}]: {name} does not support train.method: {train.method} "
+                            f"(it supports {', '.join(d.methods)})")
+            continue
+        if d.check_model is None:
+            continue
+        for arch in grid.arch:
+            try:
+                model = models.build(arch, 10, 3, **train.arch_kw)
+            except (TypeError, ValueError):
+                continue  # reported by the architecture's own check
+            try:
+                d.check_model(model)
+            except UnsupportedModel as err:
+                problems.append(f"grid.defense[{i}]: {name} cannot purify arch {arch!r}: {err}")
 
 
 def _check_data(spec: SweepSpec, problems: list[str]) -> None:

@@ -18,7 +18,7 @@ from torch.func import functional_call
 
 from tscray.methods.base import Method
 from tscray.optim import OptimConfig
-from tscray.symmetry.match import batch_inputs
+from tscray.nnutil import batch_inputs
 
 Progress = Callable[[int, int, float], None]
 
@@ -52,7 +52,26 @@ class BezierCurve(nn.Module):
         self._end_buffers: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in end.named_buffers()}
 
     def endpoint(self, which: str) -> list[torch.Tensor]:
+        """The parameters of endpoint ``which`` ("start" or "end"), in ``self.names`` order."""
         return [getattr(self, f"{which}__{_key(k)}") for k in self.names]
+
+    def endpoint_state(self, which: str) -> dict[str, torch.Tensor]:
+        """The full state dict (parameters and buffers) of endpoint ``which``: a model loads it as is."""
+        bufs = self._start_buffers if which == "start" else self._end_buffers
+        return {**bufs, **dict(zip(self.names, self.endpoint(which)))}
+
+    def bend_state(self) -> dict[str, torch.Tensor]:
+        """The trained bend as tensors keyed by position ("0", "1", ...), what :meth:`load_bend` reads."""
+        return {str(i): b.detach() for i, b in enumerate(self.bend)}
+
+    @torch.no_grad()
+    def load_bend(self, state: dict[str, torch.Tensor]) -> "BezierCurve":
+        """Set the bend from :meth:`bend_state`'s tensors (a curve fitted elsewhere)."""
+        if set(state) != {str(i) for i in range(len(self.bend))}:
+            raise ValueError(f"bend state has {len(state)} tensors, the curve {len(self.bend)}")
+        for i, b in enumerate(self.bend):
+            b.copy_(state[str(i)])
+        return self
 
     def weights(self, t: float) -> dict[str, torch.Tensor]:
         """Parameters of the point at t; differentiable with respect to the bend only."""

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tscray.data.tensors import ImageData, Loader, Preprocess
-from tscray.symmetry.match import eval_mode
+from tscray.nnutil import eval_mode
 
 
 @torch.no_grad()

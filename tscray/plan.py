@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Iterator
 
-from tscray.config import SweepSpec, attack_kw_for, defense_config
+from tscray.config import SweepSpec, attack_kw_for
 
 # Bump when a step's computation changes meaning, so old artifacts are not reused for it.
 STEP_VERSION = 1
@@ -70,19 +70,33 @@ class Step:
 
 @dataclass(frozen=True)
 class Stage:
-    """A step of a trial's chain and how its result appears in the trial's rows."""
+    """A step of a trial's chain: its round, and the record stages whose ACC/ASR the trial reports to Tune
+    once the step is done (in preference order; empty: nothing to report)."""
 
     step: Step
     round: int
+    report: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Final:
+    """A trial's output model: the step and artifact holding it, and the record stages (in preference
+    order) that evaluated it."""
+
+    key: str
+    artifact: str
+    stages: tuple[str, ...] = ("final",)
 
 
 @dataclass(frozen=True)
 class Trial:
-    """One grid point: its parameters, its chain of steps, and which artifact is its final model."""
+    """One grid point: its parameters, its chain of steps, its output model, and the defense's resolved
+    settings (JSON; recorded in every result row, not part of the id)."""
 
     params: dict[str, Any]
     chain: tuple[Stage, ...]
-    final: tuple[str, str] = ("", "")  # (step key, artifact name)
+    final: Final = Final("", "")
+    settings: str = "{}"
 
     @cached_property
     def id(self) -> str:
@@ -94,30 +108,48 @@ class Trial:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form (what travels in a Tune config)."""
-        return {"id": self.id, "params": self.params, "final": list(self.final),
-                "chain": [{"step": s.step.to_dict(), "round": s.round} for s in self.chain]}
+        return {"id": self.id, "params": self.params, "settings": self.settings,
+                "final": [self.final.key, self.final.artifact, list(self.final.stages)],
+                "chain": [{"step": s.step.to_dict(), "round": s.round, "report": list(s.report)}
+                          for s in self.chain]}
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "Trial":
-        return Trial(d["params"], tuple(Stage(Step.from_dict(s["step"]), s["round"]) for s in d["chain"]),
-                     tuple(d["final"]))  # type: ignore[arg-type]
+        key, artifact, stages = d["final"]
+        chain = tuple(Stage(Step.from_dict(s["step"]), s["round"], tuple(s.get("report", ()))) for s in d["chain"])
+        return Trial(d["params"], chain, Final(key, artifact, tuple(stages)), d.get("settings", "{}"))
+
+
+def root_step(step: Step) -> Step:
+    """The backdoor step at the root of ``step``'s graph (defense steps take it as their first input)."""
+    s = step
+    while s.kind != "backdoor":
+        s = s.inputs[0]
+    return s
+
+
+def root_params(step: Step) -> dict[str, Any]:
+    """Parameters of the backdoor step at the root of ``step``'s graph (dataset, arch, attack...)."""
+    return root_step(step).params
 
 
 def relevant(point: dict[str, Any]) -> dict[str, Any]:
-    """Drop grid axes that do not apply to the point's defense, so equal trials collapse."""
-    p = dict(point)
-    if p["defense"] != "tsc":
-        p.pop("rounds")
-    if p["defense"] not in ("tsc", "mcr"):
-        p.pop("t")
-    return p
+    """Drop grid axes that do not apply to the point's defense (those it does not declare), so equal
+    trials collapse."""
+    from tscray.config import DEFENSE_AXES
+    from tscray.defenses import DEFENSES
+
+    name = point["defense"]
+    used = DEFENSES.get(name).axes if name != "none" else ()
+    return {k: v for k, v in point.items() if k not in DEFENSE_AXES or k in used}
 
 
 def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
     """Distinct grid points (irrelevant axes dropped), in grid order."""
-    axes = [getattr(spec.grid, a) for a in ("dataset", "arch", "attack", "poison_rate", "seed", "defense",
-                                             "rounds", "t")]
-    names = ("dataset", "arch", "attack", "poison_rate", "seed", "defense", "rounds", "t")
+    from tscray.config import GRID_AXES
+
+    names = GRID_AXES
+    axes = [getattr(spec.grid, a) for a in names]
     seen, out = set(), []
     for combo in itertools.product(*axes):
         p = relevant(dict(zip(names, combo)))
@@ -128,13 +160,6 @@ def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
             seen.add(k)
             out.append(p)
     return out
-
-
-def _config_dict(cfg: Any, drop: tuple[str, ...]) -> dict[str, Any]:
-    d = dataclasses.asdict(cfg)
-    for k in drop:
-        d.pop(k, None)
-    return d
 
 
 def _with_data_kw(spec: SweepSpec, params: dict[str, Any]) -> dict[str, Any]:
@@ -203,36 +228,23 @@ def _clean(spec: SweepSpec) -> dict[str, Any]:
 
 
 def plan_trial(spec: SweepSpec, p: dict[str, Any]) -> Trial:
-    """The chain of steps one grid point needs."""
+    """The chain of steps one grid point needs: the backdoored model, then its defense's steps (one
+    ``defense`` step running the whole defense, or the finer steps its :class:`Planner` declares)."""
+    from tscray.defenses import DEFENSES
+    from tscray.defenses.base import config_to_dict
+
     bd = backdoor_step(spec, p)
-    chain: list[Stage] = [Stage(bd, 0)]
-    final = (bd.key, "model")
-    d = p["defense"]
-    curve_ts = list(spec.eval.curve_ts)
-    if d == "finetune":
-        cfg = defense_config("finetune", spec.defense.preset, spec.defense.finetune, seed=p["seed"])
-        ft = Step.make("finetune", {"config": _config_dict(cfg, ()), **_clean(spec)}, (bd,))
-        chain.append(Stage(ft, 1))
-        final = (ft.key, "model")
-    elif d == "mcr":
-        cfg = defense_config("mcr", spec.defense.preset, spec.defense.mcr, seed=p["seed"], t=p["t"])
-        curve = Step.make("mcr_curve", {"config": _config_dict(cfg, ("t", "eval_ts")), "curve_ts": curve_ts,
-                                        **_clean(spec)}, (bd,))
-        point = Step.make("mcr_point", {"t": p["t"], **_clean(spec)}, (curve,))
-        chain += [Stage(curve, 1), Stage(point, 1)]
-        final = (point.key, "model")
-    elif d == "tsc":
-        cfg = defense_config("tsc", spec.defense.preset, spec.defense.tsc, seed=p["seed"], t=p["t"],
-                             rounds=p["rounds"])
-        common = {"config": _config_dict(cfg, ("t", "rounds", "eval_ts")), "curve_ts": curve_ts, **_clean(spec)}
-        current, artifact = bd, "model"
-        for r in range(1, p["rounds"] + 1):
-            s1 = Step.make("tsc_stage1", {**common, "round": r, "input": artifact}, (current,))
-            rd = Step.make("tsc_round", {**common, "round": r, "input": artifact, "t": p["t"]}, (current, s1))
-            chain += [Stage(s1, r), Stage(rd, r)]
-            current, artifact = rd, "next"
-        final = (current.key, "next" if cfg.finetune_last else "point")
-    return Trial(p, tuple(chain), final)
+    name = p["defense"]
+    if name == "none":
+        return Trial(p, (Stage(bd, 0, ("backdoored",)),), Final(bd.key, "model", ("backdoored",)))
+    d = DEFENSES.get(name)
+    cfg = spec.defense.config(name, seed=p["seed"], **{a: p[a] for a in d.axes})
+    if d.plan is not None:
+        stages, final = d.plan.plan(cfg, bd, {**_clean(spec), "curve_ts": list(spec.eval.curve_ts)})
+    else:
+        step = Step.make("defense", {"defense": name, "config": config_to_dict(cfg), **_clean(spec)}, (bd,))
+        stages, final = [Stage(step, 1, ("final",))], Final(step.key, "model", ("final",))
+    return Trial(p, (Stage(bd, 0, ("backdoored",)), *stages), final, _canon(config_to_dict(cfg)))
 
 
 @dataclass
@@ -271,8 +283,11 @@ class Plan:
 
     @staticmethod
     def curve_fits(counts: dict[str, int]) -> int:
-        """Curve fits among step counts: each TSC stage fits one curve, as does MCR."""
-        return counts.get("tsc_stage1", 0) + counts.get("tsc_round", 0) + counts.get("mcr_curve", 0)
+        """Curve fits among step counts: the step kinds that defenses declare as fitting one curve each."""
+        from tscray.defenses import DEFENSES
+
+        kinds = {k for d in DEFENSES.values() if d.plan is not None for k in d.plan.curve_kinds}
+        return sum(n for k, n in counts.items() if k in kinds)
 
 
 def make_plan(spec: SweepSpec) -> Plan:

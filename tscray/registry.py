@@ -38,6 +38,10 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._items)
 
+    def values(self) -> list[T]:
+        """Registered items in name order."""
+        return [self._items[n] for n in self.names()]
+
     def __contains__(self, name: object) -> bool:
         return name in self._items
 

@@ -17,7 +17,7 @@ from tscray.plan import Trial
 from tscray.store import Store
 
 METRICS = ("acc", "asr", "clean_loss", "poison_loss", "knn_acc", "knn_asr")
-SCHEMA = pa.schema([
+BASE_FIELDS = [
     ("sweep", pa.string()), ("sweep_id", pa.string()), ("trial_id", pa.string()),
     ("dataset", pa.string()), ("method", pa.string()), ("arch", pa.string()), ("attack", pa.string()), ("poison_rate", pa.float64()),
     ("seed", pa.int64()), ("defense", pa.string()), ("e_tsc", pa.int64()), ("t", pa.float64()),
@@ -26,46 +26,74 @@ SCHEMA = pa.schema([
     ("knn_acc", pa.float64()), ("knn_asr", pa.float64()),
     ("step_kind", pa.string()), ("step_key", pa.string()), ("seconds", pa.float64()), ("device", pa.string()),
     ("precision", pa.string()), ("channels_last", pa.bool_()),
-])
+    ("defense_config", pa.string()), ("defense_seconds", pa.float64()),
+]
+_ARROW = {"int": pa.int64(), "float": pa.float64(), "string": pa.string()}
+
+
+def defense_columns() -> dict[str, pa.DataType]:
+    """The result columns the registered defenses declare (NC's flagged classes, FP's pruned units...)."""
+    from tscray.defenses import DEFENSES
+
+    out: dict[str, pa.DataType] = {}
+    for d in DEFENSES.values():
+        for name, kind in d.columns.items():
+            out[name] = _ARROW[kind]
+    return out
+
+
+def schema() -> pa.Schema:
+    """The result schema: the base columns, then every registered defense's own columns."""
+    return pa.schema(BASE_FIELDS + sorted(defense_columns().items()))
 
 
 def trial_rows(sweep: str, trial: Trial, manifests: dict[str, dict[str, Any]],
                sweep_id: str | None = None) -> list[dict[str, Any]]:
-    """Rows of one trial from its steps' manifests, plus a ``final`` row for its output model."""
+    """Rows of one trial from its steps' manifests, plus a ``final`` row for its output model.
+
+    Every row carries the defense's resolved settings (``defense_config``, JSON) and the seconds its
+    steps took (``defense_seconds``: every step after the backdoored model, shared ones counted whole)."""
     p = trial.params
+    extra = list(defense_columns())
+    seen: set[str] = set()
+    spent = 0.0
+    for stage in trial.chain:
+        if stage.round >= 1 and stage.step.key not in seen:
+            seen.add(stage.step.key)
+            spent += float(manifests[stage.step.key]["seconds"])
     base = {"sweep": sweep, "sweep_id": sweep_id, "trial_id": trial.id, "dataset": p["dataset"],
             "method": p.get("method", "supervised"), "arch": p["arch"],
             "attack": p["attack"], "poison_rate": p["poison_rate"], "seed": p["seed"], "defense": p["defense"],
-            "e_tsc": p.get("rounds"), "t": p.get("t")}
+            "e_tsc": p.get("rounds"), "t": p.get("t"), "defense_config": trial.settings,
+            "defense_seconds": spent if p["defense"] != "none" else None}
     rows: list[dict[str, Any]] = []
     for stage in trial.chain:
         m = manifests[stage.step.key]
         for rec in m["records"]:
             rows.append({**base, "round": rec.get("round", stage.round), "stage": rec["stage"],
                          "t_curve": rec.get("t_curve"), **{k: rec.get(k) for k in METRICS},
+                         **{k: rec[k] for k in extra if k in rec},
                          "step_kind": stage.step.kind, "step_key": stage.step.key, "seconds": m["seconds"],
                          "device": m["device"], "precision": m.get("precision"),
                          "channels_last": m.get("channels_last")})
-    if not any(r["stage"] == "final" and r["step_key"] == trial.final[0] for r in rows):
-        rows.append({**final_record(trial, manifests, rows), "stage": "final"})
+    if not any(r["stage"] == "final" and r["step_key"] == trial.final.key for r in rows):
+        rows.append({**final_record(trial, rows), "stage": "final"})
     return rows
 
 
-def final_record(trial: Trial, manifests: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The row that evaluates the trial's output model."""
-    key, artifact = trial.final
-    stage_of = {"model": ("backdoored", "final"), "next": ("finetune",), "point": ("stage2",)}[artifact]
-    if artifact == "next" and not any(r["step_key"] == key and r["stage"] == "finetune" for r in rows):
-        stage_of = ("stage2",)  # no fine-tune configured: the next input is the point itself
-    for r in reversed(rows):
-        if r["step_key"] == key and r["stage"] in stage_of:
-            return dict(r)
-    raise KeyError(f"trial {trial.id}: no record of its final model in step {key}")
+def final_record(trial: Trial, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row that evaluates the trial's output model: the first of its final step's records whose
+    stage comes first in the plan's preference order."""
+    for want in trial.final.stages:
+        for r in reversed(rows):
+            if r["step_key"] == trial.final.key and r["stage"] == want:
+                return dict(r)
+    raise KeyError(f"trial {trial.id}: no record of its final model in step {trial.final.key}")
 
 
 def write_trial(store: Store, trial_id: str, rows: list[dict[str, Any]]) -> None:
     """Atomically replace the trial's Parquet file."""
-    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    table = pa.Table.from_pylist(rows, schema=schema())
     buf = io.BytesIO()
     pq.write_table(table, buf)
     store.write_bytes(f"results/trial-{trial_id}.parquet", buf.getvalue())
@@ -80,13 +108,14 @@ def read(store: Store) -> pa.Table:
     """All result rows of a sweep (an empty table with the schema when there are none)."""
     names = [n for n in store.listdir("results") if n.endswith(".parquet")]
     if not names:
-        return SCHEMA.empty_table()
+        return schema().empty_table()
     tables = [_conform(pq.read_table(io.BytesIO(store.read_bytes(f"results/{n}")))) for n in names]
     return pa.concat_tables(tables)
 
 
 def _conform(table: pa.Table) -> pa.Table:
     """Files written by an older tscray may lack newer columns: add them as nulls, in schema order."""
+    target = schema()
     cols = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
-            for f in SCHEMA]
-    return pa.Table.from_arrays(cols, schema=SCHEMA)
+            for f in target]
+    return pa.Table.from_arrays(cols, schema=target)

@@ -15,26 +15,12 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from tscray import attacks, data, methods, models
+from tscray import attacks, data, defenses, methods, models
 from tscray.curves import BezierCurve
-from tscray.defenses import mcr
-from tscray.defenses.base import CleanData, evaluate_curve
-from tscray.defenses.finetune import finetune_model
-from tscray.defenses.mcr import MCRConfig
-from tscray.defenses.tsc import TSCConfig, stage1_curve, stage_seed, tsc_round
+from tscray.defenses.base import CleanData, config_from_dict
 from tscray.optim import OptimConfig
-from tscray.plan import Step
+from tscray.plan import Step, root_params, root_step
 from tscray.store import Store
-
-
-def _optim(d: dict[str, Any]) -> OptimConfig:
-    return OptimConfig(**d)
-
-
-def tsc_config(d: dict[str, Any], t: float = 0.5, rounds: int = 1) -> TSCConfig:
-    d = dict(d)
-    d["curve_optim"], d["finetune_optim"] = _optim(d["curve_optim"]), _optim(d["finetune_optim"])
-    return TSCConfig(**d, t=t, rounds=rounds)
 
 
 class Context:
@@ -133,6 +119,21 @@ class Context:
             model = model.to(memory_format=torch.channels_last)
         return model
 
+    @staticmethod
+    def state(model: nn.Module) -> dict[str, torch.Tensor]:
+        """A model's state as contiguous tensors, ready to store."""
+        return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+    def load_curve(self, step: Step, start: nn.Module, end: nn.Module) -> BezierCurve:
+        """The curve between ``start`` and ``end`` whose bend step ``step`` stored."""
+        return BezierCurve(start, end).load_bend(self.store.load_tensors(step.kind, step.key, "bend"))
+
+    def defense_env(self, step: Step) -> tuple[CleanData, methods.Method, Callable[[nn.Module], dict[str, float]]]:
+        """What a defense step works with: the defender's clean subset (``clean_ratio``/``clean_seed`` of
+        the step's params), the backdoored model's training method F, and its ACC/ASR evaluator."""
+        root, p = root_step(step), step.params
+        return self.clean(root.params, p["clean_ratio"], p["clean_seed"]), self.method(root), self.evaluator(root)
+
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
         if self.precision == "bf16":
@@ -140,19 +141,6 @@ class Context:
                 yield
         else:
             yield
-
-
-def root_step(step: Step) -> Step:
-    """The backdoor step at the root of ``step``'s graph."""
-    s = step
-    while s.kind != "backdoor":
-        s = s.inputs[0]
-    return s
-
-
-def root_params(step: Step) -> dict[str, Any]:
-    """Parameters of the backdoor step at the root of ``step``'s graph (dataset, arch, attack...)."""
-    return root_step(step).params
 
 
 def _records(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -166,8 +154,7 @@ def _records(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 Result = tuple[dict[str, dict[str, torch.Tensor]], list[dict[str, Any]]]
 
 
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.contiguous() for k, v in model.state_dict().items()}
+_state = Context.state
 
 
 def step_attack_resource(step: Step, ctx: Context) -> Result:
@@ -220,94 +207,32 @@ def step_backdoor(step: Step, ctx: Context) -> Result:
     return {"model": _state(bd.model)}, [{"stage": "backdoored", "t_curve": None, **ev(bd.model)}]
 
 
-def step_finetune(step: Step, ctx: Context) -> Result:
+def step_defense(step: Step, ctx: Context) -> Result:
+    """A whole defense in one step (the default plan): its library ``run`` on the backdoored model."""
     p, (bd,) = step.params, step.inputs
-    root = root_params(step)
-    cfg = p["config"]
-    model = ctx.load_model(bd, "model")
-    clean = ctx.clean(root, p["clean_ratio"], p["clean_seed"])
-    tuned = finetune_model(model, clean, ctx.method(root_step(step)), cfg["epochs"], _optim(cfg["optim"]),
-                           cfg["batch_size"], cfg["seed"])
-    return {"model": _state(tuned)}, [{"stage": "final", "t_curve": None, **ctx.evaluator(root_step(step))(tuned)}]
+    d = defenses.get(p["defense"])
+    cfg = config_from_dict(d.config, p["config"])
+    clean, method, evaluate = ctx.defense_env(step)
+    res = d.run(ctx.load_model(bd, "model"), clean, method, cfg, evaluate)
+    rows = [{k: v for k, v in r.items() if k != "defense"} for r in res.records]
+    if not any(r.get("stage") == "final" for r in rows):
+        rows.append({"stage": "final", "t_curve": None, **evaluate(res.model)})
+    return {"model": _state(res.model)}, rows
 
 
-def mcr_config(d: dict[str, Any], t: float = 0.5) -> MCRConfig:
-    d = dict(d)
-    d["curve_optim"], d["finetune_optim"] = _optim(d["curve_optim"]), _optim(d["finetune_optim"])
-    return MCRConfig(**d, t=t)
-
-
-def step_mcr_curve(step: Step, ctx: Context) -> Result:
-    p, (bd,) = step.params, step.inputs
-    root = root_params(step)
-    cfg = mcr_config(p["config"])
-    model = ctx.load_model(bd, "model")
-    clean = ctx.clean(root, p["clean_ratio"], p["clean_seed"])
-    tuned, curve = mcr.mcr_curve(model, clean, ctx.method(root_step(step)), cfg)
-    rows = evaluate_curve(curve, p["curve_ts"], mcr.bn_loader(clean, cfg), ctx.evaluator(root_step(step)), stage="curve")
-    bend = {f"{i}": b.detach() for i, b in enumerate(curve.bend)}
-    return {"finetuned": _state(tuned), "bend": bend}, rows
-
-
-def _curve_from(step: Step, ctx: Context, start: nn.Module, end: nn.Module) -> BezierCurve:
-    curve = BezierCurve(start, end)
-    bend = ctx.store.load_tensors(step.kind, step.key, "bend")
-    with torch.no_grad():
-        for i, b in enumerate(curve.bend):
-            b.copy_(bend[str(i)])
-    return curve
-
-
-def step_mcr_point(step: Step, ctx: Context) -> Result:
-    (curve_step,) = step.inputs
-    (bd,) = curve_step.inputs
-    root = root_params(step)
-    cp = curve_step.params
-    start, end = ctx.load_model(bd, "model"), ctx.load_model(curve_step, "finetuned")
-    curve = _curve_from(curve_step, ctx, start, end)
-    clean = ctx.clean(root, cp["clean_ratio"], cp["clean_seed"])
-    point = curve.point(step.params["t"], mcr.bn_loader(clean, mcr_config(cp["config"])))
-    return {"model": _state(point)}, [{"stage": "final", "t_curve": step.params["t"], **ctx.evaluator(root_step(step))(point)}]
-
-
-def step_tsc_stage1(step: Step, ctx: Context) -> Result:
-    p, (src,) = step.params, step.inputs
-    root = root_params(step)
-    cfg = tsc_config(p["config"])
-    model = ctx.load_model(src, p["input"])
-    clean = ctx.clean(root, p["clean_ratio"], p["clean_seed"])
-    curve = stage1_curve(model, clean, ctx.method(root_step(step)), cfg, p["round"])
-    # Store the far endpoint (a permutation of the input, BN buffers included) with the bend.
-    bn = clean.loader(cfg.batch_size, stage_seed(cfg, p["round"], 3))
-    rows = evaluate_curve(curve, p["curve_ts"], bn, ctx.evaluator(root_step(step)), stage="curve1", round=p["round"])
-    end_state = {**curve._end_buffers, **dict(zip(curve.names, curve.endpoint("end")))}
-    bend = {f"{i}": b.detach() for i, b in enumerate(curve.bend)}
-    return {"end": end_state, "bend": bend}, rows
-
-
-def step_tsc_round(step: Step, ctx: Context) -> Result:
-    p, (src, s1) = step.params, step.inputs
-    root = root_params(step)
-    r, t = p["round"], p["t"]
-    cfg = tsc_config(p["config"], t=t)
-    model = ctx.load_model(src, p["input"])
-    end = ctx.new_model(root)
-    end.load_state_dict(ctx.store.load_tensors(s1.kind, s1.key, "end"))
-    curve1 = _curve_from(s1, ctx, model, ctx.place(end))
-    clean = ctx.clean(root, p["clean_ratio"], p["clean_seed"])
-    ev = ctx.evaluator(root_step(step))
-    # last=False: always fine-tune, so the step serves both as a final round and as the next round's input
-    res = tsc_round(model, clean, ctx.method(root_step(step)), cfg, r, last=False, evaluate=ev, curve1=curve1)
-    rows = [row for row in res.records if row["stage"] != "output"]
-    rows += evaluate_curve(res.curve2, p["curve_ts"], clean.loader(cfg.batch_size, stage_seed(cfg, r, 3)), ev,
-                           stage="curve2")
-    return {"point": _state(res.point), "next": _state(res.next_input)}, [{**row, "round": r} for row in rows]
-
-
-KINDS: dict[str, Callable[[Step, Context], Result]] = {
-    "attack_resource": step_attack_resource, "ssl_pretrain": step_ssl_pretrain, "backdoor": step_backdoor, "finetune": step_finetune, "mcr_curve": step_mcr_curve,
-    "mcr_point": step_mcr_point, "tsc_stage1": step_tsc_stage1, "tsc_round": step_tsc_round,
+BASE_KINDS: dict[str, Callable[[Step, Context], Result]] = {
+    "attack_resource": step_attack_resource, "ssl_pretrain": step_ssl_pretrain, "backdoor": step_backdoor,
+    "defense": step_defense,
 }
+
+
+def kinds() -> dict[str, Callable[[Step, Context], Result]]:
+    """Every step kind: the base ones and those the registered defenses' planners declare."""
+    out = dict(BASE_KINDS)
+    for d in defenses.DEFENSES.values():
+        if d.plan is not None:
+            out.update(d.plan.kinds)
+    return out
 
 
 def compute(step: Step, ctx: Context) -> dict[str, Any]:
@@ -322,7 +247,7 @@ def compute(step: Step, ctx: Context) -> dict[str, Any]:
     torch.manual_seed(seed)
     t0 = time.time()
     with ctx.autocast():
-        tensors, records = KINDS[step.kind](step, ctx)
+        tensors, records = kinds()[step.kind](step, ctx)
     seconds = time.time() - t0
     manifest = {"records": _records(records), "seconds": seconds, "device": ctx.device,
                 "precision": ctx.precision, "channels_last": ctx.channels_last, "params": step.params, "inputs": [i.key for i in step.inputs]}
@@ -341,4 +266,4 @@ def run_local(steps: list[Step], ctx: Context) -> dict[str, dict[str, Any]]:
     return out
 
 
-__all__ = ["KINDS", "Context", "compute", "root_params", "root_step", "run_local", "tsc_config"]
+__all__ = ["BASE_KINDS", "Context", "compute", "kinds", "root_params", "root_step", "run_local"]

@@ -33,11 +33,15 @@ def describe_plan(plan: Plan, done: set[str] | None = None) -> str:
     lines = [f"sweep {plan.spec.name}: {len(plan.trials)} trials"
              + (f" ({len(done & {t.id for t in plan.trials})} already finished)" if done is not None else ""),
              f"{'step kind':<16}{'distinct':>10}{'naive':>10}"]
-    for kind in ("attack_resource", "ssl_pretrain", "backdoor", "finetune", "mcr_curve", "mcr_point", "tsc_stage1", "tsc_round"):
-        if kind in naive:
-            lines.append(f"{kind:<16}{counts.get(kind, 0):>10}{naive[kind]:>10}")
+    order = {k: i for i, k in enumerate(("attack_resource", "ssl_pretrain", "backdoor"))}
+    for kind in sorted(naive, key=lambda k: (order.get(k, len(order)), k)):
+        lines.append(f"{kind:<16}{counts.get(kind, 0):>10}{naive[kind]:>10}")
     lines.append(f"{'all steps':<16}{sum(counts.values()):>10}{sum(naive.values()):>10}")
     lines.append(f"{'curve fits':<16}{Plan.curve_fits(counts):>10}{Plan.curve_fits(naive):>10}")
+    by_defense: dict[str, int] = {}
+    for t in plan.trials:
+        by_defense[t.params["defense"]] = by_defense.get(t.params["defense"], 0) + 1
+    lines.append("trials by defense: " + ", ".join(f"{k} {v}" for k, v in sorted(by_defense.items())))
     return "\n".join(lines)
 
 
@@ -57,15 +61,14 @@ def run_trial(config: dict[str, Any]) -> None:
     manifests: dict[str, dict[str, Any]] = {}
     for stage in trial.chain:
         manifests[stage.step.key] = ray.get(coord.request.remote(stage.step.to_dict()))
-        if stage.step.kind in ("tsc_round", "mcr_point", "finetune") or stage.round == 0:
+        if stage.report:
             # ("done" is a reserved Tune key that ends the trial: never report it)
-            tune.report({"round": stage.round, **_round_metrics(manifests[stage.step.key], stage.step.kind)})
+            tune.report({"round": stage.round, **_round_metrics(manifests[stage.step.key], stage.report)})
     rows = results.trial_rows(config["sweep"], trial, manifests, config.get("sweep_id"))
     results.write_trial(store, trial.id, rows)
 
 
-def _round_metrics(manifest: dict[str, Any], kind: str) -> dict[str, float]:
-    want = {"tsc_round": ("finetune", "stage2"), "backdoor": ("backdoored",)}.get(kind, ("final",))
+def _round_metrics(manifest: dict[str, Any], want: tuple[str, ...]) -> dict[str, float]:
     for stage in want:
         for r in manifest["records"]:
             if r["stage"] == stage:

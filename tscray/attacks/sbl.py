@@ -55,7 +55,7 @@ from torch.nn import functional as F
 
 from tscray.attacks.base import ATTACKS, Attack
 from tscray.data.tensors import ImageData, Loader, Preprocess
-from tscray.symmetry.match import eval_mode
+from tscray.nnutil import eval_mode
 
 if TYPE_CHECKING:
     from tscray.data import Dataset

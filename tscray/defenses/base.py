@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Literal, Mapping
 
 import torch
 from torch import nn
@@ -53,13 +53,34 @@ def evaluate_curve(curve: BezierCurve, ts: Iterable[float], bn_loader: Iterable,
     return rows
 
 
+ColumnType = Literal["int", "float", "string"]
+
+
 @dataclass(frozen=True)
 class Defense:
-    """A registered defense: its config type (with presets) and its run function."""
+    """A registered defense: everything the library, sweeps, results and the CLI need to know of it.
+
+    - ``config``: a frozen dataclass with defaults and a ``preset(name)`` classmethod; ``__post_init__``
+      raises ValueError naming a bad field.
+    - ``run(model, clean, method, cfg, evaluate=None, log=None) -> DefenseResult``: the whole defense.
+      Its records carry ``stage: "final"`` for the purified model plus any ``columns`` it declares.
+    - ``axes``: sweep grid axes that set config fields (TSC: rounds, t; MCR: t).
+    - ``columns``: extra result columns the defense reports (NC's flagged classes, FP's pruned count).
+    - ``check_model``: raises :class:`~tscray.defenses.layers.UnsupportedModel` for a model the defense
+      cannot handle, before any compute.
+    - ``methods``: training methods F it supports (``supervised``, ``simclr``).
+    - ``plan``: finer sweep steps (TSC's rounds, MCR's t-independent curve); None: one ``defense`` step.
+    """
 
     name: str
     config: type
     run: Callable[..., DefenseResult]
+    axes: tuple[str, ...] = ()
+    columns: Mapping[str, ColumnType] = field(default_factory=dict)
+    check_model: Callable[[nn.Module], None] | None = None
+    methods: tuple[str, ...] = ("supervised",)
+    plan: "Planner | None" = None
+    summary: str = ""
 
     def make_config(self, preset: str = "paper", **overrides: Any) -> Any:
         """The config of ``preset`` with ``overrides``; unknown fields raise naming the field."""
@@ -77,3 +98,89 @@ DEFENSES: Registry[Defense] = Registry("defense")
 def check_t(t: float, what: str = "t") -> None:
     if not 0.0 < t < 1.0:
         raise ValueError(f"{what} must be strictly between 0 and 1, got {t}")
+
+
+# ------------------------------------------------------------------ configs as data
+
+def _optim_fields(cls: type) -> dict[str, str]:
+    """Optimiser fields of a config and the prefix of their flat keys (``curve_optim`` → ``curve``,
+    ``optim`` → ``""``)."""
+    from tscray.optim import OptimConfig
+
+    defaults = cls.preset("paper") if hasattr(cls, "preset") else cls()
+    return {f.name: f.name[: -len("optim")].rstrip("_") for f in dataclasses.fields(cls)
+            if isinstance(getattr(defaults, f.name), OptimConfig)}
+
+
+OPTIM_KEYS = {"optimizer": "name", "lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay",
+              "schedule": "schedule", "t_max": "t_max", "l2": "l2"}
+
+
+def resolve_config(defense: Defense, preset: str, overrides: Mapping[str, Any], **fixed: Any) -> Any:
+    """``defense``'s config: ``preset``, then ``overrides``, then ``fixed`` (grid axes, seed).
+
+    Optimiser knobs are flat keys, ``<prefix>_<knob>``: ``curve_lr``, ``finetune_weight_decay``,
+    ``curve_t_max``, ``lr`` for a config whose optimiser field is ``optim``. A nested mapping for an
+    optimiser field (``curve_optim: {lr: 0.01}``) works too. Unknown names raise ValueError naming them.
+    """
+    base = defense.make_config(preset)
+    prefixes = _optim_fields(defense.config)
+    plain: dict[str, Any] = {}
+    optim: dict[str, dict[str, Any]] = {}
+    for key, value in overrides.items():
+        if key in prefixes and isinstance(value, Mapping):
+            for k, v in value.items():
+                optim.setdefault(key, {})[OPTIM_KEYS.get(k, k)] = v
+            continue
+        for field_name, prefix in prefixes.items():
+            stem = key[len(prefix) + 1:] if prefix and key.startswith(prefix + "_") else (key if not prefix else None)
+            if stem in OPTIM_KEYS:
+                optim.setdefault(field_name, {})[OPTIM_KEYS[stem]] = value
+                break
+        else:
+            plain[key] = value
+    for field_name, kw in optim.items():
+        try:
+            plain[field_name] = dataclasses.replace(getattr(base, field_name), **kw)
+        except TypeError as err:
+            raise ValueError(f"{field_name}: {err}") from None
+    return defense.make_config(preset, **plain, **fixed)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A config as plain JSON-able data (what sweep steps are keyed by)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(cls: type, d: Mapping[str, Any]) -> Any:
+    """The inverse of :func:`config_to_dict`: nested dataclasses rebuilt, lists back to tuples."""
+    defaults = cls.preset("paper") if hasattr(cls, "preset") else cls()
+    kw: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        value, default = d[f.name], getattr(defaults, f.name)
+        if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
+            value = config_from_dict(type(default), value)
+        elif isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        kw[f.name] = value
+    return cls(**kw)
+
+
+# ------------------------------------------------------------------ sweep planning
+
+@dataclass(frozen=True)
+class Planner:
+    """How a defense splits into sweep steps, when one ``defense`` step would lose reuse.
+
+    ``plan(cfg, backdoor, common)`` returns ``(stages, final)``: the chain of
+    :class:`tscray.plan.Stage` after the backdoor step and the :class:`tscray.plan.Final` output.
+    ``common`` holds the clean-set keys every step carries (``clean_ratio``, ``clean_seed``,
+    ``curve_ts``). ``kinds`` maps each step kind it plans to ``fn(step, ctx) -> (tensors, records)``;
+    ``curve_kinds`` are the kinds that fit one curve each (for the plan's curve-fit count).
+    """
+
+    plan: Callable[..., Any]
+    kinds: Mapping[str, Callable[..., Any]]
+    curve_kinds: tuple[str, ...] = ()

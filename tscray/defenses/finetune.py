@@ -51,4 +51,5 @@ def run(model: nn.Module, clean: CleanData, method: Method, cfg: FinetuneConfig,
     return DefenseResult(tuned, [tuned], records)
 
 
-DEFENSES.register("finetune")(Defense("finetune", FinetuneConfig, run))
+DEFENSES.register("finetune")(Defense("finetune", FinetuneConfig, run, methods=("supervised", "simclr"),
+                                             summary="fine-tuning on the clean set"))

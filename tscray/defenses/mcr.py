@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
 from tscray.curves import BezierCurve, fit
-from tscray.defenses.base import (DEFENSES, CleanData, Defense, DefenseResult, Evaluate, Log, check_t,
+from tscray.defenses.base import (DEFENSES, CleanData, Defense, DefenseResult, Evaluate, Log, Planner, check_t,
                                   evaluate_curve)
 from tscray.defenses.finetune import finetune_model
 from tscray.methods.base import Method
@@ -70,4 +71,47 @@ def run(model: nn.Module, clean: CleanData, method: Method, cfg: MCRConfig,
     return DefenseResult(point, [point], records, {(1, "finetuned"): tuned, (1, "point"): point})
 
 
-DEFENSES.register("mcr")(Defense("mcr", MCRConfig, run))
+# ------------------------------------------------------------------ sweep steps
+# The curve does not depend on t (``mcr_curve``); each t is a cheap ``mcr_point`` on it.
+
+def _plan(cfg: MCRConfig, backdoor: Any, common: dict[str, Any]) -> tuple[list[Any], Any]:
+    from tscray.defenses.base import config_to_dict
+    from tscray.plan import Final, Stage, Step
+
+    config = {k: v for k, v in config_to_dict(cfg).items() if k not in ("t", "eval_ts")}
+    clean = {k: common[k] for k in ("clean_ratio", "clean_seed")}
+    curve = Step.make("mcr_curve", {"config": config, **common}, (backdoor,))
+    point = Step.make("mcr_point", {"t": cfg.t, **clean}, (curve,))
+    return [Stage(curve, 1), Stage(point, 1, ("final",))], Final(point.key, "model", ("final",))
+
+
+def _step_config(config: dict[str, Any]) -> MCRConfig:
+    from tscray.defenses.base import config_from_dict
+    return config_from_dict(MCRConfig, {**config, "t": 0.5})
+
+
+def step_curve(step: Any, ctx: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The fine-tuned copy and the curve's bend (independent of t)."""
+    p, (bd,) = step.params, step.inputs
+    cfg = _step_config(p["config"])
+    clean, method, evaluate = ctx.defense_env(step)
+    tuned, curve = mcr_curve(ctx.load_model(bd, "model"), clean, method, cfg)
+    rows = evaluate_curve(curve, p["curve_ts"], bn_loader(clean, cfg), evaluate, stage="curve")
+    return {"finetuned": ctx.state(tuned), "bend": curve.bend_state()}, rows
+
+
+def step_point(step: Any, ctx: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The point at t of a fitted MCR curve."""
+    (curve_step,) = step.inputs
+    (bd,) = curve_step.inputs
+    t = step.params["t"]
+    clean, _, evaluate = ctx.defense_env(step)
+    curve = ctx.load_curve(curve_step, ctx.load_model(bd, "model"), ctx.load_model(curve_step, "finetuned"))
+    point = curve.point(t, bn_loader(clean, _step_config(curve_step.params["config"])))
+    return {"model": ctx.state(point)}, [{"stage": "final", "t_curve": t, **evaluate(point)}]
+
+
+DEFENSES.register("mcr")(Defense("mcr", MCRConfig, run, axes=("t",), methods=("supervised", "simclr"),
+                                 plan=Planner(_plan, {"mcr_curve": step_curve, "mcr_point": step_point},
+                                              curve_kinds=("mcr_curve",)),
+                                 summary="mode connectivity repair: a curve to a fine-tuned copy"))

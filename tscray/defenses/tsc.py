@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 from torch import nn
 
 from tscray.curves import BezierCurve, fit
-from tscray.defenses.base import (DEFENSES, CleanData, Defense, DefenseResult, Evaluate, Log, check_t,
+from tscray.defenses.base import (DEFENSES, CleanData, Defense, DefenseResult, Evaluate, Log, Planner, check_t,
                                   evaluate_curve)
 from tscray.defenses.finetune import finetune_model
 from tscray.methods.base import Method
@@ -163,4 +163,66 @@ def run(model: nn.Module, clean: CleanData, method: Method, cfg: TSCConfig,
     return DefenseResult(outputs[-1], outputs, records, points)
 
 
-DEFENSES.register("tsc")(Defense("tsc", TSCConfig, run))
+
+
+# ------------------------------------------------------------------ sweep steps
+# A sweep splits TSC into γ1 fits (``tsc_stage1``, independent of t) and rounds (``tsc_round``: γ1's
+# point, γ2, the fine-tune), so trials that differ in t share γ1 of round 1 and trials with E_TSC
+# 1, 2, 3 share rounds. Each step calls the functions above with the seeds ``run`` uses: a planned
+# trial computes exactly what ``run`` returns (tests/test_plan.py checks it bit for bit).
+
+_PLAN_DROP = ("t", "rounds", "eval_ts")
+
+
+def _plan(cfg: TSCConfig, backdoor: Any, common: dict[str, Any]) -> tuple[list[Any], Any]:
+    from tscray.defenses.base import config_to_dict
+    from tscray.plan import Final, Stage, Step
+
+    config = {k: v for k, v in config_to_dict(cfg).items() if k not in _PLAN_DROP}
+    shared = {"config": config, **common}
+    current, artifact, stages = backdoor, "model", []
+    for r in range(1, cfg.rounds + 1):
+        s1 = Step.make("tsc_stage1", {**shared, "round": r, "input": artifact}, (current,))
+        rd = Step.make("tsc_round", {**shared, "round": r, "input": artifact, "t": cfg.t}, (current, s1))
+        stages += [Stage(s1, r), Stage(rd, r, ("finetune", "stage2"))]
+        current, artifact = rd, "next"
+    if cfg.finetune_last:
+        return stages, Final(current.key, "next", ("finetune", "stage2"))
+    return stages, Final(current.key, "point", ("stage2",))
+
+
+def _step_config(p: dict[str, Any], t: float = 0.5) -> TSCConfig:
+    from tscray.defenses.base import config_from_dict
+    return config_from_dict(TSCConfig, {**p["config"], "t": t, "rounds": 1})
+
+
+def step_stage1(step: Any, ctx: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """γ1 of one round; stores its far endpoint (the un-aligned copy, BatchNorm buffers included) and bend."""
+    p, (src,) = step.params, step.inputs
+    cfg = _step_config(p)
+    clean, method, evaluate = ctx.defense_env(step)
+    curve = stage1_curve(ctx.load_model(src, p["input"]), clean, method, cfg, p["round"])
+    bn = clean.loader(cfg.batch_size, stage_seed(cfg, p["round"], 3))
+    rows = evaluate_curve(curve, p["curve_ts"], bn, evaluate, stage="curve1", round=p["round"])
+    return {"end": curve.endpoint_state("end"), "bend": curve.bend_state()}, rows
+
+
+def step_round(step: Any, ctx: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One round from a cached γ1: its point at t, γ2, the point and its fine-tuned successor."""
+    p, (src, s1) = step.params, step.inputs
+    r, cfg = p["round"], _step_config(p, p["t"])
+    clean, method, evaluate = ctx.defense_env(step)
+    model = ctx.load_model(src, p["input"])
+    curve1 = ctx.load_curve(s1, model, ctx.load_model(s1, "end"))
+    # last=False: always fine-tune, so the step serves both as a final round and as the next round's input
+    res = tsc_round(model, clean, method, cfg, r, last=False, evaluate=evaluate, curve1=curve1)
+    rows = [row for row in res.records if row["stage"] != "output"]
+    rows += evaluate_curve(res.curve2, p["curve_ts"], clean.loader(cfg.batch_size, stage_seed(cfg, r, 3)), evaluate,
+                           stage="curve2")
+    return {"point": ctx.state(res.point), "next": ctx.state(res.next_input)}, [{**row, "round": r} for row in rows]
+
+
+PLANNER = Planner(_plan, {"tsc_stage1": step_stage1, "tsc_round": step_round},
+                  curve_kinds=("tsc_stage1", "tsc_round"))
+DEFENSES.register("tsc")(Defense("tsc", TSCConfig, run, axes=("rounds", "t"), methods=("supervised", "simclr"),
+                                 plan=PLANNER, summary="two-stage symmetry connectivity (Algorithm 1)"))

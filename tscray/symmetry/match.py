@@ -17,16 +17,12 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from tscray.nnutil import batch_inputs, eval_mode
 from tscray.symmetry.permute import Permutation, spec_of
 from tscray.symmetry.spec import Probe
 from tscray.symmetry.stats import CrossCorrelation
 
 Objective = Literal["align", "unalign"]
-
-
-def batch_inputs(batch: object) -> torch.Tensor:
-    """The input tensor of a loader batch: ``x`` or the first item of ``(x, y, ...)``."""
-    return batch[0] if isinstance(batch, (tuple, list)) else batch  # type: ignore[return-value]
 
 
 @contextmanager
@@ -45,20 +41,6 @@ def _capture(model: nn.Module, probes: Mapping[str, Sequence[Probe]]) -> Iterato
     finally:
         for h in handles:
             h.remove()
-
-
-@contextmanager
-def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Put models in eval mode and restore each module's training flag afterwards."""
-    flags = [[m.training for m in model.modules()] for model in models]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for model, fl in zip(models, flags):
-            for m, f in zip(model.modules(), fl):
-                m.train(f)
 
 
 @torch.no_grad()
