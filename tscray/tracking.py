@@ -27,6 +27,12 @@ def default_uri(storage: str) -> str:
     return f"sqlite:///{path}"
 
 
+# MLflow 3's UI opens an experiment on the view its kind names; without the tag it infers one and opens
+# sweeps on the (empty) GenAI traces page. Training runs belong on the model-training view.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development"}
+
+
 class Tracker:
     """Finds or creates the sweep's parent run and its trials' child runs."""
 
@@ -44,9 +50,11 @@ class Tracker:
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
             loc = None if "://" in storage else (Path(storage) / "mlartifacts").resolve().as_uri()
-            self.exp_id = self.client.create_experiment(name, artifact_location=loc)
+            self.exp_id = self.client.create_experiment(name, artifact_location=loc, tags=EXPERIMENT_TAGS)
         else:
             self.exp_id = exp.experiment_id
+            if exp.tags.get(EXPERIMENT_KIND) != EXPERIMENT_TAGS[EXPERIMENT_KIND]:
+                self.client.set_experiment_tag(self.exp_id, EXPERIMENT_KIND, EXPERIMENT_TAGS[EXPERIMENT_KIND])
         self.sweep_id = sweep_id
         runs = self.client.search_runs([self.exp_id], f"tags.tscray_sweep_id = '{sweep_id}' and "
                                                       "tags.tscray_kind = 'sweep'", max_results=1)
