@@ -94,3 +94,23 @@ def test_data_kw_is_checked_against_the_sweeps_datasets_and_their_loaders():
     assert "data_kw.cifar10: not a dataset of this sweep (fashion-mnist-embedded)" in got
     assert any(p.startswith("data_kw.fashion-mnist-embedded.image_size: unknown option") for p in got)
     assert "data_kw.fashion-mnist-embedded.train_per_class: 0 is not a positive integer" in got
+
+
+def test_grid_blocks_union_their_products_each_at_its_own_rates():
+    """Table 1 gives each attack its own poison rates: a list of grid blocks is the union of their products."""
+    from tscray.plan import make_plan
+
+    spec = validate({"name": "x", "grid": [
+        {"attack": ["badnets", "blended"], "poison_rate": [0.1, 0.05], "defense": ["none", "finetune"]},
+        {"attack": ["sig"], "poison_rate": [0.01], "defense": ["none", "finetune"]},
+        {"attack": ["badnets"], "poison_rate": [0.1], "defense": ["none"]},  # repeats a point: counted once
+    ]})
+    points = {(t.params["attack"], t.params["poison_rate"], t.params["defense"]) for t in make_plan(spec).trials}
+    assert len(make_plan(spec).trials) == len(points) == 10
+    assert ("sig", 0.01, "finetune") in points and ("sig", 0.1, "none") not in points
+    assert spec.grid.attack == ("badnets", "blended", "sig")  # the union, for validation
+    assert make_plan(spec).count_by_kind()["backdoor"] == 5
+    with pytest.raises(SpecError, match=r"grid\[1\].poison_rate\[0\]: 2 is outside"):
+        validate({"name": "x", "grid": [{"attack": ["badnets"]}, {"poison_rate": [2]}]})
+    with pytest.raises(SpecError, match="grid: empty list"):
+        validate({"name": "x", "grid": []})

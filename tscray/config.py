@@ -144,6 +144,7 @@ class Resources:
 class SweepSpec:
     name: str
     grid: Grid = field(default_factory=Grid)
+    grids: tuple[Grid, ...] = ()
     train: TrainSpec = field(default_factory=TrainSpec)
     defense: DefenseSpec = field(default_factory=DefenseSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
@@ -161,8 +162,10 @@ class SweepSpec:
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {k: (v.to_dict() if isinstance(v, DefenseSpec) else dataclasses.asdict(v)
-                    if dataclasses.is_dataclass(v) else v) for k, v in d.items()}
+        out = {k: (v.to_dict() if isinstance(v, DefenseSpec) else dataclasses.asdict(v)
+                   if dataclasses.is_dataclass(v) else v) for k, v in d.items()}
+        out["grids"] = [dataclasses.asdict(g) for g in self.grids]
+        return out
 
 
 # ---------------------------------------------------------------- validation
@@ -289,6 +292,26 @@ def _section(cls: type, raw: Any, path: str, problems: list[str],
         return defaults
 
 
+def _grid_blocks(raw: Any, problems: list[str]) -> tuple[Grid, ...]:
+    """``grid``: one mapping of axes (their product), or a list of such blocks (the union of their
+    products: Table 1's attacks each at their own poison rates)."""
+    if isinstance(raw, list):
+        if not raw:
+            problems.append("grid: empty list; give a mapping of axes or a list of them")
+            return (Grid(),)
+        return tuple(_section(Grid, block, f"grid[{i}]", problems, _grid_checks()) for i, block in enumerate(raw))
+    return (_section(Grid, raw, "grid", problems, _grid_checks()),)
+
+
+def _union(grids: tuple[Grid, ...]) -> Grid:
+    """Every value any block uses, per axis, in first-use order (what validation checks)."""
+    if len(grids) == 1:
+        return grids[0]
+    values = {f.name: list(dict.fromkeys(v for g in grids for v in getattr(g, f.name)))
+              for f in dataclasses.fields(Grid)}
+    return Grid(**{k: tuple(v) for k, v in values.items()})
+
+
 def _defense_names() -> list[str]:
     from tscray import defenses
     return [*defenses.DEFENSES.names(), "none"]
@@ -367,7 +390,8 @@ def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> S
     if not isinstance(name, str) or not name or any(c in name for c in "/\\ "):
         problems.append(f"name: {name!r} must be a non-empty string without spaces or slashes")
         name = "invalid"
-    grid = _section(Grid, raw.get("grid"), "grid", problems, _grid_checks())
+    grids = _grid_blocks(raw.get("grid"), problems)
+    grid = _union(grids)
     train = _section(TrainSpec, raw.get("train"), "train", problems, {
         "epochs": _range(0, math.inf, False, True, integer=True),
         "batch_size": _range(1, math.inf, False, True, integer=True),
@@ -397,7 +421,7 @@ def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> S
     if not problems:
         _check_method(grid, train, raw, problems)
         _check_defenses(grid, train, problems)
-    spec = SweepSpec(name=name, grid=grid, train=train, defense=defense, eval=ev, ssl=ssl, resources=res,
+    spec = SweepSpec(name=name, grid=grid, grids=grids if len(grids) > 1 else (), train=train, defense=defense, eval=ev, ssl=ssl, resources=res,
                      data_kw=data_kw, **scalars)
     if check_data and not problems:
         _check_data(spec, problems)

@@ -149,9 +149,10 @@ def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
     from tscray.config import GRID_AXES
 
     names = GRID_AXES
-    axes = [getattr(spec.grid, a) for a in names]
+    combos = itertools.chain.from_iterable(itertools.product(*[getattr(g, a) for a in names])
+                                           for g in (spec.grids or (spec.grid,)))
     seen, out = set(), []
-    for combo in itertools.product(*axes):
+    for combo in combos:
         p = relevant(dict(zip(names, combo)))
         if spec.train.method != "supervised":  # (supervised trials keep the ids they always had)
             p["method"] = spec.train.method
