@@ -175,7 +175,7 @@ def fit_epochs(curve: BezierCurve, loader: Iterable, method: Method, epochs: int
         for batch in loader:
             t = float(torch.rand((), generator=gen))
             weights = curve.weights(t)
-            loss = method.loss(lambda x: functional_call(curve.base, weights, (x,)), batch)
+            loss = method.loss(lambda x, w=weights: functional_call(curve.base, w, (x,)), batch)
             if optim.l2:
                 loss = loss + 0.5 * optim.l2 * sum((w * w).sum() for w in weights.values())
             opt.zero_grad(set_to_none=True)

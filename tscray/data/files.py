@@ -118,7 +118,7 @@ def decode_cached(name: str, split: str, base: Path, samples: Sequence[tuple[Pat
             if img.shape != (3, size, size) or img.dtype != np.uint8:
                 raise ValueError(f"{name}: decoding {path} gave {img.dtype} {img.shape}, "
                                  f"expected uint8 (3, {size}, {size})")
-            mm[i] = img
+            mm[i] = img  # noqa: F821  (deleted only after every work() has run)
 
         ex = ThreadPoolExecutor(max_workers=workers or default_workers())
         try:
