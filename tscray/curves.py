@@ -10,7 +10,7 @@ BatchNorm statistics recomputed exactly over a clean loader (:func:`update_bn`).
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -18,9 +18,9 @@ from torch.func import functional_call
 
 from tscray.methods.base import Method
 from tscray.optim import OptimConfig
+from tscray.train import Progress
 from tscray.nnutil import batch_inputs
 
-Progress = Callable[[int, int, float], None]
 
 
 def _key(name: str) -> str:

@@ -79,7 +79,7 @@ def _round_metrics(manifest: dict[str, Any], want: tuple[str, ...]) -> dict[str,
 # ------------------------------------------------------------------ progress
 
 @dataclass
-class Progress:
+class TrialCounts:
     """Trial counters fed by a Tune callback, printed with step counters by a ticker thread."""
 
     total: int
@@ -89,7 +89,7 @@ class Progress:
     start: float = field(default_factory=time.time)
 
 
-def _make_progress_callback(progress: Progress):
+def _make_progress_callback(progress: TrialCounts):
     from ray import tune
 
     class ProgressCallback(tune.Callback):
@@ -106,7 +106,7 @@ def _make_progress_callback(progress: Progress):
     return ProgressCallback()
 
 
-def _ticker(progress: Progress, coord: Any, to_compute: int, out: TextIO, stop: threading.Event) -> None:
+def _ticker(progress: TrialCounts, coord: Any, to_compute: int, out: TextIO, stop: threading.Event) -> None:
     import ray
 
     tty = out.isatty()
@@ -209,7 +209,7 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
             "step_retries": res.step_retries}, spec.data_root, spec.eval.batch_size, fault_kill_at)
         print(f"{n_workers} shard worker(s), {res.threads} thread(s) each"
               + (f", {res.gpus_per_step} GPU each" if res.gpus_per_step else ""), file=out, flush=True)
-        progress = Progress(total=len(pending))
+        progress = TrialCounts(total=len(pending))
         to_compute = sum(1 for s in plan.steps.values() if not store.has_step(s.kind, s.key))
         ticker = threading.Thread(target=_ticker, args=(progress, coord, to_compute, out, stop), daemon=True)
         ticker.start()

@@ -32,8 +32,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from tscray.data.tensors import ImageData, Preprocess
+from tscray.train import Progress
 
-Progress = Callable[[int, int, float], None]
 
 
 @dataclass(frozen=True)
