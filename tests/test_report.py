@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from tscray.cli import main
-from tscray.report import make_report
+from tscray.report import choose_setting, make_report
 
 
 def synthetic_rows():
@@ -43,15 +43,20 @@ def test_every_figure_and_table_is_produced_and_traceable(tmp_path):
     assert sum(n.startswith("fig3_") for n in names) == 4  # 2 attacks x 2 seeds
     assert all(p.stat().st_size > 10_000 for p in rep.figures)
     assert any("Figure 6" in s for s in rep.skipped)
-    table = pd.read_csv(tmp_path / "table1.csv")
-    row = table[(table.attack == "badnets") & (table.defense_label == "tsc (E=2, t=0.4)")].iloc[0]
+    # no (E_TSC 3, t 0.4) here: Table 1 falls back to the largest E_TSC at t 0.4, one column for TSC
+    table = pd.read_csv(tmp_path / "table1_long.csv")
+    row = table[(table.attack == "badnets") & (table.defense == "tsc")]
+    assert len(row) == 1
+    row = row.iloc[0]
     src = df[(df.attack == "badnets") & (df.defense == "tsc") & (df.e_tsc == 2) & (df.t == 0.4) & (df.stage == "final")]
     assert row.asr == pytest.approx(src.asr.mean(), abs=0.01) and row.seeds == 2
-    assert bool(row.success) == (src.asr.mean() < 15)
+    assert bool(row.failed) == (src.asr.mean() >= 15)
     md = (tmp_path / "table1.md").read_text()
-    assert "✓" in md and "no defense" in md and "90.00 / 99.00" in md
+    assert "No defense" in md and "90.0±0.0 / 99.0±0.0" in md and "TSC (E 2, t 0.4)" in md
+    assert "E_TSC 3, t 0.4 is not in these rows" in md
+    assert (tmp_path / "tsc_grid.png").stat().st_size > 10_000
     html = rep.index.read_text()
-    assert all(p.name in html for p in rep.figures) and "<table>" in html
+    assert all(p.name in html for p in rep.figures) and "<table class=t1>" in html
 
 
 def test_svg_and_pdf_formats(tmp_path):
@@ -64,7 +69,7 @@ def test_partial_sweep_draws_what_it_can(tmp_path):
     df = synthetic_rows()
     df = df[(df.defense == "none") | ((df.defense == "tsc") & (df.stage == "final") & (df.e_tsc == 1))]
     rep = make_report(df, tmp_path)
-    assert [p.name for p in rep.figures] == ["fig5_tsc_vs_t.png"]
+    assert [p.name for p in rep.figures] == ["tsc_grid.png", "fig5_tsc_vs_t.png"]
     assert any("Figure 3" in s for s in rep.skipped)
 
 
@@ -89,3 +94,184 @@ def test_shipped_sweeps_dry_run(name, monkeypatch, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "trials" in out and "curve fits" in out
     assert not (tmp_path / "s").exists()
+
+
+# ------------------------------------------------------------------------- Table 1 in the paper's layout
+
+ALL = ["tsc", "finetune", "sau", "fst", "i-bau", "ft-sam", "anp", "mcr", "nad", "nc", "fp", "none"]
+PAPER = ["No defense", "FP", "NC", "NAD", "MCR", "ANP", "FT-SAM", "I-BAU", "SAU", "FST", "fine-tuning", "TSC"]
+
+
+def final_row(defense, acc, asr, attack="badnets", seed=0, e=None, t=None, rate=0.1, **extra):
+    return {"dataset": "d", "arch": "cnn", "attack": attack, "poison_rate": rate, "seed": seed, "defense": defense,
+            "e_tsc": e, "t": t, "stage": "final", "acc": acc, "asr": asr, **extra}
+
+
+def zoo_rows(grid=((1, 0.2), (2, 0.4), (3, 0.4), (3, 0.5)), attacks=("badnets", "blended"), seeds=(0, 1)):
+    """Every known defense plus two unknown ones, TSC over ``grid`` (ASR = 10 E + 100 t + seed), MCR over t."""
+    rows = []
+    for attack in attacks:
+        for seed in seeds:
+            for d in ALL + ["zeta", "alpha-new"]:
+                if d == "tsc":
+                    rows += [final_row(d, 80.0 + e, 10.0 * e + 100 * t + seed, attack, seed, e, t,
+                                       defense_seconds=100.0 * e) for e, t in grid]
+                elif d == "mcr":
+                    rows += [final_row(d, 85.0, 90.0 - t, attack, seed, None, t, defense_seconds=50.0)
+                             for t in (0.2, 0.4, 0.5)]
+                else:
+                    rows.append(final_row(d, 90.0, 50.0, attack, seed,
+                                          defense_seconds=None if d == "none" else 10.0 + seed))
+    return pd.DataFrame(rows)
+
+
+def md_header(path):
+    line = next(l for l in path.read_text().splitlines() if l.startswith("| "))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_table1_one_column_per_defense_in_the_papers_order_unknown_ones_last(tmp_path):
+    rep = make_report(zoo_rows(), tmp_path)
+    head = md_header(tmp_path / "table1.md")
+    names = [h.split(" (")[0] for h in head[2:]]
+    assert names == PAPER + ["alpha-new", "zeta"]
+    assert head[:2] == ["attack", "poison rate"]  # dataset and arch are constant: named in the caption instead
+    wide = pd.read_csv(tmp_path / "table1.csv")
+    assert [c[:-4] for c in wide.columns if c.endswith(" ACC")] == PAPER + ["alpha-new", "zeta"]
+    assert list(wide.attack) == ["badnets", "blended", "average"]
+    html = rep.index.read_text()
+    t1 = html[html.index("<table class=t1>"):]
+    pos = [t1.index(f"<th>{n}") for n in ["No defense", "FP", "NC", "NAD", "MCR", "ANP", "FT-SAM", "I-BAU", "SAU",
+                                           "FST", "fine-tuning", "TSC", "alpha-new", "zeta"]]
+    assert pos == sorted(pos)
+    for section in ("Table 1", "Defense cost", "TSC grid", "Not drawn"):
+        assert f">{section}</h2>" in html
+
+
+def test_table1_tsc_at_the_papers_setting_or_a_given_one(tmp_path):
+    make_report(zoo_rows(), tmp_path / "a")
+    long = pd.read_csv(tmp_path / "a" / "table1_long.csv")
+    tsc = long[(long.defense == "tsc") & (long.attack == "badnets")].iloc[0]
+    assert tsc.acc == pytest.approx(83.0) and tsc.asr == pytest.approx(70.5)  # E 3, t 0.4: 30 + 40 + mean seed
+    mcr = long[(long.defense == "mcr") & (long.attack == "badnets")].iloc[0]
+    assert mcr.asr == pytest.approx(89.6)  # MCR at TSC's t, 0.4
+    assert "TSC at E_TSC 3, t 0.4 (the paper's setting)" in (tmp_path / "a" / "table1.md").read_text()
+
+    make_report(zoo_rows(), tmp_path / "b", tsc_setting=(3, 0.5))
+    long = pd.read_csv(tmp_path / "b" / "table1_long.csv")
+    assert long[(long.defense == "tsc")].asr.iloc[0] == pytest.approx(80.5)
+    assert long[(long.defense == "mcr")].asr.iloc[0] == pytest.approx(89.5)
+    assert "TSC (E 3, t 0.5)" in (tmp_path / "b" / "table1.md").read_text()
+
+
+def test_table1_fallback_largest_e_at_the_t_closest_to_0_4(tmp_path):
+    # no (3, 0.4): t 0.3 and 0.5 tie for closest (the larger wins), E 2 is the largest there
+    make_report(zoo_rows(grid=((1, 0.3), (3, 0.3), (1, 0.5), (2, 0.5), (1, 0.9))), tmp_path / "a")
+    long = pd.read_csv(tmp_path / "a" / "table1_long.csv")
+    assert long[long.defense == "tsc"].acc.tolist() == [82.0, 82.0]
+    md = (tmp_path / "a" / "table1.md").read_text()
+    assert "TSC at E_TSC 2, t 0.5" in md and "E_TSC 3, t 0.4 is not in these rows" in md
+
+    # E 3 exists for one attack only: the largest E every setting has (2) is shown
+    df = zoo_rows(grid=((1, 0.45), (2, 0.45)))
+    extra = df[(df.defense == "tsc") & (df.e_tsc == 2) & (df.attack == "badnets")].assign(e_tsc=3)
+    make_report(pd.concat([df, extra]), tmp_path / "b")
+    long = pd.read_csv(tmp_path / "b" / "table1_long.csv")
+    assert long[long.defense == "tsc"].acc.tolist() == [82.0, 82.0]
+    assert "that every setting has" in (tmp_path / "b" / "table1.md").read_text()
+
+
+def test_choose_setting_defaults_to_the_papers_ssl_setting():
+    df = pd.DataFrame([final_row("tsc", 80, 5, e=e, t=t, method="simclr") for e in (1, 2, 3) for t in (0.25, 0.4)])
+    from tscray.report import _final
+
+    s = choose_setting(_final(df), "simclr")
+    assert (s.e_tsc, s.t, s.mcr_t) == (2, 0.25, None)
+    s = choose_setting(_final(df), "simclr", (3, 0.4))
+    assert (s.e_tsc, s.t) == (3, 0.4)
+
+
+def test_table1_mean_and_std_over_seeds(tmp_path):
+    rows = [final_row("none", 93.0, 99.0, seed=s) for s in range(3)]
+    rows += [final_row("fp", acc, asr, seed=s) for s, (acc, asr) in enumerate([(90, 10), (91, 12), (95, 20)])]
+    rows += [final_row("nc", 88.25, 3.5, attack="blended")]  # one seed: no ±
+    make_report(pd.DataFrame(rows), tmp_path)
+    md = (tmp_path / "table1.md").read_text()
+    # mean 92, sample std sqrt(7) = 2.65; ASR mean 14, std sqrt(28) = 5.29
+    assert "| badnets | 10% | 93.0±0.0 / 99.0±0.0 | 92.0±2.6 / 14.0±5.3 | – |" in md
+    assert "| blended | 10% | – | – | 88.2 / 3.5 |" in md
+    long = pd.read_csv(tmp_path / "table1_long.csv")
+    fp = long[long.defense == "fp"].iloc[0]
+    assert fp.acc == pytest.approx(92.0) and fp.acc_std == pytest.approx(np.sqrt(7), abs=0.01)
+    assert fp.asr_std == pytest.approx(np.sqrt(28), abs=0.01) and fp.seeds == 3
+    # average row: mean over settings of each column
+    assert "| **average** | | 93.0 / 99.0 | 92.0 / 14.0 | 88.2 / 3.5 |" in md
+
+
+def test_failed_defense_marked_at_exactly_15(tmp_path):
+    rows = [final_row("none", 93.0, 99.0), final_row("fp", 90.0, 15.0), final_row("nc", 90.0, 14.99),
+            final_row("none", 93.0, 10.0, attack="blended")]
+    rep = make_report(pd.DataFrame(rows), tmp_path)
+    md = (tmp_path / "table1.md").read_text()
+    assert "| badnets | 10% | 93.0 / 99.0 | 90.0 / 15.0 ✗ | 90.0 / 15.0 |" in md  # FP 15.0 fails, NC 14.99 not
+    assert "93.0 / 10.0 |" in md and "99.0 ✗" not in md  # No defense is never a failed defense
+    long = pd.read_csv(tmp_path / "table1_long.csv").set_index(["attack", "defense"])
+    assert long.failed[("badnets", "fp")] and not long.failed[("badnets", "nc")]
+    assert not long.failed[("badnets", "none")]
+    html = rep.index.read_text()
+    assert html.count("<td class=fail") == 1 and "failed defense" in html  # the cell, and the legend
+    assert "| ASR < 15% | | – | 0/1 | 1/1 |" in md
+
+
+def test_tsc_grid_table_e_rows_by_t_columns_and_heatmap(tmp_path):
+    df = zoo_rows(grid=[(e, t) for e in (1, 2, 3) for t in (0.2, 0.4, 0.6)])
+    rep = make_report(df, tmp_path)
+    grid = pd.read_csv(tmp_path / "tsc_grid.csv")
+    assert list(grid.columns) == ["method", "e_tsc", "metric", "t=0.2", "t=0.4", "t=0.6"]
+    acc = grid[grid.metric == "ACC"].set_index("e_tsc")
+    asr = grid[grid.metric == "ASR"].set_index("e_tsc")
+    assert list(acc.index) == [1, 2, 3]
+    src = df[df.defense == "tsc"]
+    for e in (1, 2, 3):
+        for t in (0.2, 0.4, 0.6):
+            cell = src[(src.e_tsc == e) & np.isclose(src.t, t)]
+            assert acc.loc[e, f"t={t:g}"] == pytest.approx(cell.acc.mean(), abs=0.01)
+            assert asr.loc[e, f"t={t:g}"] == pytest.approx(cell.asr.mean(), abs=0.01)
+    assert (grid[grid.metric == "runs"].iloc[:, 3:] == 4).all().all()  # 2 attacks x 2 seeds
+    md = (tmp_path / "tsc_grid.md").read_text()
+    table = [l for l in md.splitlines() if l.startswith("| ")]
+    assert table[0] == "| E_TSC \\ t | 0.2 | 0.4 | 0.6 |" and len(table) == 1 + 3
+    assert table[1] == "| 1 | 81.0 / 30.5 ✗ | 81.0 / 50.5 ✗ | 81.0 / 70.5 ✗ |"
+    assert "**83.0 / 70.5 ✗**" in md  # Table 1's setting, E 3, t 0.4, in bold
+    fig = tmp_path / "tsc_grid.png"
+    assert fig in rep.figures and fig.stat().st_size > 10_000
+    # Table 1 shows TSC once, not one column per (E, t)
+    assert sum(h.startswith("TSC") for h in md_header(tmp_path / "table1.md")) == 1
+
+
+def test_tsc_grid_per_method(tmp_path):
+    df = zoo_rows(grid=[(e, t) for e in (1, 2) for t in (0.25, 0.4)])
+    df = pd.concat([df.assign(method="supervised"), df[df.defense.isin(["none", "tsc"])].assign(method="simclr")])
+    make_report(df, tmp_path, "svg")
+    grid = pd.read_csv(tmp_path / "tsc_grid.csv")
+    assert list(grid.method.unique()) == ["supervised", "simclr"]
+    assert (tmp_path / "tsc_grid.svg").exists()
+    md = (tmp_path / "table1.md").read_text()
+    assert "supervised: TSC at E_TSC 2, t 0.4" in md and "simclr: TSC at E_TSC 2, t 0.25 (the paper's setting)" in md
+
+
+def test_defense_cost_and_nc_detection(tmp_path):
+    df = zoo_rows()
+    nc = df.defense == "nc"
+    df.loc[nc, "nc_flagged"] = np.where(df[nc].seed == 0, "0", "")
+    df.loc[nc, "nc_anomaly_index"] = np.where(df[nc].seed == 0, 3.0, 1.0)
+    rep = make_report(df, tmp_path)
+    cost = pd.read_csv(tmp_path / "defense_cost.csv").set_index("defense")
+    assert list(cost.index[:3]) == ["fp", "nc", "nad"] and "none" not in cost.index
+    assert cost.seconds["fp"] == pytest.approx(10.5) and cost.trials["fp"] == 4
+    assert cost.seconds["tsc"] == pytest.approx(300.0)  # TSC at Table 1's E_TSC 3
+    det = pd.read_csv(tmp_path / "nc_detection.csv")
+    assert list(det.anomaly_index) == [2.0, 2.0] and list(det.flagged_any) == [1, 1]
+    assert det.flagged.iloc[0] == "s0: 0; s1: none"
+    html = rep.index.read_text()
+    assert ">NC detection</h2>" in html and ">Defense cost</h2>" in html

@@ -41,6 +41,18 @@ def _nonneg(text: str) -> int:
     return n
 
 
+def _e_t(text: str) -> tuple[int, float]:
+    """``E,T``: an E_TSC >= 1 and a t in (0, 1)."""
+    e, sep, t = text.partition(",")
+    try:
+        value = (int(e), float(t))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected E,T such as 3,0.4, got {text!r}") from None
+    if not sep or value[0] < 1 or not 0.0 < value[1] < 1.0:
+        raise argparse.ArgumentTypeError(f"expected E >= 1 and t in (0, 1), got {text!r}")
+    return value
+
+
 def _json_dict(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
@@ -157,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output directory (default: SWEEP_DIR/report)")
     p.add_argument("--format", default="png", choices=["png", "svg", "pdf"], help="figure format (default: png)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
+    p.add_argument("--tsc-setting", type=_e_t, metavar="E,T",
+                   help="TSC's (E_TSC, t) in Table 1 (default: the paper's 3,0.4; 2,0.25 self-supervised)")
 
     p = sub.add_parser("defenses", help="list the defenses, or one defense's settings and presets",
                        description="Without NAME: every registered defense with its grid axes and training methods. "
@@ -378,7 +392,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     store = _open_store(args.storage)
     out = args.out or (Path(store.uri) / "report" if "://" not in store.uri else Path("report"))
-    rep = report_sweep(store, out, args.format, mlflow=not args.no_mlflow)
+    rep = report_sweep(store, out, args.format, mlflow=not args.no_mlflow, tsc_setting=args.tsc_setting)
     for p in rep.figures + rep.tables:
         print(f"wrote {p}")
     for s in rep.skipped:

@@ -1,21 +1,31 @@
 """``tscray report``: the paper's figures and tables from a sweep's Parquet rows.
 
+- Table 1 in the paper's layout (``table1.md``, ``table1.csv``, ``table1_long.csv``): one row per dataset ×
+  arch × attack × poison rate, one column per defense (No defense, then the paper's order FP, NC, NAD, MCR,
+  ANP, FT-SAM, I-BAU, SAU, FST, fine-tuning, TSC last, then any other defense alphabetically), each cell
+  final ACC / ASR as mean ± std over seeds, ASR ≥ 15% marked as a failed defense, and an average row. TSC
+  and MCR, whose rows span a grid, appear at one configured setting (:func:`choose_setting`).
+- Defense cost (``defense_cost.md/csv``): each defense's mean ``defense_seconds`` beside its mean ACC/ASR.
+- NC detection (``nc_detection.md/csv``): NC's anomaly index and flagged classes, when the rows have them.
+- TSC's (E_TSC, t) grid (``tsc_grid.md/csv``) and its heatmaps (``tsc_grid.<fmt>``), per method.
 - Figure 5 style: final ACC/ASR of TSC versus t, one panel per E_TSC, mean over attacks and seeds with
   ±1 std bands and the 15% ASR success line (``fig5_tsc_vs_t``).
 - Figure 6 style: the same for self-supervised rows (``method`` = simclr), when a sweep has them.
 - Figure 3 style: ACC/ASR along each curve (stage 1, stage 2, per round) with MCR beside it, one figure
   per attack setting, the chosen t marked (``fig3_<setting>``).
-- Table 1 style: final ACC/ASR per attack × poison rate × defense, CSV and Markdown, ASR < 15% marked.
 - ``index.html`` showing everything, openable without a server.
 
-Every figure is drawn from rows the caller can find in the Parquet: each plotted value is a mean of
-``final`` (or curve) rows grouped by the columns named in the figure.
+Every number is drawn from rows the caller can find in the Parquet: each value is a mean of ``final``
+(or curve) rows grouped by the columns named beside it.
 """
 
 from __future__ import annotations
 
 import html
+import math
 import re
+import textwrap
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +33,22 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 
-SUCCESS_ASR = 15.0
+SUCCESS_ASR = 15.0  # the paper's threshold: a defense with final ASR >= 15% failed
 SETTING = ["dataset", "arch", "attack", "poison_rate"]
+# Table 1's column order: No defense, the paper's baselines in its order, then ours, TSC last
+PAPER_ORDER = ("none", "fp", "nc", "nad", "mcr", "anp", "ft-sam", "i-bau", "sau", "fst", "finetune", "tsc")
+LABELS = {"none": "No defense", "fp": "FP", "nc": "NC", "nad": "NAD", "mcr": "MCR", "anp": "ANP",
+          "ft-sam": "FT-SAM", "i-bau": "I-BAU", "sau": "SAU", "fst": "FST", "finetune": "fine-tuning",
+          "tsc": "TSC"}
+# Table 1's row order: the paper's attacks in its order, then the rest alphabetically
+ATTACK_ORDER = ("badnets", "blended", "lf", "ssba", "sbl", "sbl-blended", "sapa", "lc", "narcissus", "sig")
+# the paper's TSC settings (Section 5.1): supervised E_TSC 3, t 0.4; SimCLR and CLIP E_TSC 2, t 0.25
+PAPER_SETTING = {"supervised": (3, 0.4), "simclr": (2, 0.25)}
+DEFAULT_SETTING = (3, 0.4)
 STYLE = {"acc": {"color": "0.15", "marker": "o", "linestyle": "-"},
          "asr": {"color": "0.45", "marker": "s", "linestyle": "--"}}
 
@@ -40,6 +62,20 @@ class Report:
     tables: list[Path] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     index: Path | None = None
+    sections: list[Section] = field(default_factory=list)
+
+
+@dataclass
+class Section:
+    """One table section of index.html: its title, caption, HTML table(s), the files it wrote, its numbers."""
+
+    title: str
+    anchor: str
+    caption: str
+    html: str
+    paths: list[Path] = field(default_factory=list)
+    data: pd.DataFrame | None = None
+    figure: Path | None = None
 
 
 def _slug(*parts: object) -> str:
@@ -130,78 +166,664 @@ def figure_curves(df: pd.DataFrame, out: Path, fmt: str) -> list[Path]:
     return paths
 
 
-def table1(df: pd.DataFrame, out: Path) -> list[Path]:
-    """Final ACC/ASR per setting × defense (mean over seeds) as CSV and Markdown."""
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def defense_order(names: Iterable[str]) -> list[str]:
+    """Table 1's column order: the paper's defenses in its order, then unknown ones alphabetically."""
+    names = {str(n) for n in names}
+    return [d for d in PAPER_ORDER if d in names] + sorted(names - set(PAPER_ORDER))
+
+
+def defense_label(name: str) -> str:
+    return LABELS.get(name, name)
+
+
+def is_failed(asr: float) -> bool:
+    """The paper's rule: a defense whose final ASR is 15% or more failed (NaN: unknown, not failed)."""
+    return bool(pd.notna(asr) and asr >= SUCCESS_ASR)
+
+
+def _attack_rank(a: object) -> tuple[int, str]:
+    a = str(a)
+    return (ATTACK_ORDER.index(a), a) if a in ATTACK_ORDER else (len(ATTACK_ORDER), a)
+
+
+def _method_rank(m: object) -> tuple[int, str]:
+    return (m != "supervised", str(m))
+
+
+def _final(df: pd.DataFrame) -> pd.DataFrame:
+    """The ``final`` rows (each trial's output model), with a ``method`` (supervised when unrecorded)."""
     d = df[df.stage == "final"].copy()
-    if d.empty:
-        return []
-    d["defense_label"] = d.apply(lambda r: "no defense" if r.defense == "none" else
-                                 f"tsc (E={int(r.e_tsc)}, t={r.t:g})" if r.defense == "tsc" else
-                                 f"mcr (t={r.t:g})" if r.defense == "mcr" else r.defense, axis=1)
-    g = (d.groupby(SETTING + ["defense_label"], dropna=False)
-         .agg(acc=("acc", "mean"), asr=("asr", "mean"), seeds=("seed", "nunique"), rows=("acc", "size"))
+    d["method"] = d["method"].fillna("supervised") if "method" in d else "supervised"
+    if "seed" not in d:
+        d["seed"] = 0
+    return d
+
+
+def _keys(d: pd.DataFrame) -> list[str]:
+    """Table 1's row key: dataset, arch, attack, poison rate (and method when the rows have several)."""
+    return ["dataset", "method", *SETTING[1:]] if d["method"].nunique() > 1 else list(SETTING)
+
+
+def _sort(g: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    order = g[keys].astype(object).apply(
+        lambda r: tuple(_attack_rank(v) if k == "attack" else _method_rank(v) if k == "method" else
+                        (-float(v) if pd.notna(v) else math.inf) if k == "poison_rate" else str(v)
+                        for k, v in r.items()), axis=1)
+    return g.assign(_o=order).sort_values("_o", kind="stable").drop(columns="_o").reset_index(drop=True)
+
+
+def _rate(r: object) -> str:
+    try:
+        return f"{100 * float(r):g}%"
+    except (TypeError, ValueError):
+        return str(r)
+
+
+def _pm(mean: float, std: float, n: int, digits: int = 1) -> str:
+    """``mean±std`` over seeds when there are several, else the mean; ``–`` when there is none."""
+    if pd.isna(mean):
+        return "–"
+    return f"{mean:.{digits}f}±{std:.{digits}f}" if n > 1 and pd.notna(std) else f"{mean:.{digits}f}"
+
+
+def _runs(lo: int, hi: int) -> str:
+    return f"{lo} run" + ("" if hi == 1 else "s") if lo == hi else f"{lo}–{hi} runs"
+
+
+def _t(t: float) -> str:
+    return f"{t:g}"
+
+
+def _esc(s: object) -> str:
+    return html.escape(str(s))
+
+
+def _display(g: pd.DataFrame, keys: list[str]) -> tuple[list[str], str]:
+    """The key columns worth a column (those that vary; attack and poison rate always), and a note naming
+    the constant ones ("dataset fashion-mnist-embedded, arch cnn")."""
+    shown = [k for k in keys if k in ("attack", "poison_rate") or g[k].nunique(dropna=False) > 1]
+    const = [f"{k} {g[k].iloc[0]}" for k in keys if k not in shown and len(g)]
+    return shown, ", ".join(const)
+
+
+def _group_label(row: pd.Series, shown: list[str]) -> str:
+    return " · ".join(str(row[k]) for k in shown if k != "poison_rate")
+
+
+def _group_th(labels: list[str], i: int) -> str:
+    """The row-header cell of row ``i``: spanning the following rows with the same label, or nothing when a
+    cell above already spans it."""
+    if i > 0 and labels[i] == labels[i - 1]:
+        return ""
+    span = 1
+    while i + span < len(labels) and labels[i + span] == labels[i]:
+        span += 1
+    return f"<th class='l' rowspan='{span}'>{_esc(labels[i])}</th>"
+
+
+def _pm_html(mean: float, std: float, n: int, digits: int = 1) -> str:
+    """``mean±std`` with the ± part small (HTML)."""
+    if pd.isna(mean):
+        return "–"
+    if n > 1 and pd.notna(std):
+        return f"{mean:.{digits}f}<small>±{std:.{digits}f}</small>"
+    return f"{mean:.{digits}f}"
+
+
+# ------------------------------------------------------------------------------------- Table 1's setting
+
+
+@dataclass(frozen=True)
+class Setting:
+    """The single (E_TSC, t) that Table 1 shows for TSC, and the t it shows for MCR, for one method."""
+
+    method: str
+    e_tsc: int | None
+    t: float | None
+    mcr_t: float | None
+    why: str
+
+
+def choose_setting(final: pd.DataFrame, method: str = "supervised",
+                   tsc_setting: tuple[int, float] | None = None) -> Setting:
+    """TSC at ``tsc_setting`` (default: the paper's, E_TSC 3, t 0.4 supervised; 2, 0.25 SimCLR) when the rows
+    have it; otherwise at the t closest to the wanted t (ties: the larger t), with the largest E_TSC there
+    that every setting has (the largest there when none is shared). MCR at TSC's t when it has it, else at
+    its t closest to it."""
+    want = tuple(tsc_setting) if tsc_setting is not None else PAPER_SETTING.get(method, DEFAULT_SETTING)
+    origin = "the requested" if tsc_setting is not None else "the paper's"
+    keys = [k for k in SETTING if k in final]
+    rows = final[final.method == method] if "method" in final else final
+    tsc = rows[rows.defense == "tsc"].dropna(subset=["e_tsc", "t"])
+    e = t = None
+    why = ""
+    if not tsc.empty:
+        pairs = {(int(a), float(b)) for a, b in zip(tsc.e_tsc, tsc.t)}
+        if any(a == int(want[0]) and math.isclose(b, float(want[1]), abs_tol=1e-9) for a, b in pairs):
+            e, t = int(want[0]), float(want[1])
+            why = f"TSC at E_TSC {e}, t {_t(t)} ({origin} setting)"
+        else:
+            ts = sorted({b for _, b in pairs})
+            t = min(ts, key=lambda x: (round(abs(x - float(want[1])), 9), -x))
+            at = tsc[np.isclose(tsc.t.astype(float), t)]
+            es = sorted(int(a) for a in at.e_tsc.unique())
+            n = at.groupby(keys, dropna=False).ngroups
+            shared = [a for a in es if at[at.e_tsc == a].groupby(keys, dropna=False).ngroups == n]
+            e = max(shared) if shared else max(es)
+            why = (f"TSC at E_TSC {e}, t {_t(t)}: {origin} E_TSC {want[0]}, t {_t(want[1])} is not in these rows, "
+                   f"so the largest E_TSC at the t closest to {_t(want[1])}"
+                   + (" that every setting has" if shared and e != max(es) else "")
+                   + (" (not every setting has it)" if not shared else ""))
+    mcr = rows[rows.defense == "mcr"].dropna(subset=["t"])
+    mcr_t = None
+    if not mcr.empty:
+        aim = t if t is not None else float(want[1])
+        mcr_t = min(sorted(float(x) for x in mcr.t.unique()), key=lambda x: (round(abs(x - aim), 9), -x))
+        why = (why + "; " if why else "") + f"MCR at t {_t(mcr_t)}"
+    return Setting(method, e, t, mcr_t, why)
+
+
+def _select(final: pd.DataFrame, settings: dict[str, Setting]) -> pd.DataFrame:
+    """The final rows Table 1 shows: TSC and MCR only at their chosen setting, every other defense whole."""
+    keep = pd.Series(True, index=final.index)
+    for m, s in settings.items():
+        in_m = final.method == m
+        tsc = in_m & (final.defense == "tsc")
+        if s.t is None:
+            keep &= ~tsc
+        else:
+            keep &= ~tsc | ((final.e_tsc == s.e_tsc) & np.isclose(final.t.astype(float).fillna(-1.0), s.t))
+        mcr = in_m & (final.defense == "mcr")
+        if s.mcr_t is None:
+            keep &= ~mcr
+        else:
+            keep &= ~mcr | np.isclose(final.t.astype(float).fillna(-1.0), s.mcr_t)
+    return final[keep]
+
+
+@dataclass
+class Selection:
+    """The final rows Table 1 shows (TSC and MCR at their chosen setting) and their cells."""
+
+    keys: list[str]
+    settings: dict[str, Setting]
+    rows: pd.DataFrame
+    cells: pd.DataFrame
+
+
+def select(df: pd.DataFrame, tsc_setting: tuple[int, float] | None = None) -> Selection | None:
+    """Table 1's rows: every final row, TSC and MCR only at the setting :func:`choose_setting` picks per method."""
+    final = _final(df)
+    if final.empty:
+        return None
+    keys = _keys(final)
+    settings = {m: choose_setting(final, m, tsc_setting) for m in sorted(final.method.unique(), key=_method_rank)}
+    rows = _select(final, settings)
+    return Selection(keys, settings, rows, _cells(rows, keys))
+
+
+def _cells(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Mean and std over seeds of final ACC/ASR per key × defense (a seed's rows averaged first)."""
+    per_seed = (rows.groupby(keys + ["defense", "seed"], dropna=False)[["acc", "asr"]].mean().reset_index())
+    g = (per_seed.groupby(keys + ["defense"], dropna=False)
+         .agg(acc=("acc", "mean"), acc_std=("acc", "std"), asr=("asr", "mean"), asr_std=("asr", "std"),
+              seeds=("seed", "nunique"))
          .reset_index())
-    g["success"] = (g.asr < SUCCESS_ASR) & (g.defense_label != "no defense")
+    g["failed"] = (g.defense != "none") & (g.asr >= SUCCESS_ASR)
+    return g
+
+
+# ----------------------------------------------------------------------------------------------- Table 1
+
+
+def _header_note(d: str, settings: dict[str, Setting]) -> str:
+    """What setting a TSC / MCR column shows ("E 3, t 0.4"), for its header."""
+    parts = []
+    for s in settings.values():
+        if d == "tsc" and s.t is not None:
+            parts.append(f"E {s.e_tsc}, t {_t(s.t)}")
+        elif d == "mcr" and s.mcr_t is not None:
+            parts.append(f"t {_t(s.mcr_t)}")
+    return " | ".join(dict.fromkeys(parts))
+
+
+def table1(df: pd.DataFrame, out: Path, tsc_setting: tuple[int, float] | None = None) -> Section | None:
+    """Table 1 in the paper's layout: rows dataset × arch × attack × poison rate, one column per defense (TSC
+    and MCR at one configured setting, see :func:`choose_setting`), cells final ACC / ASR as mean ± std over
+    seeds, ASR ≥ 15% marked failed, and an average row. Writes ``table1.md``, ``table1.csv`` (wide: per
+    defense its ACC, ACC std, ASR, ASR std) and ``table1_long.csv`` (one row per setting × defense)."""
+    sel = select(df, tsc_setting)
+    if sel is None:
+        return None
+    keys, settings, g = sel.keys, sel.settings, sel.cells.copy()
+    defenses = defense_order(g.defense.unique())
+    settings_rows = _sort(g[keys].drop_duplicates(), keys)
+    shown, const = _display(settings_rows, keys)
+
+    # the numbers: long and wide CSV, and the average over settings per defense
+    g["label"] = g.defense.map(defense_label)
+    g = g.merge(settings_rows.reset_index().rename(columns={"index": "table_row"}), on=keys, how="left")
+    g = g.sort_values(["table_row", "defense"], key=lambda s: s.map(defenses.index) if s.name == "defense" else s)
+    long = out / "table1_long.csv"
+    g.drop(columns="table_row").to_csv(long, index=False, float_format="%.2f")
+    avg = (g.groupby("defense").agg(acc=("acc", "mean"), asr=("asr", "mean"), n=("asr", "count"),
+                                    defended=("asr", lambda a: int((a < SUCCESS_ASR).sum())))
+           .reindex(defenses))
+    wide = settings_rows.copy()
+    for d in defenses:
+        c = g[g.defense == d].set_index("table_row")
+        lab = defense_label(d)
+        for col, name in (("acc", "ACC"), ("acc_std", "ACC std"), ("asr", "ASR"), ("asr_std", "ASR std")):
+            wide[f"{lab} {name}"] = c[col].reindex(wide.index)
+    avg_row = {k: "" for k in keys} | {"attack": "average"}
+    for d in defenses:
+        lab = defense_label(d)
+        avg_row |= {f"{lab} ACC": avg.acc[d], f"{lab} ASR": avg.asr[d]}
+    if len(settings_rows) > 1:
+        wide = pd.concat([wide, pd.DataFrame([avg_row])], ignore_index=True)
     csv = out / "table1.csv"
-    g.to_csv(csv, index=False, float_format="%.2f")
-    labels = sorted(g.defense_label.unique(), key=lambda s: (s != "no defense", s))
-    lines = ["| " + " | ".join(SETTING) + " | " + " | ".join(labels) + " |",
-             "|" + "---|" * (len(SETTING) + len(labels))]
-    for key, rows in g.groupby(SETTING):
+    wide.to_csv(csv, index=False, float_format="%.2f")
+
+    seeds = sorted(int(s) for s in g.seeds.unique())
+    seed_note = (f"mean ± std over {seeds[0]} seeds" if seeds == [seeds[0]] and seeds[0] > 1 else
+                 "one seed" if seeds == [1] else f"mean ± std over seeds ({min(seeds)}–{max(seeds)} per cell)")
+    whys = "; ".join(f"{m}: {s.why}" if len(settings) > 1 else s.why for m, s in settings.items() if s.why)
+    caption = (f"Final ACC / ASR (%) after each defense, {seed_note}. "
+               f"✗ (a red cell in index.html): ASR ≥ {SUCCESS_ASR:g}%, a failed defense (the paper's threshold; "
+               f"No defense is the attack itself). {whys + '. ' if whys else ''}"
+               f"{'Rows: ' + const + '. ' if const else ''}"
+               + (f"Average: mean over the settings a defense has; ASR < {SUCCESS_ASR:g}%: how many it defended."
+                  if len(settings_rows) > 1 else ""))
+
+    # Markdown
+    cell = {(r.table_row, r.defense): r for r in g.itertuples()}
+    group_head = " · ".join(k.replace("_", " ") for k in shown if k != "poison_rate")
+    heads = [defense_label(d) + (f" ({_header_note(d, settings)})" if _header_note(d, settings) else "")
+             for d in defenses]
+    md_lines = [f"| {group_head} | poison rate | " + " | ".join(heads) + " |", "|---" * (2 + len(defenses)) + "|"]
+    for i, row in settings_rows.iterrows():
         cells = []
-        for lab in labels:
-            r = rows[rows.defense_label == lab]
-            if r.empty:
-                cells.append("–")
-            else:
-                r = r.iloc[0]
-                cells.append(f"{r.acc:.2f} / {r.asr:.2f}" + (" ✓" if r.success else ""))
-        lines.append("| " + " | ".join(str(k) for k in key) + " | " + " | ".join(cells) + " |")
+        for d in defenses:
+            r = cell.get((i, d))
+            cells.append("–" if r is None else f"{_pm(r.acc, r.acc_std, r.seeds)} / {_pm(r.asr, r.asr_std, r.seeds)}"
+                         + (" ✗" if r.failed else ""))
+        md_lines.append(f"| {_group_label(row, shown)} | {_rate(row.poison_rate)} | " + " | ".join(cells) + " |")
+    several = len(settings_rows) > 1
+    md_lines.append("| **average** | | " + " | ".join(
+        "–" if avg.n[d] == 0 else f"{avg.acc[d]:.1f} / {avg.asr[d]:.1f}" for d in defenses) + " |")
+    md_lines.append(f"| ASR < {SUCCESS_ASR:g}% | | " + " | ".join(
+        "–" if d == "none" else f"{avg.defended[d]}/{avg.n[d]}" for d in defenses) + " |")
+    if not several:
+        md_lines = md_lines[:-2]
     md = out / "table1.md"
-    md.write_text("Final ACC / ASR (%), mean over seeds; ✓ marks a successful defense (ASR < 15%).\n\n"
-                  + "\n".join(lines) + "\n")
-    return [csv, md]
+    md.write_text(caption + "\n\n" + "\n".join(md_lines) + "\n")
+
+    # HTML: two-line cells (ACC over ASR), the group label spanning its poison rates
+    thead = (f"<tr><th class='l'>{_esc(group_head)}</th><th>poison<br>rate</th>" + "".join(
+        f"<th>{_esc(defense_label(d))}" + (f"<br><small>{_esc(_header_note(d, settings))}</small>"
+                                           if _header_note(d, settings) else "") + "</th>" for d in defenses)
+        + "</tr>")
+    body, labels = [], [_group_label(r, shown) for _, r in settings_rows.iterrows()]
+    for i, row in settings_rows.iterrows():
+        th = _group_th(labels, i)
+        tr = f"<tr{' class=g' if th and i else ''}>{th}<th>{_esc(_rate(row.poison_rate))}</th>"
+        for d in defenses:
+            r = cell.get((i, d))
+            if r is None:
+                tr += "<td class='na'>–</td>"
+                continue
+            tip = f"{defense_label(d)}: ACC {r.acc:.2f}, ASR {r.asr:.2f}, {r.seeds} seed(s)"
+            tr += (f"<td{' class=fail' if r.failed else ''} title='{_esc(tip)}'>"
+                   f"{_pm_html(r.acc, r.acc_std, r.seeds)}<br>"
+                   f"<span class=asr>{_pm_html(r.asr, r.asr_std, r.seeds)}</span></td>")
+        body.append(tr + "</tr>")
+    foot = ("<tr class=avg><th class='l' colspan=2>average</th>" + "".join(
+        "<td>–</td>" if avg.n[d] == 0 else f"<td>{avg.acc[d]:.1f}<br><span class=asr>{avg.asr[d]:.1f}</span></td>"
+        for d in defenses) + "</tr>"
+        + f"<tr class=avg><th class='l' colspan=2>ASR &lt; {SUCCESS_ASR:g}%</th>" + "".join(
+        "<td>–</td>" if d == "none" else f"<td>{avg.defended[d]}/{avg.n[d]}</td>" for d in defenses) + "</tr>")
+    table = (f"<div class=scroll><table class=t1><thead>{thead}</thead><tbody>{''.join(body)}</tbody>"
+             + (f"<tfoot>{foot}</tfoot>" if several else "") + "</table></div>")
+    legend = (f"<p class=legend>Each cell: ACC (top) / <span class=asr>ASR</span> (bottom), %. "
+              f"<span class='sw fail'></span> ASR ≥ {SUCCESS_ASR:g}%: failed defense. "
+              f"<span class='sw'></span> ASR &lt; {SUCCESS_ASR:g}%: successful. – : not run.</p>")
+    return Section("Table 1", "table1", caption, legend + table, [csv, md, long], g.drop(columns="table_row"))
 
 
-def _md_table_html(md: str) -> str:
-    rows = [l for l in md.splitlines() if l.startswith("|") and not l.startswith("|---")]
-    out = ["<table>"]
-    for i, row in enumerate(rows):
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        tag = "th" if i == 0 else "td"
-        out.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>")
-    return "\n".join(out + ["</table>"])
+# ----------------------------------------------------------------------------------- cost, NC detection
+
+
+def _secs(mean: float, std: float, n: int) -> str:
+    if pd.isna(mean):
+        return "–"
+    digits = 0 if mean >= 100 else 1
+    return _pm(mean, std, n, digits)
+
+
+def defense_cost(df: pd.DataFrame, out: Path, tsc_setting: tuple[int, float] | None = None) -> Section | None:
+    """Each defense's mean ``defense_seconds`` over its final rows (TSC and MCR at Table 1's setting) beside
+    its ACC/ASR averaged over Table 1's settings."""
+    if "defense_seconds" not in df or df.defense_seconds.isna().all():
+        return None
+    sel_ = select(df, tsc_setting)
+    if sel_ is None:
+        return None
+    sel, cells = sel_.rows[sel_.rows.defense != "none"], sel_.cells
+    shown_setting = {d: _header_note(d, sel_.settings) for d in ("tsc", "mcr")}
+    out_rows = []
+    for d in defense_order(sel.defense.unique()):
+        s = sel[sel.defense == d]
+        c = cells[cells.defense == d]
+        secs = s.defense_seconds.dropna()
+        out_rows.append({"defense": d, "label": defense_label(d), "setting": shown_setting.get(d, ""),
+                         "acc": c.acc.mean(), "asr": c.asr.mean(), "defended": int((c.asr < SUCCESS_ASR).sum()),
+                         "settings": len(c), "seconds": secs.mean(), "seconds_std": secs.std(),
+                         "trials": len(secs)})
+    t = pd.DataFrame(out_rows)
+    if t.empty or t.seconds.isna().all():
+        return None
+    csv = out / "defense_cost.csv"
+    t.to_csv(csv, index=False, float_format="%.2f")
+    caption = ("Each defense's cost: seconds its steps took per trial (defense_seconds of its final rows, a step "
+               "shared between trials counted whole in each; mean ± std over trials), beside its final ACC / ASR "
+               "(%) averaged over Table 1's settings and how many of them it defended.")
+    head = ["defense", "ACC", "ASR", f"ASR < {SUCCESS_ASR:g}%", "seconds", "trials"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    trs = []
+    for r in t.itertuples():
+        name = r.label + (f" ({r.setting})" if r.setting else "")
+        vals = [f"{r.acc:.1f}", f"{r.asr:.1f}", f"{r.defended}/{r.settings}", _secs(r.seconds, r.seconds_std, r.trials),
+                str(r.trials)]
+        lines.append(f"| {name} | " + " | ".join(vals) + " |")
+        trs.append(f"<tr><th class='l'>{_esc(name)}</th>" + "".join(f"<td>{_esc(v)}</td>" for v in vals) + "</tr>")
+    md = out / "defense_cost.md"
+    md.write_text(caption + "\n\n" + "\n".join(lines) + "\n")
+    table = ("<table><thead><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in head) + "</tr></thead><tbody>"
+             + "".join(trs) + "</tbody></table>")
+    return Section("Defense cost", "cost", caption, table, [csv, md], t)
+
+
+def nc_detection(df: pd.DataFrame, out: Path) -> Section | None:
+    """NC's detection per setting: the anomaly index (mean ± std over seeds) and the classes it flagged per
+    seed, when the rows carry ``nc_flagged`` / ``nc_anomaly_index``."""
+    cols = [c for c in ("nc_flagged", "nc_anomaly_index") if c in df]
+    if not cols:
+        return None
+    final = _final(df)
+    nc = final[final.defense == "nc"]
+    if nc.empty or nc[cols].isna().all().all():
+        return None
+    keys = _keys(final)
+    out_rows = []
+    for key, g in nc.groupby(keys, dropna=False):
+        g = g.sort_values("seed")
+        idx = g.nc_anomaly_index.astype(float) if "nc_anomaly_index" in g else pd.Series(dtype=float)
+        flags = (g.nc_flagged if "nc_flagged" in g else pd.Series([None] * len(g), index=g.index))
+        per_seed = [f"s{s}: " + ("?" if pd.isna(f) else (str(f).replace(",", " ") or "none"))
+                    for s, f in zip(g.seed, flags)]
+        out_rows.append({**dict(zip(keys, key)), "anomaly_index": idx.mean(), "anomaly_index_std": idx.std(),
+                         "seeds": len(g), "flagged_any": int(sum(bool(isinstance(f, str) and f) for f in flags)),
+                         "flagged": "; ".join(per_seed)})
+    t = _sort(pd.DataFrame(out_rows), keys)
+    csv = out / "nc_detection.csv"
+    t.to_csv(csv, index=False, float_format="%.2f")
+    shown, const = _display(t, keys)
+    caption = ("Neural Cleanse's detection: anomaly index of the smallest reversed-trigger norm (mean ± std over "
+               "seeds; flagged when above the threshold, 2 by default) and the classes it flagged per seed "
+               "(none: NC returned the model unchanged)." + (f" Rows: {const}." if const else ""))
+    head = [" · ".join(k.replace("_", " ") for k in shown if k != "poison_rate"), "poison rate", "anomaly index",
+            "seeds flagging", "flagged classes per seed"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    trs = []
+    labels = [_group_label(r, shown) for _, r in t.iterrows()]
+    for i, r in t.iterrows():
+        vals = [labels[i], _rate(r.poison_rate), _pm(r.anomaly_index, r.anomaly_index_std, r.seeds, 2),
+                f"{r.flagged_any}/{r.seeds}", r.flagged]
+        lines.append("| " + " | ".join(vals) + " |")
+        th = _group_th(labels, i)
+        trs.append(f"<tr{' class=g' if th and i else ''}>{th}<th>{_esc(vals[1])}</th>"
+                   + "".join(f"<td>{_esc(v)}</td>" for v in vals[2:4]) + f"<td class='l'>{_esc(vals[4])}</td></tr>")
+    md = out / "nc_detection.md"
+    md.write_text(caption + "\n\n" + "\n".join(lines) + "\n")
+    table = ("<div class=scroll><table><thead><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in head)
+             + "</tr></thead><tbody>" + "".join(trs) + "</tbody></table></div>")
+    return Section("NC detection", "nc", caption, table, [csv, md], t)
+
+
+# --------------------------------------------------------------------------------------------- TSC grid
+
+
+def grid_means(df: pd.DataFrame) -> dict[str, dict[str, pd.DataFrame]]:
+    """Per method, TSC's final ACC, ASR (mean over settings and seeds) and run count as E_TSC × t frames."""
+    final = _final(df)
+    tsc = final[final.defense == "tsc"].dropna(subset=["e_tsc", "t"]).copy()
+    tsc["e_tsc"] = tsc.e_tsc.astype(int)
+    tsc["t"] = tsc.t.astype(float).round(6)
+    out = {}
+    for m in sorted(tsc.method.unique(), key=_method_rank):
+        g = tsc[tsc.method == m].groupby(["e_tsc", "t"])
+        out[str(m)] = {"acc": g.acc.mean().unstack("t"), "asr": g.asr.mean().unstack("t"),
+                       "n": g.size().unstack("t")}
+    return out
+
+
+def figure_grid(grids: dict[str, dict[str, pd.DataFrame]], path: Path,
+                chosen: dict[str, Setting] | None = None) -> Path:
+    """Two grey heatmaps per method, final ACC and ASR over E_TSC × t, values written in; cells with ASR
+    < 15% (a successful defense) outlined, Table 1's setting marked with a dot."""
+    n_t = max(g["acc"].shape[1] for g in grids.values())
+    n_e = max(g["acc"].shape[0] for g in grids.values())
+    w = max(3.0, 0.5 * n_t + 1.4)
+    fig, axes = plt.subplots(len(grids), 2, figsize=(2 * w, len(grids) * (0.42 * n_e + 1.3) + 0.3),
+                             squeeze=False)
+    cmap = matplotlib.colormaps["Greys"].with_extremes(bad="white")
+    for row, (m, g) in zip(axes, grids.items()):
+        acc, asr, runs = g["acc"], g["asr"], g["n"].to_numpy(dtype=float)
+        ragged = np.nanmin(runs) != np.nanmax(runs)
+        ok = asr.to_numpy() < SUCCESS_ASR
+        for ax, metric, data in zip(row, ("ACC", "ASR"), (acc, asr)):
+            vals = data.to_numpy(dtype=float)
+            lo, hi = (0.0, 100.0) if metric == "ASR" else (np.nanmin(vals) - 1, np.nanmax(vals) + 0.5)
+            im = ax.imshow(np.ma.masked_invalid(vals), cmap=cmap, vmin=lo, vmax=hi, aspect="auto")
+            for i in range(vals.shape[0]):
+                for j in range(vals.shape[1]):
+                    v = vals[i, j]
+                    if np.isnan(v):
+                        ax.text(j, i, "–", ha="center", va="center", fontsize=8, color="0.5")
+                        continue
+                    dark = (v - lo) / (hi - lo) > 0.55
+                    ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8,
+                            color="white" if dark else "black", fontweight="bold" if ok[i, j] else "normal")
+                    if ragged:
+                        ax.text(j, i + 0.32, f"n={int(runs[i, j])}", ha="center", va="center", fontsize=6,
+                                color="white" if dark else "0.3")
+                    if ok[i, j]:
+                        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#1f5fbf",
+                                               linewidth=2.4, zorder=3))
+            s = (chosen or {}).get(m)
+            if s is not None and s.t is not None and s.e_tsc in data.index:
+                cols = [k for k, c in enumerate(data.columns) if math.isclose(c, s.t, abs_tol=1e-6)]
+                if cols:
+                    ax.plot(cols[0] + 0.36, list(data.index).index(s.e_tsc) - 0.3, marker="o", markersize=4,
+                            color="#d0302a", zorder=4)
+            ax.set_xticks(range(vals.shape[1]), [_t(c) for c in data.columns])
+            ax.set_yticks(range(vals.shape[0]), [str(e) for e in data.index])
+            ax.set_xlabel("curve index t")
+            ax.set_ylabel("E_TSC")
+            ax.set_title(f"{m}: final {metric} (%)" if len(grids) > 1 else f"final {metric} (%)", fontsize=10)
+            ax.tick_params(length=0)
+            fig.colorbar(im, ax=ax, fraction=0.035, pad=0.02)
+    lo = int(min(g["n"].min().min() for g in grids.values()))
+    hi = int(max(g["n"].max().max() for g in grids.values()))
+    text = (f"TSC's (E_TSC, t) grid: mean over settings and seeds ({_runs(lo, hi)} per cell); "
+            f"blue outline: ASR < {SUCCESS_ASR:g}% (success); red dot: Table 1's setting")
+    fig.suptitle(textwrap.fill(text, int(2 * w * 11)), fontsize=9)
+    return _finish(fig, path)
+
+
+def tsc_grid(df: pd.DataFrame, out: Path, fmt: str, tsc_setting: tuple[int, float] | None = None) -> Section | None:
+    """TSC's (E_TSC, t) grid: ``tsc_grid.md`` / ``.csv`` (rows E_TSC, columns t, per method) and the heatmaps."""
+    grids = grid_means(df)
+    if not grids:
+        return None
+    sel = select(df, tsc_setting)
+    chosen = sel.settings if sel else {}
+    csv_rows, md_parts, html_parts = [], [], []
+    for m, g in grids.items():
+        ts = list(g["acc"].columns)
+        for e in g["acc"].index:
+            for metric in ("acc", "asr", "n"):
+                csv_rows.append({"method": m, "e_tsc": e, "metric": metric.upper() if metric != "n" else "runs",
+                                 **{f"t={_t(t)}": g[metric].loc[e, t] for t in ts}})
+        s = chosen.get(m)
+        head = ["E_TSC \\ t", *[_t(t) for t in ts]]
+        lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        trs = []
+        for e in g["acc"].index:
+            cells, tds = [], []
+            for t in ts:
+                a, r = g["acc"].loc[e, t], g["asr"].loc[e, t]
+                if pd.isna(a):
+                    cells.append("–")
+                    tds.append("<td class='na'>–</td>")
+                    continue
+                mark = s is not None and s.e_tsc == e and s.t is not None and math.isclose(s.t, t, abs_tol=1e-6)
+                txt = f"{a:.1f} / {r:.1f}" + (" ✗" if is_failed(r) else "")
+                cells.append(f"**{txt}**" if mark else txt)
+                cls = " ".join(c for c in ("fail" if is_failed(r) else "", "chosen" if mark else "") if c)
+                tip = f"E_TSC {e}, t {_t(t)}: ACC {a:.2f}, ASR {r:.2f} over {int(g['n'].loc[e, t])} runs"
+                tds.append(f"<td{f' class={chr(39)}{cls}{chr(39)}' if cls else ''} title='{_esc(tip)}'>{a:.1f}<br>"
+                           f"<span class=asr>{r:.1f}</span></td>")
+            lines.append(f"| {e} | " + " | ".join(cells) + " |")
+            trs.append(f"<tr><th>{e}</th>{''.join(tds)}</tr>")
+        n = g["n"].stack()
+        title = (f"{m}: " if len(grids) > 1 else "") + f"{_runs(int(n.min()), int(n.max()))} per cell"
+        md_parts.append(f"**{title}**\n\n" + "\n".join(lines))
+        html_parts.append(f"<h3>{_esc(title)}</h3><div class=scroll><table class=grid><thead><tr>"
+                          + "".join(f"<th>{_esc(h)}</th>" for h in head) + "</tr></thead><tbody>" + "".join(trs)
+                          + "</tbody></table></div>")
+    caption = (f"TSC's final ACC / ASR (%) over its (E_TSC, t) grid: rows E_TSC, columns t, each cell the mean "
+               f"over the settings (attacks, poison rates) and seeds that ran it. ✗ (a red cell in index.html): "
+               f"ASR ≥ {SUCCESS_ASR:g}%. "
+               f"Bold (outlined in index.html): the setting Table 1 shows.")
+    csv = out / "tsc_grid.csv"
+    pd.DataFrame(csv_rows).to_csv(csv, index=False, float_format="%.2f")
+    md = out / "tsc_grid.md"
+    md.write_text(caption + "\n\n" + "\n\n".join(md_parts) + "\n")
+    fig = figure_grid(grids, out / f"tsc_grid.{fmt}", chosen)
+    legend = ("<p class=legend>Each cell: ACC (top) / <span class=asr>ASR</span> (bottom). "
+              f"<span class='sw fail'></span> ASR ≥ {SUCCESS_ASR:g}%: failed. "
+              "<span class='sw chosen'></span> the setting Table 1 shows.</p>")
+    return Section("TSC grid", "grid", caption, legend + "".join(html_parts), [csv, md], pd.DataFrame(csv_rows), fig)
+
+
+# ------------------------------------------------------------------------------------------- index.html
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1320px;margin:1em auto;padding:0 1em;
+color:#222}
+h1{font-size:1.5em;margin:.3em 0}
+h2{font-size:1.2em;border-bottom:1px solid #ccc;margin:1.8em 0 .4em;padding-bottom:.15em}
+h3{font-size:1em;margin:1em 0 .3em}
+nav{position:sticky;top:0;background:#fff;padding:.3em 0;border-bottom:1px solid #eee;z-index:3;font-size:13px}
+nav a{margin-right:1.1em;text-decoration:none}
+p.cap,p.legend{font-size:13px;color:#444;margin:.3em 0 .5em;max-width:75em}
+.scroll{overflow:auto;max-height:85vh;max-width:100%;width:fit-content;border:1px solid #ddd}
+table{border-collapse:separate;border-spacing:0;font-size:12px;font-variant-numeric:tabular-nums}
+th,td{border-right:1px solid #ddd;border-bottom:1px solid #ddd;padding:2px 5px;text-align:right;
+white-space:nowrap;line-height:1.3}
+thead th{position:sticky;top:0;background:#eef0f3;z-index:2;text-align:center;vertical-align:bottom;
+white-space:normal;min-width:3em}
+td small{font-size:85%;color:#555}
+thead th small{font-weight:normal;color:#555}
+tbody th{background:#fafafa;font-weight:normal}
+th.l,td.l{text-align:left}
+.asr{color:#333}
+td.fail{background:#f9d5d2}
+td.fail .asr,td.fail .asr small{color:#a11}
+td.na{color:#aaa;text-align:center}
+tr.g>th,tr.g>td{border-top:1px solid #999}
+td.chosen{outline:2px solid #1f5fbf;outline-offset:-2px}
+tfoot th,tfoot td{background:#f1f3f7;font-weight:600;border-top:2px solid #bbb}
+.sw{display:inline-block;width:1.4em;height:.9em;vertical-align:-1px;border:1px solid #aaa;background:#fff}
+.sw.fail{background:#f9d5d2}.sw.chosen{outline:2px solid #1f5fbf;outline-offset:-2px}
+img{max-width:100%;border:1px solid #ddd;margin:.4em 0}
+object{max-width:100%}
+details summary{cursor:pointer;margin:.5em 0}
+ul.files{font-size:13px;color:#444}
+"""
+
+
+def _figure_html(p: Path) -> str:
+    if p.suffix == ".svg":
+        return f"<object data='{_esc(p.name)}' type='image/svg+xml'></object>"
+    if p.suffix == ".pdf":
+        return f"<p><a href='{_esc(p.name)}'>{_esc(p.name)}</a></p>"
+    return f"<img src='{_esc(p.name)}' alt='{_esc(p.stem)}'>"
 
 
 def write_index(rep: Report, title: str) -> Path:
-    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;max-width:1400px;margin:2em auto}img{max-width:100%;"
-             "border:1px solid #ccc;margin:.5em 0}table{border-collapse:collapse}td,th{border:1px solid #999;"
-             "padding:3px 8px;text-align:right}</style>", f"<h1>{html.escape(title)}</h1>"]
-    for p in rep.tables:
-        if p.suffix == ".md":
-            parts.append(f"<h2>Table 1 style</h2><p>{html.escape(p.read_text().splitlines()[0])} "
-                         f"(<a href='{p.name}'>markdown</a>, <a href='table1.csv'>CSV</a>)</p>")
-            parts.append(_md_table_html(p.read_text()))
-    for p in rep.figures:
-        parts.append(f"<h2>{html.escape(p.stem)}</h2>")
-        parts.append(f"<object data='{p.name}' type='image/svg+xml'></object>" if p.suffix == ".svg"
-                     else f"<a href='{p.name}'>{p.name}</a>" if p.suffix == ".pdf" else f"<img src='{p.name}'>")
+    """``index.html``: Table 1, defense cost, NC detection, TSC grid, the figures and what was not drawn."""
+    parts = [f"<!doctype html><html lang=en><meta charset='utf-8'>"
+             f"<meta name=viewport content='width=device-width,initial-scale=1'><title>{_esc(title)}</title>",
+             f"<style>{CSS}</style>", f"<h1>{_esc(title)}</h1>"]
+    nav = [(s.anchor, s.title) for s in rep.sections]
+    others = [p for p in rep.figures if all(p != s.figure for s in rep.sections)]
+    if others:
+        nav.append(("figures", "Figures"))
     if rep.skipped:
-        parts.append("<h2>Not drawn</h2><ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in rep.skipped) + "</ul>")
+        nav.append(("skipped", "Not drawn"))
+    parts.append("<nav>" + "".join(f"<a href='#{a}'>{_esc(t)}</a>" for a, t in nav) + "</nav>")
+    for s in rep.sections:
+        files = ", ".join(f"<a href='{_esc(p.name)}'>{_esc(p.name)}</a>" for p in s.paths)
+        parts.append(f"<h2 id='{s.anchor}'>{_esc(s.title)}</h2><p class=cap>{_esc(s.caption)} ({files})</p>")
+        parts.append(s.html)
+        if s.figure is not None:
+            parts.append(_figure_html(s.figure))
+    if others:
+        parts.append("<h2 id='figures'>Figures</h2>")
+        fig3 = [p for p in others if p.stem.startswith("fig3_")]
+        for p in others:
+            if p not in fig3:
+                parts.append(f"<h3>{_esc(p.stem)}</h3>{_figure_html(p)}")
+        if fig3:
+            inner = "".join(f"<h3>{_esc(p.stem)}</h3>{_figure_html(p)}" for p in fig3)
+            parts.append(f"<details{' open' if len(fig3) <= 4 else ''}><summary>Figure 3 style: ACC/ASR along the "
+                         f"curves, {len(fig3)} figure(s), one per setting and seed</summary>{inner}</details>")
+    if rep.skipped:
+        parts.append("<h2 id='skipped'>Not drawn</h2><ul>" + "".join(f"<li>{_esc(s)}</li>" for s in rep.skipped)
+                     + "</ul>")
     path = rep.out / "index.html"
-    path.write_text("\n".join(parts))
+    path.write_text("\n".join(parts) + "\n")
     return path
 
 
-def make_report(df: pd.DataFrame, out: Path, fmt: str = "png", title: str = "tscray report") -> Report:
-    """Write every figure and table the rows allow; record what was skipped and why."""
+def make_report(df: pd.DataFrame, out: Path, fmt: str = "png", title: str = "tscray report",
+                tsc_setting: tuple[int, float] | None = None) -> Report:
+    """Write every figure and table the rows allow; record what was skipped and why. ``tsc_setting``: the
+    (E_TSC, t) Table 1 shows for TSC (default: the paper's, see :func:`choose_setting`)."""
     if fmt not in ("png", "svg", "pdf"):
         raise ValueError(f"format must be png, svg or pdf, got {fmt!r}")
     if df.empty:
         raise ValueError("the sweep has no result rows yet: run `tscray sweep` first (or wait for trials to finish)")
     out.mkdir(parents=True, exist_ok=True)
     rep = Report(out)
+    for build, skip in ((lambda: table1(df, out, tsc_setting), "Table 1: no final rows"),
+                        (lambda: defense_cost(df, out, tsc_setting),
+                         "Defense cost: no defense_seconds in these rows (written by an older tscray?)"),
+                        (lambda: nc_detection(df, out), "NC detection: no NC rows with nc_flagged / nc_anomaly_index"),
+                        (lambda: tsc_grid(df, out, fmt, tsc_setting), "TSC grid: no finished TSC trials")):
+        s = build()
+        if s is None:
+            rep.skipped.append(skip)
+            continue
+        rep.sections.append(s)
+        rep.tables += s.paths
+        if s.figure is not None:
+            rep.figures.append(s.figure)
     p = figure_vs_t(df, out, fmt, None, "Final ACC/ASR of TSC versus t (Figure 5 style)", "fig5_tsc_vs_t")
     rep.figures.append(p) if p else rep.skipped.append("Figure 5: no finished TSC trials")
     p = figure_vs_t(df, out, fmt, "simclr", "Self-supervised TSC versus t (Figure 6 style)", "fig6_ssl_vs_t")
@@ -210,6 +832,5 @@ def make_report(df: pd.DataFrame, out: Path, fmt: str = "png", title: str = "tsc
     rep.figures += curves
     if not curves:
         rep.skipped.append("Figure 3: no curve evaluations (set eval.curve_ts in the spec)")
-    rep.tables = table1(df, out)
     rep.index = write_index(rep, title)
     return rep

@@ -55,7 +55,8 @@ def run_trial(config: dict[str, Any]) -> None:
     from tscray import results
     from tscray.cluster import NAMESPACE
 
-    coord = ray.get_actor(config["coordinator"], namespace=NAMESPACE)
+    # Any: ActorHandle types method access as Never (ray's stubs), which made mypy skip the rest as unreachable
+    coord: Any = ray.get_actor(config["coordinator"], namespace=NAMESPACE)
     trial = Trial.from_dict(config["trial"])
     store = Store(config["storage"])
     manifests: dict[str, dict[str, Any]] = {}
@@ -231,7 +232,7 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
         stop.set()
         ticker.join(timeout=5)
         summary["stats"] = ray.get(coord.get_stats.remote())
-        summary["errors"] = sum(1 for r in grid if r.error is not None)
+        summary["errors"] = sum(1 for i in range(len(grid)) if grid[i].error is not None)
     finally:
         stop.set()
         ray.shutdown()
@@ -239,13 +240,15 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
     return summary
 
 
-def report_sweep(store: Store, out: Path, fmt: str = "png", mlflow: bool = True, tracker: Any = None):
+def report_sweep(store: Store, out: Path, fmt: str = "png", mlflow: bool = True, tracker: Any = None,
+                 tsc_setting: tuple[int, float] | None = None):
     """Write the sweep's report and log it (and the Parquet) to the sweep's MLflow parent run."""
     from tscray import results
     from tscray.report import make_report
 
     info = store.read_json("sweep.json")
-    rep = make_report(results.read(store).to_pandas(), out, fmt, title=f"tscray sweep {info['spec']['name']}")
+    rep = make_report(results.read(store).to_pandas(), out, fmt, title=f"tscray sweep {info['spec']['name']}",
+                      tsc_setting=tsc_setting)
     if mlflow:
         if tracker is None:
             from tscray.tracking import Tracker, default_uri
