@@ -126,7 +126,7 @@ def zoo_rows(grid=((1, 0.2), (2, 0.4), (3, 0.4), (3, 0.5)), attacks=("badnets", 
 
 
 def md_header(path):
-    line = next(l for l in path.read_text().splitlines() if l.startswith("| "))
+    line = next(s for s in path.read_text().splitlines() if s.startswith("| "))
     return [c.strip() for c in line.strip("|").split("|")]
 
 
@@ -239,7 +239,7 @@ def test_tsc_grid_table_e_rows_by_t_columns_and_heatmap(tmp_path):
             assert asr.loc[e, f"t={t:g}"] == pytest.approx(cell.asr.mean(), abs=0.01)
     assert (grid[grid.metric == "runs"].iloc[:, 3:] == 4).all().all()  # 2 attacks x 2 seeds
     md = (tmp_path / "tsc_grid.md").read_text()
-    table = [l for l in md.splitlines() if l.startswith("| ")]
+    table = [s for s in md.splitlines() if s.startswith("| ")]
     assert table[0] == "| E_TSC \\ t | 0.2 | 0.4 | 0.6 |" and len(table) == 1 + 3
     assert table[1] == "| 1 | 81.0 / 30.5 ✗ | 81.0 / 50.5 ✗ | 81.0 / 70.5 ✗ |"
     assert "**83.0 / 70.5 ✗**" in md  # Table 1's setting, E 3, t 0.4, in bold
