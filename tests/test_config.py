@@ -79,7 +79,7 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys):
     assert main(["sweep", str(spec), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "27 trials" in out and "curve fits" in out
-    assert [l.split() for l in out.splitlines() if l.startswith("curve fits")][0][-2:] == ["46", "108"]
+    assert [ln.split() for ln in out.splitlines() if ln.startswith("curve fits")][0][-2:] == ["46", "108"]
     assert not (tmp_path / "out").exists()
 
 

@@ -3,7 +3,7 @@ import torch
 
 from tscray import data, defenses, methods
 from tscray.config import validate
-from tscray.plan import Plan, make_plan, plan_trial
+from tscray.plan import Plan, make_plan
 from tscray.steps import Context, run_local
 from tscray.store import Store
 
@@ -37,8 +37,13 @@ def test_figure5_grid_shares_rounds_and_the_first_curve():
 def test_t_only_trials_share_round_one_stage_one_and_e_trials_share_rounds():
     spec = spec_of(t=[0.3, 0.5], rounds=[1, 3])
     by = {(t.params["t"], t.params["rounds"]): t for t in make_plan(spec).trials}
-    s1 = lambda tr, r: [s.step.key for s in tr.chain if s.step.kind == "tsc_stage1" and s.round == r][0]
-    rd = lambda tr, r: [s.step.key for s in tr.chain if s.step.kind == "tsc_round" and s.round == r][0]
+
+    def s1(tr, r):
+        return [s.step.key for s in tr.chain if s.step.kind == "tsc_stage1" and s.round == r][0]
+
+    def rd(tr, r):
+        return [s.step.key for s in tr.chain if s.step.kind == "tsc_round" and s.round == r][0]
+
     assert s1(by[0.3, 1], 1) == s1(by[0.5, 1], 1)
     assert rd(by[0.3, 1], 1) != rd(by[0.5, 1], 1)
     assert rd(by[0.3, 1], 1) == rd(by[0.3, 3], 1)

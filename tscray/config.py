@@ -163,7 +163,7 @@ class SweepSpec:
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out = {k: (v.to_dict() if isinstance(v, DefenseSpec) else dataclasses.asdict(v)
-                   if dataclasses.is_dataclass(v) else v) for k, v in d.items()}
+                   if dataclasses.is_dataclass(v) and not isinstance(v, type) else v) for k, v in d.items()}
         out["grids"] = [dataclasses.asdict(g) for g in self.grids]
         return out
 

@@ -147,6 +147,8 @@ def update_bn(model: nn.Module, loader: Iterable) -> nn.Module:
             raise ValueError("update_bn needs at least two values per channel")
         mean = s1 / n
         var = (s2 - n * mean * mean).clamp_min(0) / (n - 1)
+        # (the buffers exist: only BatchNorms with track_running_stats are in bns)
+        assert m.running_mean is not None and m.running_var is not None and m.num_batches_tracked is not None
         m.running_mean.copy_(mean.to(m.running_mean.dtype))
         m.running_var.copy_(var.to(m.running_var.dtype))
         m.num_batches_tracked.zero_()
@@ -175,7 +177,11 @@ def fit_epochs(curve: BezierCurve, loader: Iterable, method: Method, epochs: int
         for batch in loader:
             t = float(torch.rand((), generator=gen))
             weights = curve.weights(t)
-            loss = method.loss(lambda x, w=weights: functional_call(curve.base, w, (x,)), batch)
+
+            def forward(x: torch.Tensor, w: dict[str, torch.Tensor] = weights) -> torch.Tensor:
+                return functional_call(curve.base, w, (x,))
+
+            loss = method.loss(forward, batch)
             if optim.l2:
                 loss = loss + 0.5 * optim.l2 * sum((w * w).sum() for w in weights.values())
             opt.zero_grad(set_to_none=True)

@@ -33,7 +33,7 @@ class OptimConfig:
         if self.lr <= 0:
             raise ValueError(f"learning rate must be > 0, got {self.lr}")
 
-    def build(self, params: Iterable[torch.nn.Parameter], epochs: int
+    def build(self, params: Iterable[torch.Tensor], epochs: int
               ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         """The optimiser and its per-epoch scheduler."""
         params = list(params)

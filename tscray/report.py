@@ -27,6 +27,7 @@ import re
 import textwrap
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import matplotlib
@@ -215,7 +216,7 @@ def _sort(g: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return g.assign(_o=order).sort_values("_o", kind="stable").drop(columns="_o").reset_index(drop=True)
 
 
-def _rate(r: object) -> str:
+def _rate(r: Any) -> str:
     try:
         return f"{100 * float(r):g}%"
     except (TypeError, ValueError):

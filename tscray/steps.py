@@ -116,7 +116,7 @@ class Context:
     def place(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
         if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs omit memory_format
         return model
 
     @staticmethod

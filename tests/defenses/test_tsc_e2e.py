@@ -11,7 +11,6 @@ ASR 23.8 → 7.3, ACC 86.7 → 86.1 (3.3 points below).
 import time
 
 import pytest
-import torch
 
 from tscray import attacks, data, defenses, methods
 from tscray.defenses import CleanData

@@ -51,8 +51,8 @@ def test_loss_matches_direct_reference():
     txt = m.text(tok).double()
     ref = 0.0
     norm = lambda v: [a / math.sqrt(sum(b * b for b in v)) for a in v]  # noqa: E731
-    I, T = [norm(r.tolist()) for r in img], [norm(r.tolist()) for r in txt]
-    s = [[2.0 * sum(a * b for a, b in zip(I[i], T[j])) for j in range(5)] for i in range(5)]
+    im, tx = [norm(r.tolist()) for r in img], [norm(r.tolist()) for r in txt]
+    s = [[2.0 * sum(a * b for a, b in zip(im[i], tx[j])) for j in range(5)] for i in range(5)]
     for i in range(5):
         ref -= s[i][i] - math.log(sum(math.exp(s[i][j]) for j in range(5)))  # image → text
         ref -= s[i][i] - math.log(sum(math.exp(s[j][i]) for j in range(5)))  # text → image

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 from tscray import models
 from tscray.data.tensors import ImageData

@@ -11,13 +11,15 @@ architecture hyper-parameters come from the attack's own kwargs and the channel 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 EPS = 1e-7  # Input-Aware's EPSILON (keeps tanh/2 + 0.5 strictly inside (0, 1))
+
+NetT = TypeVar("NetT", bound=nn.Module)
 
 
 def _block(cin: int, cout: int, bn: bool, relu: bool = True) -> nn.Sequential:
@@ -28,6 +30,17 @@ def _block(cin: int, cout: int, bn: bool, relu: bool = True) -> nn.Sequential:
     if relu:
         layers.append(nn.ReLU())
     return nn.Sequential(*layers)
+
+
+def conv_at(net: nn.Module, *path: int) -> nn.Conv2d:
+    """The conv at ``path`` in nested ModuleLists/Sequentials, e.g. ``conv_at(ed.down, 0, 0, 0)`` (their indexing
+    is typed as returning a plain Module, which is not indexable)."""
+    m: Any = net
+    for i in path:
+        m = m[i]
+    if not isinstance(m, nn.Conv2d):
+        raise TypeError(f"expected a Conv2d at {path}, found {type(m).__name__}")
+    return m
 
 
 def _pad_to(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, int]:
@@ -104,8 +117,9 @@ class SecretEncoder(nn.Module):
         self.dense = nn.Linear(bits, in_channels * grid * grid)
         self.net = EncoderDecoder(2 * in_channels, in_channels, width, steps, bn=False, skip=True)
         self.direct = nn.Conv2d(in_channels, in_channels, 1)  # secret map → residual shortcut (learns fast)
-        last = self.net.up[-1][-1][0]
+        last = conv_at(self.net.up, -1, -1, 0)
         nn.init.zeros_(last.weight)
+        assert last.bias is not None  # nn.Conv2d's default bias=True
         nn.init.zeros_(last.bias)
 
     def forward(self, image: torch.Tensor, secret: torch.Tensor) -> torch.Tensor:
@@ -157,7 +171,7 @@ def unflatten(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
     return {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
 
 
-def load_net(net: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, what: str) -> nn.Module:
+def load_net(net: NetT, tensors: dict[str, torch.Tensor], prefix: str, what: str) -> NetT:
     """Load ``net`` from the flat resource; a clear error when tensors are missing or mis-shaped."""
     state = unflatten(tensors, prefix)
     try:

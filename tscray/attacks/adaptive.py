@@ -63,6 +63,7 @@ class SubspaceCurve(BezierCurve):
         for name in list(self._buffers):
             if name.startswith(("start__", "end__")):
                 value = self._buffers.pop(name)
+                assert value is not None  # BezierCurve registers the endpoints as tensors
                 self.register_parameter(name, nn.Parameter(value))
 
     def weights(self, t: float) -> dict[str, torch.Tensor]:

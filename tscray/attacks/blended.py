@@ -50,8 +50,8 @@ def load_pattern(path: str | Path, channels: int, height: int, width: int) -> to
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"blend pattern not found: {path}")
-    with Image.open(path) as im:
-        im = im.convert("L" if channels == 1 else "RGB")
+    with Image.open(path) as f:
+        im = f.convert("L" if channels == 1 else "RGB")
         if im.size != (width, height):
             im = im.resize((width, height), Image.Resampling.BILINEAR)
         arr = np.asarray(im, dtype=np.uint8)

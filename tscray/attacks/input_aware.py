@@ -63,8 +63,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from tscray.attacks._generators import (EncoderDecoder, flatten, load_net, seeded, threshold, to_uint8, to_unit,
-                                        unit_interval)
+from tscray.attacks._generators import (EncoderDecoder, conv_at, flatten, load_net, seeded, threshold, to_uint8,
+                                        to_unit, unit_interval)
 from tscray.attacks.base import ATTACKS, Attack
 from tscray.data.tensors import ImageData
 
@@ -143,7 +143,7 @@ class InputAware(Attack):
         if self.netG is None or self.netM is None:
             raise RuntimeError("input-aware needs its trained generators: call attack.prepare(...) or "
                                "attack.load_resource(...) first")
-        c = self.netG.down[0][0][0].in_channels
+        c = conv_at(self.netG.down, 0, 0, 0).in_channels
         if x.dim() != 4 or x.shape[1] != c:
             raise ValueError(f"input-aware generators were trained on {c}-channel images, got {tuple(x.shape)}")
         return self.netG, self.netM

@@ -96,7 +96,7 @@ class LC(Attack):
         """Training images: their adversarial copies from the resource, plus the trigger; test: the trigger."""
         if split == "test":
             return self.apply(x)
-        if not self.ready:
+        if self._index is None or self._images is None:  # (not self.ready: both are set together)
             raise RuntimeError("lc needs its resource (the adversarial target-class images) to poison training images")
         pos = lookup(self._index, idx, "target-class training images")
         return self.apply(self._images[pos].to(x.device))

@@ -54,7 +54,7 @@ Departures and why:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import torch
 from torch import nn
@@ -68,14 +68,14 @@ if TYPE_CHECKING:
     from tscray.train import Progress
 
 
-def flat_grad(loss: torch.Tensor, params: list[nn.Parameter], create_graph: bool = False) -> list[torch.Tensor]:
+def flat_grad(loss: torch.Tensor, params: Sequence[torch.Tensor], create_graph: bool = False) -> list[torch.Tensor]:
     return list(torch.autograd.grad(loss, params, create_graph=create_graph))
 
 
 def sharp_backdoor_gradient(model: nn.Module, x: torch.Tensor, target: int, rho: float,
                             batch_size: int) -> list[torch.Tensor]:
     """Gradient of the backdoor loss (normalised ``x`` → target) at θ̂ = θ + ρ·g/‖g‖ (SAM's worst case)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
 
     def grad_at() -> list[torch.Tensor]:
         total = [torch.zeros_like(p) for p in params]
@@ -103,7 +103,7 @@ def craft(model: nn.Module, base: torch.Tensor, labels: torch.Tensor, adv_grad: 
           delta: torch.Tensor, prep: Preprocess, eps: float, steps: int, step_size: float, batch_size: int,
           gen: torch.Generator) -> torch.Tensor:
     """Gradient matching: signed-Adam steps on δ (0-255 scale) towards cos(poison gradient, ``adv_grad``) = 1."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
     adv_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in adv_grad]))
     delta = delta.clone().requires_grad_(True)
     opt = torch.optim.Adam([delta], lr=step_size)
@@ -115,9 +115,10 @@ def craft(model: nn.Module, base: torch.Tensor, labels: torch.Tensor, adv_grad: 
             x = prep.normalize(prep.augment(base[sl] + delta[sl], gen))
             g = flat_grad(F.cross_entropy(model(x), labels[sl]), params, create_graph=True)
             dot = sum((a * b).sum() for a, b in zip(g, adv_grad))
-            norm = torch.sqrt(sum((a * a).sum() for a in g))
+            norm = torch.sqrt(cast(torch.Tensor, sum((a * a).sum() for a in g)))  # g is non-empty: not sum()'s 0
             (1 - dot / (norm * adv_norm + 1e-12)).backward()
         with torch.no_grad():
+            assert delta.grad is not None  # base is non-empty, so backward reached delta
             delta.grad.sign_()
         opt.step()
         sched.step()
@@ -149,10 +150,11 @@ class SAPA(Attack):
         self.trigger = build(trigger, **(trigger_kw or {}))
         if self.trigger.resource_params(0.1) is not None:
             raise ValueError(f"sapa needs a trigger without a resource, got {trigger!r}")
-        self.config = {"trigger": trigger, "trigger_kw": dict(trigger_kw or {}), "eps": float(eps), "rho": float(rho),
-                       "sources": sources, "steps": steps, "retrain": retrain, "step_size": float(step_size),
-                       "surrogate": surrogate, "surrogate_epochs": surrogate_epochs,
-                       "surrogate_lr": float(surrogate_lr), "batch_size": batch_size, "hidden": bool(hidden)}
+        self.config: dict[str, Any] = {
+            "trigger": trigger, "trigger_kw": dict(trigger_kw or {}), "eps": float(eps), "rho": float(rho),
+            "sources": sources, "steps": steps, "retrain": retrain, "step_size": float(step_size),
+            "surrogate": surrogate, "surrogate_epochs": surrogate_epochs,
+            "surrogate_lr": float(surrogate_lr), "batch_size": batch_size, "hidden": bool(hidden)}
         self.hidden = bool(hidden)
         self.clean_label = self.hidden
         self._idx: torch.Tensor | None = None

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, cast
 
 import torch
 from torch import nn
@@ -90,6 +90,7 @@ def sam_train(model: nn.Module, loader: Loader, epochs: int, optim: OptimConfig,
     """Cross-entropy training with SAM: ascend to θ + ρ·g/‖g‖, take the gradient there, step from θ."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = optim.build(params, epochs)
+    tensors: list[torch.Tensor] = list(params)  # the same parameters, typed as torch._foreach_* wants
 
     def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(model(x), y)
@@ -106,12 +107,12 @@ def sam_train(model: nn.Module, loader: Loader, epochs: int, optim: OptimConfig,
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
                 norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
                 eps = [g * (rho / (norm + 1e-12)) for g in grads]
-                torch._foreach_add_(params, eps)
+                torch._foreach_add_(tensors, eps)
             opt.zero_grad(set_to_none=True)
             with frozen_bn_stats(model):
                 loss_of(x, y).backward()
             with torch.no_grad():
-                torch._foreach_sub_(params, eps)
+                torch._foreach_sub_(tensors, eps)
             opt.step()
             total, steps = total + float(loss.detach()), steps + 1
         sched.step()
@@ -152,7 +153,8 @@ def ewc_train(model: nn.Module, loader: Loader, epochs: int, optim: OptimConfig,
     for epoch in range(epochs):
         total, pen_total, steps = 0.0, 0.0, 0
         for x, y in loader:
-            penalty = sum((fisher[k] * (p - anchor[k]) ** 2).sum() for k, p in named)
+            # (named is non-empty, so the sum is a Tensor, not sum()'s start 0)
+            penalty = cast(torch.Tensor, sum((fisher[k] * (p - anchor[k]) ** 2).sum() for k, p in named))
             loss = F.cross_entropy(model(x), y) + lam * penalty
             if optim.l2:
                 loss = loss + 0.5 * optim.l2 * sum((p * p).sum() for p in params)

@@ -143,6 +143,7 @@ class SSBA(Attack):
 
     def _check_array(self, split: Split, n: int | None, chw: tuple[int, ...]) -> np.ndarray:
         arr = self.array(split)
+        assert self.paths is not None  # array() raised otherwise
         hwc = (chw[1], chw[2], chw[0])
         if tuple(arr.shape[1:]) != hwc:
             raise ValueError(f"ssba {split} array {self.paths[split]} holds images of shape (H, W, C) = "

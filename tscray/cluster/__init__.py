@@ -71,7 +71,9 @@ class Coordinator:
         r = self.res
         gpus = float(r["gpus_per_step"])
         cpus = max(0.05, r["cpus_per_step"] - 0.05)  # leave room for light trials on a small machine
-        return ShardWorker.options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy="DEFAULT").remote(
+        # mypy ignores class decorators: it sees the plain class, not @ray.remote's ActorClass with .options
+        return ShardWorker.options(  # type: ignore[attr-defined]
+            num_cpus=cpus, num_gpus=gpus, scheduling_strategy="DEFAULT").remote(
             self.store.uri, r["threads"], gpus > 0, self.data_root, r["precision"], r["channels_last"],
             self.eval_batch)
 
@@ -160,8 +162,8 @@ def start(store_uri: str, sweep_id: str, resources: dict[str, Any], data_root: s
         time.sleep(0.5)
     except ValueError:
         pass
-    coord = Coordinator.options(name=name, namespace=NAMESPACE, max_concurrency=10_000, num_cpus=0,
-                                scheduling_strategy="DEFAULT").remote(
+    coord = Coordinator.options(  # type: ignore[attr-defined]  # @ray.remote's ActorClass: see _new_worker
+        name=name, namespace=NAMESPACE, max_concurrency=10_000, num_cpus=0, scheduling_strategy="DEFAULT").remote(
         store_uri, resources, data_root, eval_batch, fault_kill_at)
     n = ray.get(coord.start.remote())
     return coord, n

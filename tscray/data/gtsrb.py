@@ -43,7 +43,7 @@ LAYOUT = ("<root>/gtsrb/GTSRB/Training/00000..00042/*.ppm, <root>/gtsrb/GTSRB/Fi
 def _decode(path: Path, size: int) -> np.ndarray:
     from PIL import Image
     with Image.open(path) as im:
-        return pil_to_chw(im.convert("RGB").resize((size, size), Image.BILINEAR))
+        return pil_to_chw(im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
 
 
 def _locate(root: Path) -> tuple[Path, Path, Path, Path] | None:

@@ -41,12 +41,12 @@ LAYOUT = ("<root>/imagenet100/{train,val}/<class_dir>/*.{JPEG,jpg,png} "
 def _decode(path: Path, size: int) -> np.ndarray:
     """Shorter side resized to ``size`` (bilinear, antialiased), then a center ``size``×``size`` crop."""
     from PIL import Image
-    with Image.open(path) as im:
-        im = im.convert("RGB")
+    with Image.open(path) as f:
+        im = f.convert("RGB")
         w, h = im.size
         scale = size / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        im = im.resize((nw, nh), Image.BILINEAR)
+        im = im.resize((nw, nh), Image.Resampling.BILINEAR)
         left, top = (nw - size) // 2, (nh - size) // 2
         return pil_to_chw(im.crop((left, top, left + size, top + size)))
 

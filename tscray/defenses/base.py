@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Literal, Mapping, Protocol
 
 import torch
 from torch import nn
@@ -56,6 +56,15 @@ def evaluate_curve(curve: BezierCurve, ts: Iterable[float], bn_loader: Iterable,
 ColumnType = Literal["int", "float", "string"]
 
 
+class DefenseConfig(Protocol):
+    """A defense's config class: a frozen dataclass with a ``preset(name)`` classmethod."""
+
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+
+    @classmethod
+    def preset(cls, name: str = ...) -> Any: ...
+
+
 @dataclass(frozen=True)
 class Defense:
     """A registered defense: everything the library, sweeps, results and the CLI need to know of it.
@@ -73,7 +82,7 @@ class Defense:
     """
 
     name: str
-    config: type
+    config: type[DefenseConfig]
     run: Callable[..., DefenseResult]
     axes: tuple[str, ...] = ()
     columns: Mapping[str, ColumnType] = field(default_factory=dict)
@@ -129,7 +138,8 @@ def resolve_config(defense: Defense, preset: str, overrides: Mapping[str, Any], 
     optim: dict[str, dict[str, Any]] = {}
     for key, value in overrides.items():
         if key in prefixes and isinstance(value, Mapping):
-            for k, v in value.items():
+            nested: Mapping[str, Any] = value
+            for k, v in nested.items():
                 optim.setdefault(key, {})[OPTIM_KEYS.get(k, k)] = v
             continue
         for field_name, prefix in prefixes.items():

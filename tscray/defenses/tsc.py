@@ -151,7 +151,10 @@ def tsc_round(model: nn.Module, clean: CleanData, method: Method, cfg: TSCConfig
 def run(model: nn.Module, clean: CleanData, method: Method, cfg: TSCConfig,
         evaluate: Evaluate | None = None, log: Log | None = None) -> DefenseResult:
     """Purify ``model`` with E_TSC = ``cfg.rounds`` rounds of TSC (Algorithm 1)."""
-    current, outputs, records, points = model, [], [], {}
+    current = model
+    outputs: list[nn.Module] = []
+    records: list[dict[str, Any]] = []
+    points: dict[tuple[int, str], nn.Module] = {}
     for r in range(1, cfg.rounds + 1):
         res = tsc_round(current, clean, method, cfg, r, last=r == cfg.rounds, evaluate=evaluate, log=log)
         outputs.append(res.output)

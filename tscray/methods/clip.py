@@ -73,16 +73,18 @@ def _frozen_batchnorm_stats() -> Iterator[None]:
     """While active, BatchNorm forwards leave their running statistics as they were (for the re-run of a
     chunk whose first forward already updated them). Momentum 0 makes the kernel's own in-place update
     an exact no-op; restoring the values afterwards would bump tensors that backward has saved."""
-    saved: dict[nn.Module, tuple[float | None, torch.Tensor]] = {}
+    saved: dict[nn.modules.batchnorm._BatchNorm, tuple[float | None, torch.Tensor]] = {}
 
     def pre(m: nn.Module, _: object) -> None:
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
+            assert m.num_batches_tracked is not None  # registered when track_running_stats
             saved[m] = (m.momentum, m.num_batches_tracked.clone())
             m.momentum = 0.0
 
     def post(m: nn.Module, _: object, __: object) -> None:
-        if m in saved:
+        if m in saved and isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.momentum, count = saved.pop(m)
+            assert m.num_batches_tracked is not None
             with torch.no_grad():
                 m.num_batches_tracked.copy_(count)
 

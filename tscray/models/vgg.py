@@ -50,6 +50,7 @@ class VGG(nn.Module):
         for m in self.modules():  # torchvision's initialisation
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                assert m.bias is not None  # every conv here has a bias
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
@@ -65,12 +66,13 @@ class VGG(nn.Module):
     def permutation_spec(self) -> PermSpec:
         axes: dict = {}
         probes: dict[str, list[Probe]] = {}
-        prev = None
+        prev: str | None = None
         for i, (conv, bn) in enumerate(self.conv_bn):
             g = f"c{i}"
             axes |= conv_bn(f"features.{conv}", f"features.{bn}", g, prev, conv_bias=True)
             probes[g] = [Probe(f"features.{bn}", "relu")]
             prev = g
+        assert prev is not None, "a VGG has at least one conv"
         axes |= linear("classifier.0", "fc0", Expand(prev, POOL * POOL))
         axes |= linear("classifier.3", "fc1", "fc0")
         axes |= linear("classifier.6", None, "fc1")

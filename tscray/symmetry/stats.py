@@ -47,24 +47,33 @@ class CrossCorrelation:
             self.mean_a, self.mean_b, self.m2_a, self.m2_b, self.c_ab = mu_a, mu_b, m2_a, m2_b, c_ab
             self.n = m
             return
+        acc_mean_a, acc_mean_b, acc_m2_a, acc_m2_b, acc_c_ab = self._state()
         n = self.n + m
-        delta_a, delta_b = mu_a - self.mean_a, mu_b - self.mean_b
+        delta_a, delta_b = mu_a - acc_mean_a, mu_b - acc_mean_b
         w = self.n * m / n
-        self.m2_a = self.m2_a + m2_a + delta_a * delta_a * w
-        self.m2_b = self.m2_b + m2_b + delta_b * delta_b * w
-        self.c_ab = self.c_ab + c_ab + torch.outer(delta_a, delta_b) * w
-        self.mean_a = self.mean_a + delta_a * (m / n)
-        self.mean_b = self.mean_b + delta_b * (m / n)
+        self.m2_a = acc_m2_a + m2_a + delta_a * delta_a * w
+        self.m2_b = acc_m2_b + m2_b + delta_b * delta_b * w
+        self.c_ab = acc_c_ab + c_ab + torch.outer(delta_a, delta_b) * w
+        self.mean_a = acc_mean_a + delta_a * (m / n)
+        self.mean_b = acc_mean_b + delta_b * (m / n)
         self.n = n
+
+    def _state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean_a, mean_b, m2_a, m2_b, c_ab): all set together by the first non-empty update."""
+        mean_a, mean_b, m2_a, m2_b, c_ab = self.mean_a, self.mean_b, self.m2_a, self.m2_b, self.c_ab
+        assert (mean_a is not None and mean_b is not None and m2_a is not None and m2_b is not None
+                and c_ab is not None), "no observations accumulated"
+        return mean_a, mean_b, m2_a, m2_b, c_ab
 
     def correlation(self, eps: float = 1e-12) -> torch.Tensor:
         """The (Ca, Cb) Pearson correlation matrix; rows/columns of constant units are 0."""
         if self.n == 0:
             raise ValueError("no observations accumulated")
-        std_a, std_b = self.m2_a.clamp_min(0).sqrt(), self.m2_b.clamp_min(0).sqrt()
-        dead_a = std_a <= eps * (1 + self.mean_a.abs()) * self.n ** 0.5
-        dead_b = std_b <= eps * (1 + self.mean_b.abs()) * self.n ** 0.5
-        corr = self.c_ab / torch.outer(std_a.where(~dead_a, 1.0), std_b.where(~dead_b, 1.0))
+        mean_a, mean_b, m2_a, m2_b, c_ab = self._state()
+        std_a, std_b = m2_a.clamp_min(0).sqrt(), m2_b.clamp_min(0).sqrt()
+        dead_a = std_a <= eps * (1 + mean_a.abs()) * self.n ** 0.5
+        dead_b = std_b <= eps * (1 + mean_b.abs()) * self.n ** 0.5
+        corr = c_ab / torch.outer(std_a.where(~dead_a, 1.0), std_b.where(~dead_b, 1.0))
         corr[dead_a, :] = 0.0
         corr[:, dead_b] = 0.0
         return corr.clamp(-1.0, 1.0)
