@@ -86,7 +86,7 @@ def test_empty_sweep_is_a_clear_message(tmp_path, capsys):
     assert "not a tscray sweep directory" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["quickstart", "ablation", "ablation_small", "table1", "attacks_small",
+@pytest.mark.parametrize("name", ["quickstart", "ablation", "ablation_small", "table1", "table1_small", "attacks_small",
                                   "ablation_ssl", "ablation_ssl_small", "attacks_small_long"])
 def test_shipped_sweeps_dry_run(name, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("TSCRAY_DATA", str(tmp_path))
