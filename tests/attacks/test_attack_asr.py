@@ -16,19 +16,27 @@ pytestmark = pytest.mark.slow
 
 RECIPE = dict(batch_size=128, optim=OptimConfig(lr=0.05))
 
-# attack: (epochs, min ASR, max ACC drop vs the clean model); measured ASR / ACC drop at 1 thread in brackets
+# attack: (epochs, min ASR, max ACC drop vs the clean model). ACC is measured on 500 test images, so the drop
+# of one trained pair moves by a point or two with the seed, the thread count and the CPU's kernels. Measured
+# ASR / ACC drop over seeds 0-3 at 1 thread, then the test's own pair at 2 threads here and on CI's machine:
+#   badnets 97.6-99.3 / 1.0 0.8 1.4 0.0, -0.2        blended 100 / 3.0 1.0 2.4 2.6, 1.8, CI 3.6
+#   wanet   83.3-88.7 / 1.6 -0.4 0.4 1.0, 0.4
+# The max drop is about mean + 4 std of those (blended's 3.5 failed on CI at 3.6).
 CASES = {
-    "badnets": (8, 90.0, 3.0),   # (97.3 / -0.2)
-    "blended": (8, 90.0, 3.5),   # (100.0 / 1.8)
+    "badnets": (8, 90.0, 3.0),
+    "blended": (8, 90.0, 6.0),
     # SIG is clean-label: at 10% every target-class image carries the signal, so clean target-class test
     # images (which lack it) are under-recognised; the full-scale drop is 6.5 points (docs/attacks_small).
     "sig": (8, 70.0, 12.0),      # (84.9 / 7.8)
     # WaNet's sub-pixel warp takes longer to learn at this scale (62% ASR after 8 epochs)
-    "wanet": (14, 70.0, 3.5),    # (87.3 / 0.4)
+    "wanet": (14, 70.0, 3.5),
 }
+# rerun by tests/test_kernels.py under another CPU kernel set and thread count
+KERNELS = {"badnets", "blended"}
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.kernels] if n in KERNELS else [])
+                                  for n in CASES])
 def test_attack_backdoors_the_model_and_keeps_clean_accuracy(name, reduced, reduced_clean):
     epochs, min_asr, max_drop = CASES[name]
     torch.manual_seed(0)

@@ -23,6 +23,7 @@ def test_trigger_is_bounded_nonzero_and_deterministic(nc_resource):
     assert not torch.equal(build("narcissus", **TINY).make_resource(ds, 0.1, target=1, seed=1)["trigger"], t)
 
 
+@pytest.mark.kernels  # the trained trigger's values differ by CPU: tests/test_kernels.py reruns this
 def test_train_poison_adds_the_trigger_test_magnifies_it(nc_resource):
     ds, res = nc_resource
     atk = build("narcissus", **TINY)

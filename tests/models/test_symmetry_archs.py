@@ -12,6 +12,10 @@ from tscray import models
 from tscray.symmetry import PermSpec, Probe, invert, permute, permute_state, random_permutation, spec_of
 from tscray.symmetry.spec import bn_entries, conv_bn, linear
 
+# float-kernel-sensitive: CI reruns this module under another CPU kernel set and thread count (tests/test_kernels.py)
+pytestmark = pytest.mark.kernels
+
+
 SMALL = {"mlp": dict(in_channels=1, image_size=28), "cnn": dict(in_channels=1)}
 HEAVY = {"resnet50", "vgg19_bn", "simclr-resnet50"}  # batch 2 keeps this file near a minute on 2 CPU cores
 EXPECTED_GROUPS = {"mlp": 2, "cnn": 4, "preactresnet18": 12, "resnet18": 12, "resnet50": 37, "vgg19_bn": 18}

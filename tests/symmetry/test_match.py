@@ -6,6 +6,9 @@ from tscray.models import build
 from tscray.symmetry import (correlations, identity, invert, match, matched_correlation, permute,
                              random_permutation)
 
+# float-kernel-sensitive: CI reruns this module under another CPU kernel set and thread count (tests/test_kernels.py)
+pytestmark = pytest.mark.kernels
+
 
 def _loader(shape, n_batches=4, batch=32, seed=0):
     gen = torch.Generator().manual_seed(seed)
