@@ -41,7 +41,7 @@ def test_purify_errors_are_clear_and_write_nothing(tmp_path, capsys):
     bad.write_bytes(b"garbage" * 10)
     assert main(["purify", "--model", str(bad), "--arch", "cnn"]) == 2
     assert "corrupt" in capsys.readouterr().err
-    good = save_model(build("cnn", 10, in_channels=1), tmp_path / "m.safetensors")
+    good = save_model(build("cnn", 10, in_channels=1), tmp_path / "m.safetensors", data="fashion-mnist-embedded")
     assert main(["purify", "--model", str(good)]) == 2
     assert "--arch" in capsys.readouterr().err
     assert main(["purify", "--model", str(good), "--arch", "cnn", "--attack", "nope"]) == 2
@@ -60,7 +60,7 @@ def test_purify_errors_are_clear_and_write_nothing(tmp_path, capsys):
 def test_purify_runs_end_to_end_on_a_tiny_setting(tmp_path, capsys):
     torch.manual_seed(0)
     path = save_model(build("cnn", 10, in_channels=1, widths=(8, 8, 8, 8)), tmp_path / "m.safetensors",
-                      arch="cnn", arch_kw={"widths": [8, 8, 8, 8]})
+                      arch="cnn", arch_kw={"widths": [8, 8, 8, 8]}, data="fashion-mnist-embedded")
     code = main(["purify", "--model", str(path), "--attack", "badnets", "--rounds", "1", "--curve-epochs", "1",
                  "--finetune-epochs", "1", "--clean-ratio", "0.01", "--batch-size", "50"])
     assert code == 0
@@ -75,9 +75,45 @@ def test_purify_finetune_takes_finetune_epochs_and_any_setting(tmp_path, capsys)
     torch.manual_seed(0)
     path = save_model(build("cnn", 10, in_channels=1, widths=(8, 8, 8, 8)), tmp_path / "m.safetensors",
                       arch="cnn", arch_kw={"widths": [8, 8, 8, 8]})
-    base = ["purify", "--model", str(path), "--clean-ratio", "0.01", "--batch-size", "50"]
+    base = ["purify", "--model", str(path), "--data", "fashion-mnist-embedded", "--clean-ratio", "0.01",
+            "--batch-size", "50"]
     assert main(base + ["--defense", "finetune", "--finetune-epochs", "1", "--set", "lr=0.001"]) == 0
     assert "after" in capsys.readouterr().out
+
+
+TINY_TSC = ["--rounds", "1", "--curve-epochs", "1", "--finetune-epochs", "1", "--clean-ratio", "0.01",
+            "--batch-size", "50"]
+
+
+def test_purify_measures_asr_against_the_recorded_target_and_refuses_a_contradiction(tmp_path, capsys):
+    """A target-7 model read "ASR 0.00%" before and after: purify measured ASR against class 0 unless
+    --target was passed. It now reads the target from the checkpoint and refuses a contradicting --target."""
+    torch.manual_seed(0)
+    path = save_model(build("cnn", 10, in_channels=1, widths=(8, 8, 8, 8)), tmp_path / "m.safetensors",
+                      arch="cnn", arch_kw={"widths": [8, 8, 8, 8]}, attack="badnets", rate=0.1, target=7,
+                      data="fashion-mnist-embedded")
+    assert main(["purify", "--model", str(path), "--attack", "badnets", "--target", "3", *TINY_TSC]) == 2
+    err = capsys.readouterr().err
+    assert "--target 3 contradicts" in err and "records target 7" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+    assert main(["purify", "--model", str(path), "--attack", "badnets", *TINY_TSC]) == 0
+    assert "target class 7, poisoned at 10.0%" in capsys.readouterr().out
+
+
+def test_purify_uses_the_recorded_dataset_and_names_the_one_it_needs(tmp_path, capsys):
+    """Without --data, purify loaded Fashion-MNIST and failed with "shape mismatch: convs.0.weight"."""
+    rgb = save_model(build("cnn", 10, in_channels=3, widths=(8, 8, 8, 8)), tmp_path / "rgb.safetensors",
+                     arch="cnn", arch_kw={"widths": [8, 8, 8, 8]})
+    assert main(["purify", "--model", str(rgb), *TINY_TSC]) == 2
+    err = capsys.readouterr().err
+    assert "does not record the dataset" in err and "pass --data" in err and "cifar10" in err
+    assert main(["purify", "--model", str(rgb), "--data", "fashion-mnist-embedded", *TINY_TSC]) == 2
+    err = capsys.readouterr().err
+    assert "shape mismatch" in err and "fashion-mnist-embedded: 10 classes, 1 channel(s)" in err
+    grey = save_model(build("cnn", 10, in_channels=1, widths=(8, 8, 8, 8)), tmp_path / "grey.safetensors",
+                      arch="cnn", arch_kw={"widths": [8, 8, 8, 8]}, data="fashion-mnist-embedded")
+    assert main(["purify", "--model", str(grey), *TINY_TSC]) == 0
+    assert "on fashion-mnist-embedded" in capsys.readouterr().out
 
 
 def test_defenses_lists_every_defense_and_its_settings(capsys):

@@ -96,6 +96,19 @@ def test_data_kw_is_checked_against_the_sweeps_datasets_and_their_loaders():
     assert "data_kw.fashion-mnist-embedded.train_per_class: 0 is not a positive integer" in got
 
 
+def test_data_kw_accepts_every_option_the_imagenet100_loader_takes():
+    """``data_kw.imagenet100`` rejected ``cache_dir`` and ``workers``, which the loader accepts."""
+    kw = {"image_size": 64, "cache_dir": "/tmp/cache", "workers": 4, "download": False}
+    spec = validate({"name": "x", "grid": {"dataset": ["imagenet100"]}, "data_kw": {"imagenet100": kw}},
+                    check_data=False)
+    assert spec.data_kw == {"imagenet100": kw}
+    with pytest.raises(SpecError) as e:
+        validate({"name": "x", "grid": {"dataset": ["imagenet100"]},
+                  "data_kw": {"imagenet100": {"cache_dir": 3, "workers": 0}}}, check_data=False)
+    assert sorted(e.value.problems) == ["data_kw.imagenet100.cache_dir: 3 is not a non-empty path",
+                                        "data_kw.imagenet100.workers: 0 is not a positive integer"]
+
+
 def test_grid_blocks_union_their_products_each_at_its_own_rates():
     """Table 1 gives each attack its own poison rates: a list of grid blocks is the union of their products."""
     from tscray.plan import make_plan

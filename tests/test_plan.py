@@ -124,9 +124,9 @@ def test_attack_without_its_resource_refuses_to_poison(pattern_attack, embedded)
     from tscray.attacks import build, poison_test, poison_train
     atk = build("test-pattern")
     with pytest.raises(RuntimeError, match="resource"):
-        poison_train(embedded.train, atk, 0.1)
+        poison_train(embedded.train, atk, 0.1, 0)
     with pytest.raises(RuntimeError, match="resource"):
-        poison_test(embedded.test, atk)
+        poison_test(embedded.test, atk, 0)
     atk.prepare(embedded, 0.1, 0, seed=3)
     assert atk.ready and pattern_attack.made == 1
     atk.prepare(embedded, 0.1, 0, seed=3)

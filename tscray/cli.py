@@ -63,8 +63,9 @@ def _json_dict(text: str) -> dict[str, Any]:
     return value
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="fashion-mnist-embedded", help="dataset name (default: %(default)s)")
+def _common(p: argparse.ArgumentParser, data_help: str = "dataset name (default: %(default)s)",
+            data_default: str | None = "fashion-mnist-embedded") -> None:
+    p.add_argument("--data", default=data_default, help=data_help)
     p.add_argument("--data-root", help="local dataset root (default: $TSCRAY_DATA)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: %(default)s)")
     p.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch")
@@ -125,9 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack-resource", type=Path,
                    help="the attack's resource (trigger generator, universal trigger...) as written by "
                         "`tscray backdoor` (default: MODEL.attack.safetensors when it exists)")
-    p.add_argument("--target", type=int, default=0, help="attack target label (default: 0)")
+    p.add_argument("--target", type=int, default=None,
+                   help="attack target label (default: read from a tscray checkpoint's metadata, else 0)")
     p.add_argument("--out", type=Path, help="output path (default: MODEL.purified.safetensors)")
-    _common(p)
+    _common(p, "dataset name (default: the one recorded in a tscray checkpoint's metadata)", None)
     _defense_args(p)
 
     p = sub.add_parser("backdoor", help="train a backdoored model (attack + training)",
@@ -232,6 +234,31 @@ def _defense_config(args: argparse.Namespace):
     return defense, resolve_config(defense, args.preset, overrides)
 
 
+def _purify_target(args: argparse.Namespace, meta: dict[str, Any]) -> int:
+    """The class ASR is measured against: ``--target``, else the checkpoint's recorded target, else 0. A
+    ``--target`` that contradicts the recorded one is refused: the ASR would look clean."""
+    recorded = meta.get("target")
+    if recorded is not None and not isinstance(recorded, int):
+        raise ValueError(f"{args.model}: metadata target {recorded!r} is not a class index")
+    if args.target is not None and recorded is not None and args.target != recorded:
+        raise ValueError(f"--target {args.target} contradicts {args.model}, which records target {recorded} "
+                         "(drop --target to use it)")
+    return args.target if args.target is not None else (recorded if recorded is not None else 0)
+
+
+def _purify_data(args: argparse.Namespace, meta: dict[str, Any]) -> str:
+    """``--data``, else the dataset recorded in the checkpoint; a bare state dict needs ``--data``."""
+    from tscray import data
+
+    if args.data is not None:
+        return str(args.data)
+    recorded = meta.get("data")
+    if not isinstance(recorded, str) or not recorded:
+        raise ValueError(f"{args.model} does not record the dataset it was trained on; pass --data "
+                         f"(one of {', '.join(data.DATASETS.names())})")
+    return recorded
+
+
 def _resource_path(model: Path) -> Path:
     return model.with_name(model.name.split(".")[0] + ".attack.safetensors")
 
@@ -246,12 +273,20 @@ def cmd_purify(args: argparse.Namespace) -> int:
     if not arch:
         raise ValueError(f"{args.model} carries no architecture; pass --arch (one of {', '.join(models.names())})")
     arch_kw = args.arch_kw if args.arch_kw is not None else meta.get("arch_kw", {})
+    target = _purify_target(args, meta)
     defense, cfg = _defense_config(args)
-    ds = data.load(args.data, args.data_root)
+    ds = data.load(_purify_data(args, meta), args.data_root)
     model = models.build(arch, ds.num_classes, ds.in_channels, **arch_kw)
     if defense.check_model is not None:
         defense.check_model(model)
-    checkpoint.load_into(model, args.model)
+    try:
+        checkpoint.load_into(model, args.model)
+    except checkpoint.CheckpointError as err:
+        if "shape mismatch" not in str(err):
+            raise
+        raise checkpoint.CheckpointError(f"{err} (built {arch} for {ds.name}: {ds.num_classes} classes, "
+                                         f"{ds.in_channels} channel(s); pass --data for the dataset the model "
+                                         "was trained on)") from None
     model.to(args.device)
     attack_kw = args.attack_kw if args.attack_kw is not None else (
         meta.get("attack_kw", {}) if meta.get("attack") == args.attack else {})
@@ -262,11 +297,14 @@ def cmd_purify(args: argparse.Namespace) -> int:
             raise ValueError(f"attack {args.attack!r} needs its resource to build the triggered test set; "
                              f"pass --attack-resource (no {res})")
         attack.load_resource(checkpoint.load_state(res))
-    evaluate = attacks.evaluator(ds, attack, args.target)
+    evaluate = attacks.evaluator(ds, attack, target)
     idx = data.clean_subset(len(ds.train), args.clean_ratio, args.seed)
     clean = CleanData(ds.train.subset(idx), ds.prep, args.device)
     _log(f"{args.model}: {arch} on {ds.name}; defender holds {len(idx)} clean images "
          f"({args.clean_ratio:.1%}); defense {defense.name} ({args.preset} preset)")
+    if attack is not None:
+        rate = f", poisoned at {meta['rate']:.1%}" if isinstance(meta.get("rate"), (int, float)) else ""
+        _log(f"ASR: {args.attack} trigger, target class {target}{rate}")
     before = evaluate(model)
     _log(f"before: {_fmt(before)}")
     t0 = time.time()

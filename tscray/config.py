@@ -430,7 +430,8 @@ def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> S
     return spec
 
 
-DATA_KW = {"image_size": int, "download": bool, "train_per_class": int, "test_per_class": int}
+DATA_KW = {"image_size": int, "download": bool, "train_per_class": int, "test_per_class": int, "workers": int,
+           "cache_dir": str}
 
 
 def _check_data_kw(raw: Any, grid: Grid, ssl: SSLSpec, problems: list[str]) -> dict[str, dict[str, Any]]:
@@ -458,6 +459,8 @@ def _check_data_kw(raw: Any, grid: Grid, ssl: SSLSpec, problems: list[str]) -> d
                 problems.append(f"data_kw.{name}.{key}: {value!r} is not a positive integer")
             elif want is bool and not isinstance(value, bool):
                 problems.append(f"data_kw.{name}.{key}: {value!r} is not true/false")
+            elif want is str and (not isinstance(value, str) or not value):
+                problems.append(f"data_kw.{name}.{key}: {_short(value)} is not a non-empty path")
         out[name] = dict(kw)
     return out
 

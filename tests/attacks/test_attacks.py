@@ -157,7 +157,7 @@ def test_wanet_appends_cross_images_with_true_labels(embedded):
     assert not torch.equal(cross_x, atk.apply(embedded.train.x[nearest]))  # not the bare trigger
     again = poison_train(embedded.train, build("wanet"), 0.05, target=0, seed=0)
     assert torch.equal(again.data.x, p.data.x) and torch.equal(again.data.y, p.data.y)
-    assert len(poison_train(embedded.train, atk, 0.0).data) == n
+    assert len(poison_train(embedded.train, atk, 0.0, 0).data) == n
 
 
 def test_base_attack_adds_no_extra_training_images(embedded):
@@ -172,3 +172,23 @@ def test_extra_training_hook_output_is_appended(embedded):
 
     p = poison_train(embedded.train, Extra(), 0.1, target=1, seed=0)
     assert len(p.data) == len(embedded.train) + 3 and torch.all(p.data.y[-3:] == 7)
+
+
+def test_the_target_travels_with_the_poisoned_model_and_is_never_defaulted(embedded):
+    """``evaluator``/``poison_test`` used to default to target 0, so a target-7 model's ASR read ~0%."""
+    import inspect
+
+    from tscray.attacks import TrainRecipe, evaluator, train_backdoored
+    from tscray.optim import OptimConfig
+
+    for fn in (poison_train, poison_test):
+        assert inspect.signature(fn).parameters["target"].default is inspect.Parameter.empty
+    with pytest.raises(ValueError, match="needs the model's target class"):
+        evaluator(embedded, build("badnets"))
+    assert "asr" not in evaluator(embedded, None)(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(10)))
+    bd = train_backdoored(embedded, "mlp", build("badnets"), 0.1, target=7, seed=0,
+                          recipe=TrainRecipe(1, 64, OptimConfig(lr=0.01)), arch_kw={"hidden": (16,)})
+    assert (bd.target, bd.rate) == (7, 0.1) and (bd.poisoned.target, bd.poisoned.rate) == (7, 0.1)
+    assert torch.equal(bd.poisoned.data.y[bd.poisoned.poison_idx], torch.full((len(bd.poisoned.poison_idx),), 7))
+    triggered = poison_test(embedded.test, build("badnets"), bd.target)
+    assert len(triggered) == int((embedded.test.y != 7).sum()) and bool((triggered.y == 7).all())

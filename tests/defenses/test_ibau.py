@@ -249,7 +249,7 @@ def test_run_leaves_the_input_model_unchanged_and_is_deterministic(clean, embedd
     ibau = defenses.get("i-bau")
     cfg = ibau.make_config("paper", rounds=2, batch_size=50)
     from tscray.attacks import build as attack, evaluator
-    res = ibau.run(model, clean, method("supervised"), cfg, evaluator(embedded, attack("badnets")))
+    res = ibau.run(model, clean, method("supervised"), cfg, evaluator(embedded, attack("badnets"), 0))
     again = ibau.run(model, clean, method("supervised"), cfg)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k

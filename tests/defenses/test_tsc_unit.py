@@ -48,7 +48,7 @@ def test_records_cover_stages_and_curve_points(setting, embedded):
     model, clean = setting
     tsc = defenses.get("tsc")
     from tscray.attacks import build as attack, evaluator
-    ev = evaluator(embedded, attack("badnets"))
+    ev = evaluator(embedded, attack("badnets"), 0)
     res = tsc.run(model, clean, method("supervised"), tsc.make_config("paper", rounds=1, eval_ts=(0.0, 0.5, 1.0), **TINY), ev)
     stages = [r["stage"] for r in res.records]
     assert stages.count("curve1") == 3 and stages.count("curve2") == 3

@@ -16,11 +16,14 @@ class PoisonedTrain:
 
     ``data`` holds the training set (poisoned at ``poison_idx``) followed by any extra images the
     attack trains on (:meth:`Attack.extra_training`, e.g. WaNet's noise-mode images), so it can be
-    longer than the clean set; ``poison_idx`` indexes its first ``len(train)`` images.
+    longer than the clean set; ``poison_idx`` indexes its first ``len(train)`` images. ``target`` and
+    ``rate`` travel with it, so the triggered test set and the ASR cannot be measured against another class.
     """
 
     data: ImageData
     poison_idx: torch.Tensor
+    target: int
+    rate: float
 
 
 def _check_ready(attack: Attack) -> None:
@@ -29,7 +32,7 @@ def _check_ready(attack: Attack) -> None:
                            "attack.load_resource(...) first")
 
 
-def poison_train(train: ImageData, attack: Attack, rate: float, target: int = 0, seed: int = 0) -> PoisonedTrain:
+def poison_train(train: ImageData, attack: Attack, rate: float, target: int, seed: int = 0) -> PoisonedTrain:
     """Apply ``attack`` to a seeded ``rate`` of the training images (deterministic from the seed).
 
     Images the attack adds (:meth:`Attack.extra_training`) are appended after the training set.
@@ -47,11 +50,12 @@ def poison_train(train: ImageData, attack: Attack, rate: float, target: int = 0,
     extra = attack.extra_training(train, idx, rate, target, gen)
     if extra is not None and len(extra):
         x, y = torch.cat([x, extra.x]), torch.cat([y, extra.y])
-    return PoisonedTrain(ImageData(x, y), idx)
+    return PoisonedTrain(ImageData(x, y), idx, target, rate)
 
 
-def poison_test(test: ImageData, attack: Attack, target: int = 0) -> ImageData:
-    """Triggered test images whose true label is not the target, labelled with the target."""
+def poison_test(test: ImageData, attack: Attack, target: int) -> ImageData:
+    """Triggered test images whose true label is not the target, labelled with the target (no default
+    target: it must be the backdoored model's, e.g. ``Backdoored.target``)."""
     _check_ready(attack)
     keep = torch.nonzero(test.y != target).flatten()
     x = attack.poison(test.x[keep], keep, "test")

@@ -28,22 +28,36 @@ class TrainRecipe:
 
 @dataclass
 class Backdoored:
-    """A backdoored model with the poisoned training set that made it and its evaluator."""
+    """A backdoored model with the poisoned training set that made it and its evaluator (whose ASR is
+    measured against ``target``, the class the model was poisoned towards)."""
 
     model: nn.Module
     poisoned: PoisonedTrain
     evaluate: Evaluator
 
+    @property
+    def target(self) -> int:
+        return self.poisoned.target
 
-def evaluator(dataset: Dataset, attack: Attack | None, target: int = 0) -> Evaluator:
-    """ACC on the clean test set and, given an attack, ASR on its triggered non-target test images."""
-    return Evaluator(dataset.test, dataset.prep, poison_test(dataset.test, attack, target) if attack else None)
+    @property
+    def rate(self) -> float:
+        return self.poisoned.rate
+
+
+def evaluator(dataset: Dataset, attack: Attack | None, target: int | None = None) -> Evaluator:
+    """ACC on the clean test set and, given an attack, ASR on its triggered non-target test images, labelled
+    ``target`` (required with an attack: there is no default class to measure ASR against)."""
+    if attack is not None and target is None:
+        raise ValueError(f"evaluator: attack {attack.name!r} needs the model's target class (e.g. Backdoored.target)")
+    triggered = poison_test(dataset.test, attack, target) if attack is not None and target is not None else None
+    return Evaluator(dataset.test, dataset.prep, triggered)
 
 
 def train_backdoored(dataset: Dataset, arch: str, attack: Attack, rate: float, target: int = 0, seed: int = 0,
                      recipe: TrainRecipe = TrainRecipe(), device: torch.device | str = "cpu",
                      arch_kw: dict[str, Any] | None = None, progress: Progress | None = None) -> Backdoored:
-    """Poison ``rate`` of the training set with ``attack`` and train ``arch`` on it from a seeded init.
+    """Poison ``rate`` of the training set with ``attack`` towards class ``target`` and train ``arch`` on it
+    from a seeded init. The result carries ``target`` and ``rate``, and its evaluator measures ASR against it.
 
     An attack that needs a resource (a surrogate, a generator...) and has none loaded computes it
     first (:meth:`Attack.prepare`); the sweep instead loads it from its own cached step.
