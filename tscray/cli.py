@@ -65,8 +65,12 @@ def _json_dict(text: str) -> dict[str, Any]:
 
 def _common(p: argparse.ArgumentParser, data_help: str = "dataset name (default: %(default)s)",
             data_default: str | None = "fashion-mnist-embedded") -> None:
-    p.add_argument("--data", default=data_default, help=data_help)
+    p.add_argument("--data", default=data_default,
+                   help=data_help + "; or a path to your own data: an .npz (x, y[, x_test, y_test]) or an image "
+                                    "folder with one sub-folder per class")
     p.add_argument("--data-root", help="local dataset root (default: $TSCRAY_DATA)")
+    p.add_argument("--data-kw", dest="data_kw", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+                   help="dataset load option, as a sweep's data_kw (repeatable): image_size=32, test_ratio=0.2")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: %(default)s)")
     p.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch")
     p.add_argument("--seed", type=int, default=0, help="seed for data subsets, init and curves (default: 0)")
@@ -246,17 +250,37 @@ def _purify_target(args: argparse.Namespace, meta: dict[str, Any]) -> int:
     return args.target if args.target is not None else (recorded if recorded is not None else 0)
 
 
-def _purify_data(args: argparse.Namespace, meta: dict[str, Any]) -> str:
-    """``--data``, else the dataset recorded in the checkpoint; a bare state dict needs ``--data``."""
+def _purify_data(args: argparse.Namespace, meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``--data`` (and ``--data-kw``), else the dataset and load options recorded in the checkpoint; a bare
+    state dict needs ``--data``."""
     from tscray import data
 
     if args.data is not None:
-        return str(args.data)
+        return str(args.data), dict(args.data_kw)
     recorded = meta.get("data")
     if not isinstance(recorded, str) or not recorded:
         raise ValueError(f"{args.model} does not record the dataset it was trained on; pass --data "
-                         f"(one of {', '.join(data.DATASETS.names())})")
-    return recorded
+                         f"(one of {', '.join(data.DATASETS.names())}, or a path to your own data)")
+    kw = meta.get("data_kw") or {}
+    return recorded, {**(kw if isinstance(kw, dict) else {}), **dict(args.data_kw)}
+
+
+def _load_data(name: str, root: str | None, kw: dict[str, Any]) -> Any:
+    """The dataset ``name`` (a registered name or a path) with load options ``kw``; an option the loader
+    does not take is one clear line."""
+    import inspect
+
+    from tscray import data
+    from tscray.config import dataset_entry
+    from tscray.data import custom
+
+    name = dataset_entry(name)
+    loader = custom.load_path if name not in data.DATASETS and custom.is_path(name) else data.DATASETS.get(name)
+    accepted = [k for k in inspect.signature(loader).parameters if k not in ("root", "path")]
+    unknown = sorted(set(kw) - set(accepted))
+    if unknown:
+        raise ValueError(f"--data-kw: {name} takes no option(s) {unknown}; it accepts: {', '.join(accepted)}")
+    return data.load(name, root, **kw)
 
 
 def _resource_path(model: Path) -> Path:
@@ -275,7 +299,8 @@ def cmd_purify(args: argparse.Namespace) -> int:
     arch_kw = args.arch_kw if args.arch_kw is not None else meta.get("arch_kw", {})
     target = _purify_target(args, meta)
     defense, cfg = _defense_config(args)
-    ds = data.load(_purify_data(args, meta), args.data_root)
+    data_name, data_kw = _purify_data(args, meta)
+    ds = _load_data(data_name, args.data_root, data_kw)
     model = models.build(arch, ds.num_classes, ds.in_channels, **arch_kw)
     if defense.check_model is not None:
         defense.check_model(model)
@@ -321,11 +346,11 @@ def cmd_purify(args: argparse.Namespace) -> int:
 
 
 def cmd_backdoor(args: argparse.Namespace) -> int:
-    from tscray import attacks, checkpoint, data
+    from tscray import attacks, checkpoint
     from tscray.optim import OptimConfig
 
     _setup(args)
-    ds = data.load(args.data, args.data_root)
+    ds = _load_data(args.data, args.data_root, dict(args.data_kw))
     attack = attacks.build(args.attack, **(args.attack_kw or {}))
     recipe = attacks.TrainRecipe(args.epochs, args.batch_size, OptimConfig(lr=args.lr))
     _log(f"training {args.arch} on {ds.name} with {args.attack} at {args.rate:.1%} poison, target {args.target}")
@@ -335,7 +360,7 @@ def cmd_backdoor(args: argparse.Namespace) -> int:
     m = bd.evaluate(bd.model)
     checkpoint.save_model(bd.model, args.out, arch=args.arch, arch_kw=args.arch_kw or {}, attack=args.attack,
                           attack_kw=args.attack_kw or {}, rate=args.rate, target=args.target, data=ds.name,
-                          seed=args.seed)
+                          data_kw=dict(args.data_kw), seed=args.seed)
     _log(f"backdoored model: {_fmt(m)}; wrote {args.out}")
     if resource is not None:
         res = checkpoint.save_tensors(resource, _resource_path(args.out), attack=args.attack,

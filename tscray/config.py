@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 
 GRID_AXES = ("dataset", "arch", "attack", "poison_rate", "seed", "defense", "rounds", "t")
 # Grid axes that set a defense's config fields; a defense declares which it uses (Defense.axes).
@@ -25,7 +24,9 @@ class SpecError(ValueError):
     """A sweep spec with one or more problems; ``problems`` lists them, each naming a field."""
 
     def __init__(self, problems: list[str], source: str = "sweep spec") -> None:
-        self.problems = problems
+        # a backstop for values quoted in full somewhere: no problem line runs past 300 characters
+        self.problems = [p if len(p) <= 300 else p[:297] + "..." for p in problems]
+        problems = self.problems
         super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
 
 
@@ -185,29 +186,29 @@ def _names(known: Callable[[], list[str]], what: str) -> Check:
     def check(v: Any) -> str | None:
         names = known()
         if not isinstance(v, str):
-            return f"{v!r} is not a {what} name (a string); allowed: {', '.join(names)}"
-        return None if v in names else f"unknown {what} {v!r}; allowed: {', '.join(names)}"
+            return f"{_short(v)} is not a {what} name (a string); allowed: {', '.join(names)}"
+        return None if v in names else f"unknown {what} {_short(v)}; allowed: {', '.join(names)}"
     return check
 
 
 def _range(lo: float, hi: float, lo_open: bool, hi_open: bool, integer: bool = False) -> Check:
     def check(v: Any) -> str | None:
         if not (_is_int(v) if integer else _is_num(v)):
-            return f"{v!r} is not {'an integer' if integer else 'a number'}"
+            return f"{_short(v)} is not {'an integer' if integer else 'a number'}"
         ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
         if ok:
             return None
         lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
         hi_s = "∞" if hi == math.inf else f"{hi:g}"
-        return f"{v!r} is outside {lb}{lo:g}, {hi_s}{rb}"
+        return f"{_short(v)} is outside {lb}{lo:g}, {hi_s}{rb}"
     return check
 
 
 def _grid_checks() -> dict[str, Check]:
-    from tscray import data, models
+    from tscray import models
 
     return {
-        "dataset": _names(data.DATASETS.names, "dataset"),
+        "dataset": _dataset_check,
         "arch": _names(models.names, "architecture"),
         "attack": _names(_all_attack_names, "attack"),
         "poison_rate": _range(0, 1, False, False),
@@ -226,21 +227,21 @@ def _check_scalar(path: str, value: Any, default: Any, problems: list[str]) -> A
     """Type-check a scalar against the type of its default; returns the (coerced) value."""
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            problems.append(f"{path}: {value!r} is not true/false")
+            problems.append(f"{path}: {_short(value)} is not true/false")
     elif isinstance(default, int):
         if not _is_int(value):
-            problems.append(f"{path}: {value!r} is not an integer")
+            problems.append(f"{path}: {_short(value)} is not an integer")
     elif isinstance(default, float):
         if not _is_num(value):
-            problems.append(f"{path}: {value!r} is not a number")
+            problems.append(f"{path}: {_short(value)} is not a number")
         else:
             value = float(value)
     elif isinstance(default, str):
         if not isinstance(value, str):
-            problems.append(f"{path}: {value!r} is not a string")
+            problems.append(f"{path}: {_short(value)} is not a string")
     elif isinstance(default, dict):
         if not isinstance(value, dict):
-            problems.append(f"{path}: {value!r} is not a mapping")
+            problems.append(f"{path}: {_short(value)} is not a mapping")
     return value
 
 
@@ -271,10 +272,11 @@ def _section(cls: type, raw: Any, path: str, problems: list[str],
                 msg = checks[key](item) if checks and key in checks else None
                 if msg:
                     problems.append(f"{where}[{i}]: {msg}" if isinstance(value, list) else f"{where}: {msg}")
+                    continue  # a bad value (maybe unhashable) never reaches the later checks
                 out.append(float(item) if isinstance(item, int) and not isinstance(item, bool)
                            and key in ("poison_rate", "t", "curve_ts") else item)
             if len(set(map(repr, out))) != len(out):
-                problems.append(f"{where}: duplicate values {items}")
+                problems.append(f"{where}: duplicate values {_short(items)}")
             values[key] = tuple(out)
         elif value is None and key in ("mlflow_uri", "data_root"):
             values[key] = None
@@ -299,8 +301,43 @@ def _grid_blocks(raw: Any, problems: list[str]) -> tuple[Grid, ...]:
         if not raw:
             problems.append("grid: empty list; give a mapping of axes or a list of them")
             return (Grid(),)
-        return tuple(_section(Grid, block, f"grid[{i}]", problems, _grid_checks()) for i, block in enumerate(raw))
-    return (_section(Grid, raw, "grid", problems, _grid_checks()),)
+        return tuple(_section(Grid, _dataset_paths(block), f"grid[{i}]", problems, _grid_checks())
+                     for i, block in enumerate(raw))
+    return (_section(Grid, _dataset_paths(raw), "grid", problems, _grid_checks()),)
+
+
+def dataset_entry(value: Any) -> Any:
+    """A grid ``dataset`` value as the name trials carry: a registered name as is; the user's own data
+    (``{path: ...}`` or a string that is a path) as its absolute path, so every worker reads the same file."""
+    from tscray.data import DATASETS, custom
+
+    if isinstance(value, dict) and list(value) == ["path"] and isinstance(value["path"], str) and value["path"]:
+        value = value["path"]
+        if value in DATASETS:  # {path: cifar10} means a file or folder called cifar10
+            return str(Path(value).expanduser().resolve())
+    if isinstance(value, str) and value not in DATASETS and custom.is_path(value):
+        return str(Path(value).expanduser().resolve())
+    return value
+
+
+def _dataset_paths(block: Any) -> Any:
+    if not isinstance(block, dict) or "dataset" not in block:
+        return block
+    value = block["dataset"]
+    entries = [dataset_entry(v) for v in value] if isinstance(value, list) else dataset_entry(value)
+    return {**block, "dataset": entries}
+
+
+def _dataset_check(v: Any) -> str | None:
+    """A registered dataset name or a path to the user's own data (read and checked by ``_check_data``)."""
+    from tscray.data import DATASETS
+
+    if isinstance(v, str) and (v in DATASETS or Path(v).is_absolute()):
+        return None
+    if isinstance(v, dict):
+        return (f"{_short(v)}: a dataset mapping takes one key, path (an .npz file or an image folder)")
+    return (f"unknown dataset {_short(v)}; allowed: {', '.join(DATASETS.names())}, or a path to your own data "
+            "(an .npz file or an image folder)")
 
 
 def _union(grids: tuple[Grid, ...]) -> Grid:
@@ -388,7 +425,7 @@ def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> S
             problems.append(f"{key}: unknown key; allowed: {', '.join(top)}")
     name = raw.get("name")
     if not isinstance(name, str) or not name or any(c in name for c in "/\\ "):
-        problems.append(f"name: {name!r} must be a non-empty string without spaces or slashes")
+        problems.append(f"name: {_short(name)} must be a non-empty string without spaces or slashes")
         name = "invalid"
     grids = _grid_blocks(raw.get("grid"), problems)
     grid = _union(grids)
@@ -398,8 +435,11 @@ def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> S
         "lr": _range(0, math.inf, True, True), "target": _range(0, math.inf, False, True, integer=True),
         "method": _names(lambda: list(SWEEP_METHODS), "training method"),
         "optimizer": _names(lambda: ["sgd", "adam"], "optimizer")})
-    ssl = _section(SSLSpec, raw.get("ssl"), "ssl", problems, {
-        "downstream": lambda v: None if v == "" else _names(_dataset_names, "dataset")(v),
+    raw_ssl = raw.get("ssl")
+    if isinstance(raw_ssl, dict) and "downstream" in raw_ssl:
+        raw_ssl = {**raw_ssl, "downstream": dataset_entry(raw_ssl["downstream"])}
+    ssl = _section(SSLSpec, raw_ssl, "ssl", problems, {
+        "downstream": lambda v: None if v == "" else _dataset_check(v),
         "probe_epochs": _range(1, math.inf, False, True, integer=True), "probe_lr": _range(0, math.inf, True, True),
         "probe_batch_size": _range(1, math.inf, False, True, integer=True),
         "knn_k": _range(1, math.inf, False, True, integer=True)})
@@ -414,9 +454,11 @@ def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> S
     scalars = {}
     for key in ("storage", "mlflow_uri", "data_root"):
         if key in raw and raw[key] is not None and not isinstance(raw[key], str):
-            problems.append(f"{key}: {raw[key]!r} is not a string")
+            problems.append(f"{key}: {_short(raw[key])} is not a string")
         elif key in raw:
             scalars[key] = raw[key]
+    if isinstance(scalars.get("storage"), str):
+        _check_storage(scalars["storage"], name if isinstance(name, str) else "", problems)
     data_kw = _check_data_kw(raw.get("data_kw"), grid, ssl, problems)
     if not problems:
         _check_method(grid, train, raw, problems)
@@ -431,7 +473,28 @@ def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> S
 
 
 DATA_KW = {"image_size": int, "download": bool, "train_per_class": int, "test_per_class": int, "workers": int,
-           "cache_dir": str}
+           "cache_dir": str, "test_ratio": float, "split_seed": int, "mean": list, "std": list}
+
+
+def _check_storage(raw: str, name: str, problems: list[str]) -> None:
+    """``storage``: its only placeholder is ``{name}``; a local path must not run through a file."""
+    try:
+        path = raw.format(name=name)
+    except (KeyError, IndexError, ValueError) as err:
+        problems.append(f"storage: {_short(raw)} has a bad placeholder ({type(err).__name__}: {_short(str(err))}); "
+                        "the only placeholder is {name}")
+        return
+    if not path.strip():
+        problems.append("storage: empty path")
+        return
+    if "://" in path:
+        return
+    p = Path(path).expanduser().absolute()
+    for parent in (p, *p.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                problems.append(f"storage: {_short(path)} runs through {parent}, which is a file, not a folder")
+            break
 
 
 def _check_data_kw(raw: Any, grid: Grid, ssl: SSLSpec, problems: list[str]) -> dict[str, dict[str, Any]]:
@@ -444,21 +507,28 @@ def _check_data_kw(raw: Any, grid: Grid, ssl: SSLSpec, problems: list[str]) -> d
     used = {*grid.dataset, ssl.downstream} - {""}
     out: dict[str, dict[str, Any]] = {}
     for name, kw in raw.items():
+        name = dataset_entry(name)
         if name not in used:
             problems.append(f"data_kw.{name}: not a dataset of this sweep ({', '.join(sorted(used))})")
             continue
         if not isinstance(kw, dict):
-            problems.append(f"data_kw.{name}: expected a mapping of options, got {kw!r}")
+            problems.append(f"data_kw.{name}: expected a mapping of options, got {_short(kw)}")
             continue
         accepted = _loader_options(name)
         for key, value in kw.items():
             want = DATA_KW.get(key)
             if want is None or key not in accepted:
                 problems.append(f"data_kw.{name}.{key}: unknown option; {name} accepts: {', '.join(accepted)}")
-            elif want is int and (not _is_int(value) or value < 1):
-                problems.append(f"data_kw.{name}.{key}: {value!r} is not a positive integer")
+            elif want is int and key == "split_seed" and (not _is_int(value) or value < 0):
+                problems.append(f"data_kw.{name}.{key}: {_short(value)} is not a non-negative integer")
+            elif want is int and key != "split_seed" and (not _is_int(value) or value < 1):
+                problems.append(f"data_kw.{name}.{key}: {_short(value)} is not a positive integer")
+            elif want is float and (not _is_num(value) or not 0 < value < 1):
+                problems.append(f"data_kw.{name}.{key}: {_short(value)} is not a number in (0, 1)")
+            elif want is list and (not isinstance(value, list) or not value or not all(map(_is_num, value))):
+                problems.append(f"data_kw.{name}.{key}: {_short(value)} is not a list of numbers, one per channel")
             elif want is bool and not isinstance(value, bool):
-                problems.append(f"data_kw.{name}.{key}: {value!r} is not true/false")
+                problems.append(f"data_kw.{name}.{key}: {_short(value)} is not true/false")
             elif want is str and (not isinstance(value, str) or not value):
                 problems.append(f"data_kw.{name}.{key}: {_short(value)} is not a non-empty path")
         out[name] = dict(kw)
@@ -469,16 +539,13 @@ def _loader_options(name: str) -> list[str]:
     import inspect
 
     from tscray import data
+    from tscray.data import custom
     try:
-        params = inspect.signature(data.DATASETS.get(name)).parameters
+        loader = custom.load_path if name not in data.DATASETS and custom.is_path(name) else data.DATASETS.get(name)
+        params = inspect.signature(loader).parameters
     except KeyError:
         return []
     return [k for k in params if k in DATA_KW]
-
-
-def _dataset_names() -> list[str]:
-    from tscray import data
-    return data.DATASETS.names()
 
 
 def _check_method(grid: Grid, train: TrainSpec, raw: dict[str, Any], problems: list[str]) -> None:
@@ -535,8 +602,17 @@ def _check_defenses(grid: Grid, train: TrainSpec, problems: list[str]) -> None:
 
 
 def _check_data(spec: SweepSpec, problems: list[str]) -> None:
-    """Datasets read from disk need an existing data root."""
+    """Datasets read from disk need an existing data root; the user's own data is read and checked now, so
+    a bad file fails here and not after compute started."""
+    from tscray import data
     from tscray.data import data_root
+
+    for name in dict.fromkeys((*spec.grid.dataset, spec.ssl.downstream)):
+        if name and name not in data.DATASETS:
+            try:
+                data.load(name, **spec.data_kw.get(name, {}))
+            except (ValueError, TypeError, FileNotFoundError) as err:
+                problems.append(f"grid.dataset: {err}")
 
     needs = [d for d in (*spec.grid.dataset, spec.ssl.downstream) if d in REAL_DATA]
     if not needs:
@@ -553,8 +629,14 @@ def load_spec(path: str | Path, check_data: bool = True) -> SweepSpec:
     path = Path(path)
     if not path.is_file():
         raise SpecError([f"file: {path} does not exist"], str(path))
+    from tscray import spec_yaml
+
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise SpecError([f"YAML syntax: {err}"], str(path)) from None
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecError([f"file: {path} is unreadable ({err})"], str(path)) from None
+    try:
+        raw = spec_yaml.load(text, str(path))
+    except spec_yaml.SpecYAMLError as err:
+        raise SpecError([str(err)], str(path)) from None
     return validate(raw, str(path), check_data)

@@ -5,6 +5,7 @@ count, preprocessing). Real loaders read a local root (``TSCRAY_DATA`` by defaul
 on-disk formats: ``cifar10``, ``gtsrb``, ``svhn``, ``stl10``, ``imagenet100`` (see each module's
 docstring for the layout); a missing dataset raises :class:`DatasetNotFound`, a malformed one
 ``ValueError``. The embedded Fashion-MNIST subset ships inside the package so everything runs offline.
+A name that is a path loads the user's own data (``.npz`` or an image folder: :mod:`tscray.data.custom`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -51,8 +52,11 @@ def data_root(root: str | os.PathLike | None = None) -> Path | None:
     return Path(env) if env else None
 
 
-def load(name: str, root: str | os.PathLike | None = None, **kw: object) -> Dataset:
-    """Load the registered dataset ``name`` (from ``root`` where it needs one)."""
+def load(name: str, root: str | os.PathLike | None = None, **kw: Any) -> Dataset:
+    """Load the registered dataset ``name`` (from ``root`` where it needs one), or the user's dataset at a
+    path (an ``.npz`` file or an image folder, see :mod:`tscray.data.custom`)."""
+    if name not in DATASETS and custom.is_path(name):
+        return custom.load_path(name, **kw)
     return DATASETS.get(name)(root=data_root(root), **kw)
 
 
@@ -65,7 +69,7 @@ def clean_subset(n: int, ratio: float, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=gen)[:k].sort().values
 
 
-from tscray.data import cifar10, embedded, gtsrb, imagefolder, stl10, svhn  # noqa: E402,F401  (registration)
+from tscray.data import cifar10, custom, embedded, gtsrb, imagefolder, stl10, svhn  # noqa: E402,F401  (registration)
 
 __all__ = ["DATASETS", "Dataset", "DatasetNotFound", "ImageData", "Loader", "Preprocess", "clean_subset",
            "data_root", "load"]

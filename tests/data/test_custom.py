@@ -1,0 +1,182 @@
+"""A user's own dataset: an .npz or an image folder, named by its path (tscray.data.custom)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tscray import data
+from tscray.cli import main
+from tscray.config import SpecError, validate
+from tscray.data.custom import load_path, stratified_split
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "shapes.npz"
+
+
+def arrays(n=40, classes=4, shape=(12, 12), seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, *shape), dtype=np.uint8), np.arange(n) % classes
+
+
+def test_the_example_file_loads_with_its_own_test_split_and_train_statistics():
+    ds = data.load(str(EXAMPLE))
+    assert (len(ds.train), len(ds.test), ds.num_classes, ds.in_channels, ds.image_size) == (600, 200, 4, 1, 24)
+    x = ds.train.x.float() / 255
+    assert ds.prep.mean == pytest.approx((float(x.mean()),), abs=1e-4)
+    assert ds.prep.std == pytest.approx((float(x.std()),), abs=1e-4)
+    assert ds.prep.hflip is False and ds.prep.crop_padding == 3
+    assert sorted(torch.unique(ds.test.y).tolist()) == [0, 1, 2, 3]
+
+
+def test_every_image_layout_gives_the_same_tensors(tmp_path):
+    x, y = arrays(shape=(10, 10, 3))
+    np.savez(tmp_path / "hwc.npz", x=x, y=y)
+    np.savez(tmp_path / "chw.npz", x=x.transpose(0, 3, 1, 2), y=y)
+    a, b = load_path(tmp_path / "hwc.npz"), load_path(tmp_path / "chw.npz")
+    assert a.train.x.shape[1:] == (3, 10, 10)
+    assert torch.equal(a.train.x, b.train.x) and torch.equal(a.test.y, b.test.y)
+    grey, gy = arrays()
+    np.savez(tmp_path / "grey.npz", x=grey, y=gy.astype(np.uint8))
+    assert load_path(tmp_path / "grey.npz").train.x.shape[1:] == (1, 12, 12)
+
+
+def test_without_a_test_split_a_seeded_stratified_share_of_each_class_is_held_out(tmp_path):
+    y = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    tr, te = stratified_split(y, 0.2, seed=3)
+    assert sorted(torch.bincount(y[te]).tolist()) == [4, 6, 10]
+    assert len(set(tr.tolist()) | set(te.tolist())) == 100 and not set(tr.tolist()) & set(te.tolist())
+    assert torch.equal(stratified_split(y, 0.2, seed=3)[1], te) and not torch.equal(stratified_split(y, 0.2, 4)[1], te)
+    x, ys = arrays(n=100)
+    np.savez(tmp_path / "d.npz", x=x, y=ys)
+    ds = load_path(tmp_path / "d.npz", test_ratio=0.3, split_seed=1)
+    assert (len(ds.train), len(ds.test)) == (68, 32)  # round(0.3 * 25) = 8 of each class
+    assert torch.bincount(ds.test.y).tolist() == [8, 8, 8, 8]
+
+
+def test_image_size_resizes_and_given_normalisation_is_kept(tmp_path):
+    x, y = arrays(shape=(12, 20))
+    np.savez(tmp_path / "wide.npz", x=x, y=y)
+    with pytest.raises(ValueError, match="not square; pass image_size"):
+        load_path(tmp_path / "wide.npz")
+    ds = load_path(tmp_path / "wide.npz", image_size=16, mean=[0.5], std=[0.25])
+    assert ds.image_size == 16 and ds.prep.mean == (0.5,) and ds.prep.std == (0.25,)
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda x, y: dict(x=x.astype(np.float32), y=y), "x must be uint8 images"),
+    (lambda x, y: dict(x=x, y=y - 1), "negative label"),
+    (lambda x, y: dict(x=x, y=np.zeros_like(y)), "one class only"),
+    (lambda x, y: dict(x=x, y=y[:-3]), "x holds 40 images but y 37 labels"),
+    (lambda x, y: dict(x=x, y=y.astype(np.float64)), "y must be integers"),
+    (lambda x, y: dict(x=x, y=np.where(y == 2, 7, y)), "no image of class(es) [2"),
+    (lambda x, y: dict(x=x, y=y, x_test=x, y_test=y + 5), "test labels hold label"),
+    (lambda x, y: dict(x=x, y=y, x_test=x), "x_test and y_test come together"),
+    (lambda x, y: dict(images=x, labels=y), "missing array(s) ['x', 'y']"),
+    (lambda x, y: dict(x=x[:0], y=y[:0]), "x holds no images"),
+    (lambda x, y: dict(x=np.zeros((40, 5, 6, 7), np.uint8), y=y), "no channel axis"),
+    (lambda x, y: dict(x=x, y=np.array([object()] * 40)), "unreadable as a plain .npz"),
+])
+def test_bad_data_is_one_clear_error_naming_the_file(tmp_path, make, msg):
+    x, y = arrays()
+    path = tmp_path / "bad.npz"
+    np.savez(path, **make(x, y))
+    with pytest.raises(ValueError) as e:
+        load_path(path)
+    assert msg in str(e.value) and str(path) in str(e.value)
+
+
+def test_missing_and_corrupt_files_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        data.load(str(tmp_path / "nope.npz"))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="corrupt or not an .npz"):
+        data.load(str(tmp_path / "junk.npz"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        data.load(str(tmp_path / "empty"))
+
+
+def write_folder(root: Path, split_names=("",), classes=("cat", "dog", "emu"), n=4, mode="L", size=(9, 9)):
+    rng = np.random.default_rng(0)
+    for split in split_names:
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                shape = (*size[::-1], 3) if mode == "RGB" else size[::-1]
+                Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(d / f"{i}.png")
+
+
+def test_an_image_folder_reads_classes_in_name_order_with_or_without_splits(tmp_path):
+    write_folder(tmp_path / "one", n=10)
+    ds = data.load(str(tmp_path / "one"))
+    assert (ds.num_classes, ds.in_channels, len(ds.train) + len(ds.test)) == (3, 1, 30)
+    assert torch.bincount(ds.test.y).tolist() == [2, 2, 2]
+    first = np.asarray(Image.open(tmp_path / "one" / "cat" / "0.png"))
+    assert any(torch.equal(img[0], torch.from_numpy(first.copy())) for img in torch.cat([ds.train.x, ds.test.x]))
+    write_folder(tmp_path / "two", ("train", "val"), mode="RGB")
+    ds = data.load(str(tmp_path / "two"), image_size=6)
+    assert (len(ds.train), len(ds.test), ds.in_channels, ds.image_size) == (12, 12, 3, 6)
+    assert ds.test.y.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_bad_folders_are_clear(tmp_path):
+    write_folder(tmp_path / "a", ("train", "test"))
+    (tmp_path / "a" / "test" / "yak").mkdir()
+    with pytest.raises(ValueError, match="yak: class folder has no counterpart in the train split"):
+        data.load(str(tmp_path / "a"))
+    write_folder(tmp_path / "b", classes=("x", "y"))
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(tmp_path / "b" / "x" / "odd.png")
+    with pytest.raises(ValueError, match="2 different sizes"):
+        data.load(str(tmp_path / "b"))
+    (tmp_path / "c" / "only").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no images"):
+        data.load(str(tmp_path / "c"))
+    (tmp_path / "b" / "y" / "bad.png").write_bytes(b"nope")
+    with pytest.raises(ValueError, match="bad.png: not a readable image"):
+        data.load(str(tmp_path / "b"), image_size=5)
+
+
+def test_sweeps_take_a_path_validate_it_up_front_and_key_data_kw_by_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(EXAMPLE.parents[1])
+    spec = validate({"name": "x", "grid": {"dataset": [{"path": "examples/shapes.npz"}, "fashion-mnist-embedded"]},
+                     "data_kw": {"examples/shapes.npz": {"image_size": 28, "mean": [0.5], "std": [0.25]}}})
+    assert spec.grid.dataset == (str(EXAMPLE), "fashion-mnist-embedded")
+    assert spec.data_kw == {str(EXAMPLE): {"image_size": 28, "mean": [0.5], "std": [0.25]}}
+    x, y = arrays()
+    np.savez(tmp_path / "one.npz", x=x, y=np.zeros_like(y))
+    with pytest.raises(SpecError) as e:
+        validate({"name": "x", "grid": {"dataset": [str(tmp_path / "one.npz"), {"path": 3}, "nope"]},
+                  "data_kw": {str(tmp_path / "one.npz"): {"test_ratio": 2, "download": True}}})
+    got = "\n".join(e.value.problems)
+    assert "grid.dataset[1]: {'path': 3}: a dataset mapping takes one key, path" in got
+    assert "grid.dataset[2]: unknown dataset 'nope'" in got
+    assert f"data_kw.{tmp_path / 'one.npz'}.test_ratio: 2 is not a number in (0, 1)" in got
+    assert f"data_kw.{tmp_path / 'one.npz'}.download: unknown option" in got
+    with pytest.raises(SpecError, match="one class only"):
+        validate({"name": "x", "grid": {"dataset": [str(tmp_path / "one.npz")]}})
+
+
+def test_backdoor_and_purify_take_a_path_and_data_kw_and_bad_data_is_one_line(tmp_path, capsys):
+    out = tmp_path / "bd.safetensors"
+    assert main(["backdoor", "--data", str(EXAMPLE), "--data-kw", "image_size=16", "--arch", "cnn", "--arch-kw",
+                 '{"widths": [8, 8, 8, 8]}', "--epochs", "1", "--batch-size", "100", "--target", "2",
+                 "--out", str(out)]) == 0
+    from tscray.checkpoint import read_meta
+    meta = read_meta(out)
+    assert (meta["data"], meta["data_kw"], meta["target"]) == (str(EXAMPLE), {"image_size": 16}, 2)
+    assert main(["purify", "--model", str(out), "--attack", "badnets", "--rounds", "1", "--curve-epochs", "1",
+                 "--finetune-epochs", "1", "--clean-ratio", "0.1", "--batch-size", "50"]) == 0
+    assert f"on {EXAMPLE}" in capsys.readouterr().out
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros((4, 8, 8), np.float32), y=np.arange(4))
+    assert main(["backdoor", "--data", str(bad), "--out", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "must be uint8 images" in err[0] and str(bad) in err[0]
+    assert main(["backdoor", "--data", str(EXAMPLE), "--data-kw", "download=true",
+                 "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "--data-kw: " in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
