@@ -161,6 +161,23 @@ def _quiet_ray_logging(log_dir: Path) -> Path:
     return path
 
 
+def _check_gpus(need: float, address: str | None, out: TextIO) -> None:
+    """A step asking more GPUs than any node has never starts: on this machine's own Ray that is an error
+    (before any compute); on a cluster, which an autoscaler may grow, one line says what it waits for."""
+    import ray
+
+    if not need:
+        return
+    most = max((float(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
+    if most >= need:
+        return
+    if not address:
+        raise ValueError(f"resources.gpus_per_step: each step asks {need:g} GPU(s), but this machine has "
+                         f"{most:g}; set gpus_per_step: 0 to run on CPU, or pass --address of a cluster with GPUs")
+    print(f"waiting for a node with {need:g} GPU(s) per step: the largest node of this cluster has {most:g} now "
+          "(an autoscaler may add one; otherwise lower resources.gpus_per_step)", file=out, flush=True)
+
+
 def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None = None,
               out: TextIO | None = None, fault_kill_at: int = 0) -> dict[str, Any]:
     """Run (or resume) a sweep; returns a summary with paths and counts."""
@@ -204,6 +221,7 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
     stop = threading.Event()
     try:
         res = spec.resources
+        _check_gpus(res.gpus_per_step, address, out)
         coord, n_workers = cluster.start(uri, sid, {
             "gpus_per_step": res.gpus_per_step, "cpus_per_step": res.cpus_per_step, "threads": res.threads,
             "workers": res.workers, "precision": res.precision, "channels_last": res.channels_last,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Literal, Mapping, Protocol
 
@@ -125,6 +126,63 @@ OPTIM_KEYS = {"optimizer": "name", "lr": "lr", "momentum": "momentum", "weight_d
               "schedule": "schedule", "t_max": "t_max", "l2": "l2"}
 
 
+# Ranges every defense's settings obey, by field name (the name itself or its ``_``-suffix): (lower bound,
+# exclusive?, upper bound or None). A config class may declare its own ``RANGES`` (a ClassVar, same form)
+# for a field that departs from the rule; anything more specific goes in its __post_init__.
+RANGES: dict[str, tuple[float, bool, float | None]] = {
+    "batch_size": (1, False, None), "rounds": (1, False, None), "epochs": (0, False, None),
+    "iterations": (0, False, None), "steps": (0, False, None), "batches": (0, False, None),
+    "lr": (0, True, None), "weight_decay": (0, False, None), "l2": (0, False, None), "momentum": (0, False, 1),
+    "t_max": (1, False, None), "ratio": (0, False, 1), "rate": (0, False, 1),
+}
+
+
+def _range_of(name: str, own: Mapping[str, tuple[float, bool, float | None]] | None = None
+              ) -> tuple[float, bool, float | None] | None:
+    """The range of setting ``name``: the config's own ``RANGES`` entry for it, else the shared rule."""
+    if own and name in own:
+        return own[name]
+    for suffix, rule in RANGES.items():
+        if name == suffix or name.endswith("_" + suffix):
+            return rule
+    return None
+
+
+def _check_value(key: str, name: str, value: Any, default: Any, problems: list[str],
+                 own: Mapping[str, tuple[float, bool, float | None]] | None = None) -> None:
+    """One setting against the type of its preset value and the range its name implies (``key``: how the
+    user wrote it, named in the message)."""
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    is_num = is_int or (isinstance(value, float) and math.isfinite(value))
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            problems.append(f"{key}: {shown} is not true/false")
+        return
+    if isinstance(default, int):
+        if not is_int:
+            problems.append(f"{key}: {shown} is not an integer")
+            return
+    elif isinstance(default, float):
+        if not is_num:
+            problems.append(f"{key}: {shown} is not a number")
+            return
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            problems.append(f"{key}: {shown} is not a string")
+        return
+    elif default is None and value is not None and _range_of(name, own) is not None and not is_num:
+        problems.append(f"{key}: {shown} is not a number")
+        return
+    rule = _range_of(name, own)
+    if rule is None or not is_num:
+        return
+    lo, open_lo, hi = rule
+    if (value <= lo if open_lo else value < lo) or (hi is not None and value > hi):
+        span = f"{'(' if open_lo else '['}{lo:g}, {'∞)' if hi is None else f'{hi:g}]'}"
+        problems.append(f"{key}: {shown} is outside {span}")
+
+
 def resolve_config(defense: Defense, preset: str, overrides: Mapping[str, Any], **fixed: Any) -> Any:
     """``defense``'s config: ``preset``, then ``overrides``, then ``fixed`` (grid axes, seed).
 
@@ -136,19 +194,28 @@ def resolve_config(defense: Defense, preset: str, overrides: Mapping[str, Any], 
     prefixes = _optim_fields(defense.config)
     plain: dict[str, Any] = {}
     optim: dict[str, dict[str, Any]] = {}
+    problems: list[str] = []
     for key, value in overrides.items():
         if key in prefixes and isinstance(value, Mapping):
             nested: Mapping[str, Any] = value
             for k, v in nested.items():
-                optim.setdefault(key, {})[OPTIM_KEYS.get(k, k)] = v
+                knob = OPTIM_KEYS.get(k, k)
+                optim.setdefault(key, {})[knob] = v
+                _check_value(f"{key}.{k}", knob, v, getattr(getattr(base, key), knob, None), problems)
             continue
         for field_name, prefix in prefixes.items():
             stem = key[len(prefix) + 1:] if prefix and key.startswith(prefix + "_") else (key if not prefix else None)
             if stem in OPTIM_KEYS:
                 optim.setdefault(field_name, {})[OPTIM_KEYS[stem]] = value
+                _check_value(key, OPTIM_KEYS[stem], value, getattr(getattr(base, field_name), OPTIM_KEYS[stem]),
+                             problems)
                 break
         else:
             plain[key] = value
+            if hasattr(base, key):
+                _check_value(key, key, value, getattr(base, key), problems, getattr(defense.config, "RANGES", None))
+    if problems:
+        raise ValueError("; ".join(problems))
     for field_name, kw in optim.items():
         try:
             plain[field_name] = dataclasses.replace(getattr(base, field_name), **kw)

@@ -60,7 +60,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -89,6 +89,8 @@ class NCConfig:
     BackdoorBench; ``batch_size`` is also the unlearning batch). ``class_chunk``: classes stamped per
     forward (0 = all).
     """
+
+    RANGES: ClassVar[dict[str, tuple[float, bool, float | None]]] = {"reverse_batch_size": (0, False, None)}
 
     reverse_epochs: int = 80
     mask_lr: float = 0.1

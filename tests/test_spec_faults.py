@@ -1,0 +1,149 @@
+"""Hostile or careless sweep specs (issue 14, rows 1-6): each is one line naming the field, exit code 2,
+before any compute; nothing expands without bound, nothing merges silently, nothing ends in a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from tscray.cli import main
+from tscray.config import SpecError, load_spec
+from tscray.defenses import DEFENSES, get
+from tscray.defenses.base import _check_value
+from tscray.spec_yaml import MAX_BYTES, MAX_VALUES, expanded_size
+
+
+def bomb(levels: int) -> str:
+    """The 372-byte alias bomb of the issue (nine levels of nine aliases each) at ``levels`` levels."""
+    names = "abcdefghijklmnop"
+    lines = [f"{names[0]}: &{names[0]} [x,x,x,x,x,x,x,x,x]"]
+    for i in range(1, levels):
+        ref = ",".join(f"*{names[i - 1]}" for _ in range(9))
+        lines.append(f"{names[i]}: &{names[i]} [{ref}]")
+    return "\n".join(lines) + f"\nname: bomb\ngrid: {{seed: *{names[levels - 1]}}}\n"
+
+
+def spec_error(tmp_path, text: str) -> list[str]:
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    return e.value.problems
+
+
+def test_an_alias_bomb_is_refused_before_it_expands(tmp_path):
+    text = bomb(9)
+    assert len(text) < 400
+    problems = spec_error(tmp_path, text)
+    assert len(problems) == 1 and f"expands to more than {MAX_VALUES:,} values" in problems[0]
+
+
+def test_a_small_bomb_expands_but_its_errors_quote_little(tmp_path):
+    """Five levels (59,049 values) is under the limit; the error about ``grid.seed`` quotes ~120 characters,
+    not 857 KB."""
+    problems = spec_error(tmp_path, bomb(5))
+    assert problems and all(len(p) <= 300 for p in problems)
+    assert any(p.startswith("grid.seed[0]: ") for p in problems)
+
+
+def test_expanded_size_counts_shared_nodes_once_per_use_and_refuses_cycles():
+    import yaml
+
+    node = yaml.compose("a: &a [1, 2]\nb: [*a, *a, *a]\n")
+    # mapping 1 + keys 2 + a's list (1 + 2) + b's list (1 + 3 uses of a's list of 3)
+    assert expanded_size(node) == 1 + 2 + 3 + 1 + 3 * 3
+    assert expanded_size(yaml.compose("a: &a [*a]\n")) > MAX_VALUES
+
+
+def test_oversized_documents_are_refused(tmp_path):
+    problems = spec_error(tmp_path, "name: big\n# " + "x" * MAX_BYTES + "\n")
+    assert "a sweep spec is at most" in problems[0]
+
+
+def test_a_duplicate_key_is_an_error_naming_the_key_and_both_lines(tmp_path):
+    problems = spec_error(tmp_path, "name: x\ntrain: {epochs: 1}\ngrid: {seed: [0]}\ntrain: {epochs: 2}\n")
+    assert problems == ["duplicate key 'train' at line 4 (first at line 2); YAML would silently keep only the "
+                        "last one"]
+    nested = spec_error(tmp_path, "name: x\ndefense:\n  tsc: {t: 1}\n  tsc: {t: 2}\n")
+    assert "duplicate key 'tsc' at line 4 (first at line 3)" in nested[0]
+
+
+def test_merge_keys_still_work_and_explicit_keys_override_them(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: x\ngrid:\n  - &all {attack: [badnets], seed: [0], defense: [none]}\n"
+                    "  - {<<: *all, attack: [blended], seed: [1]}\n")
+    spec = load_spec(path)
+    assert [g.attack for g in spec.grids] == [("badnets",), ("blended",)]
+    assert [g.seed for g in spec.grids] == [(0,), (1,)]
+
+
+@pytest.mark.parametrize("section,needle", [
+    ("defense: {tsc: {batch_size: 0}}", "defense.tsc: batch_size: 0 is outside [1, ∞)"),
+    ("defense: {tsc: {curve_lr: fast}}", "defense.tsc: curve_lr: 'fast' is not a number"),
+    ("defense: {tsc: {curve_epochs: -3}}", "defense.tsc: curve_epochs: -3 is outside [0, ∞)"),
+    ("defense: {mcr: {finetune_epochs: x}}", "defense.mcr: finetune_epochs: 'x' is not an integer"),
+    ("defense: {nc: {batch_size: 2.5}}", "defense.nc: batch_size: 2.5 is not an integer"),
+    ("defense: {tsc: {curve_optim: {lr: -1}}}", "defense.tsc: curve_optim.lr: -1 is outside (0, ∞)"),
+    ("defense: {tsc: {finetune_momentum: 3}}", "defense.tsc: finetune_momentum: 3 is outside [0, 1]"),
+    ("defense: {anp: {batch_size: true}}", "defense.anp: batch_size: True is not an integer"),
+    ("storage: 'runs/{nope}'", "storage: 'runs/{nope}' has a bad placeholder (KeyError"),
+    ("storage: 'runs/{'", "storage: 'runs/{' has a bad placeholder"),
+])
+def test_bad_values_are_named_at_validation(tmp_path, section, needle):
+    problems = spec_error(tmp_path, f"name: x\n{section}\n")
+    assert any(needle in p for p in problems), problems
+
+
+def test_storage_under_a_file_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("")
+    problems = spec_error(tmp_path, f"name: x\nstorage: {tmp_path / 'afile' / 'sub'}\n")
+    assert problems == [f"storage: '{tmp_path / 'afile' / 'sub'}' runs through {tmp_path / 'afile'}, which is "
+                        "a file, not a folder"]
+
+
+def test_every_defense_preset_passes_the_shared_setting_checks():
+    """The name-based ranges never refuse a value a defense ships with (NC's reverse_batch_size 0 means
+    "batch_size" and declares its own range)."""
+    import dataclasses
+
+    from tscray.optim import OptimConfig
+
+    for name in DEFENSES.names():
+        d = get(name)
+        for preset in ("paper", "released", "ssl", "backdoorbench"):
+            try:
+                cfg = d.make_config(preset)
+            except ValueError:
+                continue
+            problems: list[str] = []
+            own = getattr(type(cfg), "RANGES", None)
+            for f in dataclasses.fields(cfg):
+                value = getattr(cfg, f.name)
+                if isinstance(value, OptimConfig):
+                    for g in dataclasses.fields(value):
+                        _check_value(g.name, g.name, getattr(value, g.name), getattr(value, g.name), problems)
+                else:
+                    _check_value(f.name, f.name, value, value, problems, own)
+            assert problems == [], (name, preset)
+
+
+def test_cli_bad_spec_is_one_line_exit_2(tmp_path, capsys):
+    path = tmp_path / "spec.yaml"
+    path.write_text(bomb(9))
+    assert main(["sweep", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "alias" in err and len(err) < 1000
+
+
+def test_a_step_asking_more_gpus_than_the_machine_has_stops_before_compute(tmp_path, capsys):
+    """``resources.gpus_per_step: 4`` on a machine without GPUs hung silently; it is one line, exit 2."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() >= 4:
+        pytest.skip("this machine has 4 GPUs")
+    path = tmp_path / "spec.yaml"
+    path.write_text(f"name: gpus\nstorage: {tmp_path / 'runs'}\ntrain: {{epochs: 1}}\ngrid: {{defense: [none]}}\n"
+                    "resources: {gpus_per_step: 4}\n")
+    assert main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "resources.gpus_per_step: each step asks 4 GPU(s), but this machine has" in err
+    assert not (tmp_path / "runs" / "steps").exists()
