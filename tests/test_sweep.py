@@ -74,6 +74,22 @@ def test_sweep_shares_steps_survives_a_killed_worker_and_logs_once(tmp_path):
     assert c1.acc.max() - c1.acc.min() < 2.0
 
 
+@pytest.mark.slow
+def test_sweep_survives_its_coordinator_being_killed(tmp_path):
+    """Ray's OOM killer took the coordinator (and the shard workers it owns) while another process filled
+    memory; the driver then stopped with a traceback (issue 14, row 10). The coordinator is now restarted
+    by Ray, rebuilds its pool, and the calls in flight are retried: the sweep finishes with every row, each
+    step in the store once."""
+    from tscray.sweep import run_sweep
+    raw = tiny(tmp_path / "run")
+    spec = validate(raw)
+    summary = run_sweep(spec, fault_die_at=3)  # the coordinator's process exits at its 3rd dispatch
+    assert (tmp_path / "run" / "logs" / "fault-coordinator-died").exists()
+    assert summary["done"] == summary["trials"] == len(make_plan(spec).trials) == 7
+    plan, table, counts = check_complete(tmp_path / "run", raw)
+    assert len(counts) == len(plan.steps) and set(counts.values()) == {1}
+
+
 def _ray_processes():
     r = subprocess.run(["pgrep", "-f", "ray::|raylet|gcs_server"], capture_output=True, text=True)
     return [int(p) for p in r.stdout.split()]

@@ -528,6 +528,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as err:
+        from tscray.sweep import SweepStopped
+
+        if not isinstance(err, SweepStopped):
+            raise
+        print(f"tscray {args.command}: stopped: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -161,6 +161,10 @@ def _quiet_ray_logging(log_dir: Path) -> Path:
     return path
 
 
+class SweepStopped(RuntimeError):
+    """The sweep could not go on (its Ray actors died past their restarts); the store stays resumable."""
+
+
 def _check_gpus(need: float, address: str | None, out: TextIO) -> None:
     """A step asking more GPUs than any node has never starts: on this machine's own Ray that is an error
     (before any compute); on a cluster, which an autoscaler may grow, one line says what it waits for."""
@@ -179,7 +183,7 @@ def _check_gpus(need: float, address: str | None, out: TextIO) -> None:
 
 
 def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None = None,
-              out: TextIO | None = None, fault_kill_at: int = 0) -> dict[str, Any]:
+              out: TextIO | None = None, fault_kill_at: int = 0, fault_die_at: int = 0) -> dict[str, Any]:
     """Run (or resume) a sweep; returns a summary with paths and counts."""
     out = out if out is not None else sys.stdout  # resolved per call: sys.stdout may have been swapped
     if not address:
@@ -225,7 +229,8 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
         coord, n_workers = cluster.start(uri, sid, {
             "gpus_per_step": res.gpus_per_step, "cpus_per_step": res.cpus_per_step, "threads": res.threads,
             "workers": res.workers, "precision": res.precision, "channels_last": res.channels_last,
-            "step_retries": res.step_retries}, spec.data_root, spec.eval.batch_size, fault_kill_at)
+            "step_retries": res.step_retries}, spec.data_root, spec.eval.batch_size, fault_kill_at, fault_die_at,
+            str(local_dir / "logs" / "fault-coordinator-died") if fault_die_at else "")
         print(f"{n_workers} shard worker(s), {res.threads} thread(s) each"
               + (f", {res.gpus_per_step} GPU each" if res.gpus_per_step else ""), file=out, flush=True)
         progress = TrialCounts(total=len(pending))
@@ -246,10 +251,14 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
                 failure_config=tune.FailureConfig(max_failures=res.max_failures),
                 callbacks=[MLflowCallback(tracker), _make_progress_callback(progress)]),
         )
-        grid = tuner.fit()
-        stop.set()
-        ticker.join(timeout=5)
-        summary["stats"] = ray.get(coord.get_stats.remote())
+        try:
+            grid = tuner.fit()
+            stop.set()
+            ticker.join(timeout=5)
+            summary["stats"] = ray.get(coord.get_stats.remote())
+        except ray.exceptions.RayError as err:
+            raise SweepStopped(f"Ray stopped the sweep ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                               f"every finished step and trial is in {uri}: rerun the same command to resume") from None
         summary["errors"] = sum(1 for i in range(len(grid)) if grid[i].error is not None)
     finally:
         stop.set()

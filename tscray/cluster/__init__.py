@@ -56,7 +56,7 @@ class Coordinator:
     """Single-flight step execution over a pool of shard workers (async actor)."""
 
     def __init__(self, store_uri: str, resources: dict[str, Any], data_root: str | None, eval_batch: int,
-                 fault_kill_at: int = 0) -> None:
+                 fault_kill_at: int = 0, fault_die_at: int = 0, fault_marker: str = "") -> None:
         from tscray.store import Store
 
         self.store = Store(store_uri)
@@ -64,8 +64,12 @@ class Coordinator:
         self.inflight: dict[str, asyncio.Future] = {}
         self.stats = {"computed": 0, "reused": 0, "failed": 0, "replaced_workers": 0, "dispatched": 0}
         self.fault_kill_at = fault_kill_at
+        # test hook: the coordinator's own process dies (as an OOM kill would) at that dispatch, once
+        self.fault_die_at = 0 if fault_marker and os.path.exists(fault_marker) else fault_die_at
+        self.fault_marker = fault_marker
         self.workers: list[Any] = []
         self.free: asyncio.Queue | None = None
+        self._pool_lock = asyncio.Lock()
 
     def _new_worker(self) -> Any:
         r = self.res
@@ -78,7 +82,16 @@ class Coordinator:
             self.eval_batch)
 
     async def start(self) -> int:
-        """Create the worker pool: ``workers`` or as many as the cluster's resources hold."""
+        """Create the worker pool: ``workers`` or as many as the cluster's resources hold.
+
+        After Ray restarts a killed coordinator (OOM or otherwise), the first request calls this again:
+        the old workers died with their owner, the store holds every finished step."""
+        async with self._pool_lock:
+            if self.free is not None:
+                return len(self.workers)
+            return await self._start()
+
+    async def _start(self) -> int:
         n = self.res["workers"]
         if not n:
             total = ray.cluster_resources()
@@ -129,7 +142,9 @@ class Coordinator:
             self.inflight.pop(step.key, None)
 
     async def _dispatch(self, step: Step) -> dict[str, Any]:
-        assert self.free is not None, "start() first"
+        if self.free is None:  # a restarted coordinator: its pool died with the old process
+            await self.start()
+        assert self.free is not None
         attempts = 1 + int(self.res["step_retries"])
         for attempt in range(attempts):
             idx = await self.free.get()
@@ -138,6 +153,10 @@ class Coordinator:
                 ref = self.workers[idx].run.remote(step.to_dict())
                 if self.fault_kill_at and self.stats["dispatched"] == self.fault_kill_at:
                     asyncio.get_running_loop().call_later(1.0, ray.kill, self.workers[idx])
+                if self.fault_die_at and self.stats["dispatched"] == self.fault_die_at:
+                    with open(self.fault_marker, "w") as f:
+                        f.write("died once\n")
+                    asyncio.get_running_loop().call_later(1.0, os._exit, 1)
                 return await ref
             except (RayActorError, ActorDiedError, ActorUnavailableError):
                 self.workers[idx] = self._new_worker()  # replace the dead worker, then retry
@@ -153,8 +172,13 @@ def coordinator_name(sweep_id: str) -> str:
     return f"tscray-coordinator-{sweep_id}"
 
 
+# A killed coordinator (Ray's OOM killer, a crash) is restarted this many times; calls in flight to it are
+# retried on the new process, which rebuilds its pool and reads finished steps from the store.
+COORDINATOR_RESTARTS = 3
+
+
 def start(store_uri: str, sweep_id: str, resources: dict[str, Any], data_root: str | None, eval_batch: int,
-          fault_kill_at: int = 0) -> tuple[Any, int]:
+          fault_kill_at: int = 0, fault_die_at: int = 0, fault_marker: str = "") -> tuple[Any, int]:
     """Create (or replace) the sweep's coordinator and its workers; returns (handle, worker count)."""
     name = coordinator_name(sweep_id)
     try:
@@ -163,7 +187,8 @@ def start(store_uri: str, sweep_id: str, resources: dict[str, Any], data_root: s
     except ValueError:
         pass
     coord = Coordinator.options(  # type: ignore[attr-defined]  # @ray.remote's ActorClass: see _new_worker
-        name=name, namespace=NAMESPACE, max_concurrency=10_000, num_cpus=0, scheduling_strategy="DEFAULT").remote(
-        store_uri, resources, data_root, eval_batch, fault_kill_at)
+        name=name, namespace=NAMESPACE, max_concurrency=10_000, num_cpus=0, scheduling_strategy="DEFAULT",
+        max_restarts=COORDINATOR_RESTARTS, max_task_retries=COORDINATOR_RESTARTS).remote(
+        store_uri, resources, data_root, eval_batch, fault_kill_at, fault_die_at, fault_marker)
     n = ray.get(coord.start.remote())
     return coord, n
