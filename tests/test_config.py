@@ -35,7 +35,7 @@ def test_good_spec_and_shipped_sweeps_validate():
     ({"name": "x", "grid": {"defense": ["nope"]}}, "unknown defense 'nope'; allowed: "),
         ({"name": "x", "defense": {"nope": {"a": 1}}}, "defense.nope: unknown key; allowed: preset, clean_ratio, clean_seed"),
         ({"name": "x", "defense": {"tsc": [1]}}, "defense.tsc: expected a mapping of settings"),
-        ({"name": "x", "defense": {"mcr": {"curve_lr": -1}}}, "defense.mcr: learning rate must be > 0"),
+        ({"name": "x", "defense": {"mcr": {"curve_lr": -1}}}, "defense.mcr: curve_lr: -1 is outside (0, ∞)"),
         ({"name": "x", "defense": {"mcr": {"curve_lrr": 1}}}, "defense.mcr: unknown mcr setting(s) ['curve_lrr']"),
     ({"name": "x", "grid": {"t": []}}, "grid.t: empty list"),
     ({"name": "x", "train": {"epochs": "ten"}}, "train.epochs: 'ten' is not an integer"),
