@@ -131,3 +131,38 @@ def say(capsys):
         with capsys.disabled():
             print(msg, flush=True)
     return emit
+
+
+# --- shared by the defenses' tests ------------------------------------------------------------------------
+
+# the smallest shape of each supervised architecture a defense test builds (any other at its defaults)
+TINY_ARCH = {"mlp": dict(image_size=28, hidden=(16,)), "cnn": dict(widths=(8, 8, 16, 16)),
+             "preactresnet18": dict(num_blocks=(1, 1, 1, 1)), "vgg19_bn": dict(cfg=(8, "M", 16, "M"), hidden=16)}
+
+
+def supervised_archs() -> list[str]:
+    from tscray import models
+    return [n for n in models.names() if not n.startswith("simclr-")]
+
+
+def assert_same_state(a, b) -> None:
+    """Two models' state dicts are bitwise equal, key by key."""
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), k
+
+
+def assert_runs_on(arch: str, name: str, embedded, **cfg) -> None:
+    """Defense ``name`` (paper preset with ``cfg``) runs on a tiny ``arch`` and returns a finite classifier."""
+    from tscray import defenses, models
+    from tscray.defenses import CleanData
+    from tscray.methods import build as method
+
+    torch.manual_seed(0)
+    model = models.build(arch, 10, in_channels=1, **TINY_ARCH.get(arch, {}))
+    d = defenses.get(name)
+    if d.check_model:
+        d.check_model(model)
+    tiny = CleanData(embedded.train.subset(torch.arange(4)), embedded.prep)
+    res = d.run(model, tiny, method("supervised"), d.make_config("paper", **cfg))
+    out = res.model.eval()(torch.zeros(2, 1, 28, 28))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()

@@ -17,12 +17,10 @@ from tscray.defenses.ftsam import (FTSAMConfig, sam_gradients, sam_perturbation,
 from tscray.methods import build as method
 from tscray.optim import OptimConfig
 
-from conftest import randomize
+from conftest import assert_runs_on, assert_same_state, randomize, supervised_archs
 
 # tiny widths per architecture on 28x28x1 inputs (resnet18/50 take no width argument)
-TINY_ARCH = {"mlp": dict(image_size=28, hidden=(16,)), "cnn": dict(widths=(8, 8, 16, 16)),
-             "preactresnet18": dict(num_blocks=(1, 1, 1, 1)), "vgg19_bn": dict(cfg=(8, "M", 16, "M"), hidden=16)}
-ARCHS = [n for n in models.names() if not n.startswith("simclr-")]
+ARCHS = supervised_archs()
 
 
 def tiny_cnn(seed: int = 0) -> nn.Module:
@@ -214,22 +212,12 @@ def test_run_leaves_the_model_unchanged_and_records_the_final_model(clean, embed
     assert rec["defense"] == "ft-sam" and rec["stage"] == "final" and rec["round"] == 1 and rec["acc"] == 50.0
     assert set(d.columns) <= set(rec) and rec["ftsam_train_loss"] > 0
     assert not torch.equal(res.model.convs[0].weight, model.convs[0].weight)
-    again = d.run(model, clean, method("supervised"), cfg)
-    for (k, a), b in zip(res.model.state_dict().items(), again.model.state_dict().values()):
-        assert torch.equal(a, b), k  # deterministic given the seed
+    assert_same_state(res.model, d.run(model, clean, method("supervised"), cfg).model)  # deterministic given the seed
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_runs_on_every_supervised_architecture(arch, embedded):
-    torch.manual_seed(0)
-    model = models.build(arch, 10, in_channels=1, **TINY_ARCH.get(arch, {}))
-    d = defenses.get("ft-sam")
-    if d.check_model:
-        d.check_model(model)
-    tiny = CleanData(embedded.train.subset(torch.arange(4)), embedded.prep)
-    res = d.run(model, tiny, method("supervised"), d.make_config("paper", epochs=1, batch_size=4))
-    out = res.model.eval()(torch.zeros(2, 1, 28, 28))
-    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    assert_runs_on(arch, "ft-sam", embedded, epochs=1, batch_size=4)
 
 
 # --- the end-to-end proof ------------------------------------------------------------------------------------

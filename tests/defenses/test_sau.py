@@ -20,11 +20,9 @@ from tscray.defenses.sau import (SAUConfig, build_optimizer, js_divergence, pgd_
 from tscray.methods import build as method
 from tscray.optim import OptimConfig
 
-from conftest import randomize
+from conftest import assert_runs_on, assert_same_state, randomize, supervised_archs
 
-TINY_ARCH = {"mlp": dict(image_size=28, hidden=(16,)), "cnn": dict(widths=(8, 8, 16, 16)),
-             "preactresnet18": dict(num_blocks=(1, 1, 1, 1)), "vgg19_bn": dict(cfg=(8, "M", 16, "M"), hidden=16)}
-ARCHS = [n for n in models.names() if not n.startswith("simclr-")]
+ARCHS = supervised_archs()
 BIG = 12.0  # a logit that makes its class's probability ~1
 
 
@@ -252,22 +250,12 @@ def test_run_leaves_the_model_unchanged_and_records_the_final_model(clean):
     assert set(d.columns) <= set(rec) and 0.0 <= rec["sau_shared_rate"] <= 1.0
     assert res.model is res.outputs[-1]
     assert not torch.equal(res.model.convs[0].weight, model.convs[0].weight)
-    again = d.run(model, clean, method("supervised"), cfg)
-    for (k, a), b in zip(res.model.state_dict().items(), again.model.state_dict().values()):
-        assert torch.equal(a, b), k  # deterministic given the seed
+    assert_same_state(res.model, d.run(model, clean, method("supervised"), cfg).model)  # deterministic given the seed
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_runs_on_every_supervised_architecture(arch, embedded):
-    torch.manual_seed(0)
-    model = models.build(arch, 10, in_channels=1, **TINY_ARCH.get(arch, {}))
-    d = defenses.get("sau")
-    if d.check_model:
-        d.check_model(model)
-    tiny = CleanData(embedded.train.subset(torch.arange(4)), embedded.prep)
-    res = d.run(model, tiny, method("supervised"), d.make_config("paper", epochs=1, batch_size=4, pgd_steps=1))
-    out = res.model.eval()(torch.zeros(2, 1, 28, 28))
-    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    assert_runs_on(arch, "sau", embedded, epochs=1, batch_size=4, pgd_steps=1)
 
 
 # --- the end-to-end proof ------------------------------------------------------------------------------------
