@@ -301,7 +301,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
     defense, cfg = _defense_config(args)
     data_name, data_kw = _purify_data(args, meta)
     ds = _load_data(data_name, args.data_root, data_kw)
-    model = models.build(arch, ds.num_classes, ds.in_channels, **arch_kw)
+    model = models.build(arch, ds.num_classes, ds.in_channels, input_hw=ds.input_hw, **arch_kw)
     if defense.check_model is not None:
         defense.check_model(model)
     try:

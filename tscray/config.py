@@ -191,6 +191,20 @@ def _names(known: Callable[[], list[str]], what: str) -> Check:
     return check
 
 
+def _arch_check(v: Any) -> str | None:
+    """A registered architecture, or an importable external builder (``torchvision:NAME``, ``pkg.mod:fn``)."""
+    from tscray import models
+    from tscray.models import external
+
+    if isinstance(v, str) and external.is_external(v):
+        try:
+            external.builder(v)
+        except external.ArchError as err:
+            return str(err)
+        return None
+    return _names(models.names, "architecture")(v)
+
+
 def _range(lo: float, hi: float, lo_open: bool, hi_open: bool, integer: bool = False) -> Check:
     def check(v: Any) -> str | None:
         if not (_is_int(v) if integer else _is_num(v)):
@@ -205,11 +219,10 @@ def _range(lo: float, hi: float, lo_open: bool, hi_open: bool, integer: bool = F
 
 
 def _grid_checks() -> dict[str, Check]:
-    from tscray import models
 
     return {
         "dataset": _dataset_check,
-        "arch": _names(models.names, "architecture"),
+        "arch": _arch_check,
         "attack": _names(_all_attack_names, "attack"),
         "poison_rate": _range(0, 1, False, False),
         "seed": _range(0, math.inf, False, True, integer=True),
@@ -467,6 +480,10 @@ def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> S
                      data_kw=data_kw, **scalars)
     if check_data and not problems:
         _check_data(spec, problems)
+    if not problems:
+        _check_arch_kw(spec, problems)
+    if check_data and not problems:
+        _check_external_archs(spec, problems)
     if problems:
         raise SpecError(problems, source)
     return spec
@@ -622,6 +639,41 @@ def _check_data(spec: SweepSpec, problems: list[str]) -> None:
         problems.append(f"data_root: datasets {needs} read from a local root; set data_root or $TSCRAY_DATA")
     elif not root.is_dir():
         problems.append(f"data_root: {root} does not exist or is not a directory (needed by {needs})")
+
+
+def _check_arch_kw(spec: SweepSpec, problems: list[str]) -> None:
+    """``train.arch_kw`` goes to every registered architecture of the grid: each must accept it."""
+    from tscray import models
+    from tscray.models import external
+
+    for arch in spec.grid.arch:
+        if external.is_external(arch):
+            continue  # built per dataset by _check_external_archs
+        try:
+            models.build(arch, 10, 3, **spec.train.arch_kw)
+        except (TypeError, ValueError) as err:
+            problems.append(f"train.arch_kw: architecture {arch!r} does not take {_short(spec.train.arch_kw)}: "
+                            f"{str(err)[:200]}")
+
+
+def _check_external_archs(spec: SweepSpec, problems: list[str]) -> None:
+    """An external architecture is built for every dataset of the grid and its derived permutation spec
+    verified now, so a model TSC cannot permute fails here and not after its backdoor was trained."""
+    from tscray import data, models
+    from tscray.models import external
+    from tscray.symmetry.derive import DeriveError, SpecMismatch
+
+    archs = [a for a in spec.grid.arch if external.is_external(a)]
+    for name in dict.fromkeys(spec.grid.dataset) if archs else ():
+        try:
+            ds = data.load(name, **spec.data_kw.get(name, {}))
+        except (ValueError, TypeError, FileNotFoundError):
+            continue  # the dataset's own check reports it
+        for arch in archs:
+            try:
+                models.build(arch, ds.num_classes, ds.in_channels, input_hw=ds.input_hw, **spec.train.arch_kw)
+            except (external.ArchError, DeriveError, SpecMismatch, TypeError, ValueError) as err:
+                problems.append(f"grid.arch: {arch!r} on {name}: {err}")
 
 
 def load_spec(path: str | Path, check_data: bool = True) -> SweepSpec:

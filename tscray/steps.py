@@ -106,7 +106,7 @@ class Context:
 
     def new_model(self, p: dict[str, Any]) -> nn.Module:
         ds = self.dataset(p["dataset"], p.get("data_kw"))
-        return models.build(p["arch"], ds.num_classes, ds.in_channels, **p["arch_kw"])
+        return models.build(p["arch"], ds.num_classes, ds.in_channels, input_hw=ds.input_hw, **p["arch_kw"])
 
     def load_model(self, step: Step, artifact: str) -> nn.Module:
         model = self.new_model(step.params if step.kind == "ssl_pretrain" else root_params(step))

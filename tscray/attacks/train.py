@@ -65,7 +65,8 @@ def train_backdoored(dataset: Dataset, arch: str, attack: Attack, rate: float, t
     attack.prepare(dataset, rate, target, seed, device)
     poisoned = poison_train(dataset.train, attack, rate, target, seed)
     torch.manual_seed(seed)
-    model = build_model(arch, dataset.num_classes, dataset.in_channels, **(arch_kw or {})).to(device)
+    model = build_model(arch, dataset.num_classes, dataset.in_channels, input_hw=dataset.input_hw,
+                        **(arch_kw or {})).to(device)
     attack.train_model(model, poisoned.data, dataset, target, seed, recipe.epochs, recipe.batch_size, recipe.optim,
                        device, progress)
     return Backdoored(model, poisoned, evaluator(dataset, attack, target))

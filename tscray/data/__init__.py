@@ -40,6 +40,11 @@ class Dataset:
     def image_size(self) -> int:
         return self.train.x.shape[-1]
 
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        """Height and width of one image (what a model's example input needs)."""
+        return (int(self.train.x.shape[-2]), int(self.train.x.shape[-1]))
+
 
 DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset")
 
