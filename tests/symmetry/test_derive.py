@@ -91,20 +91,26 @@ TORCHVISION = {  # name -> (kwargs, image size, groups it must find at least, co
     "vgg11_bn": ({}, 32, 10, 0),
     "mobilenet_v2": (dict(width_mult=0.25), 32, 20, 0),
     "googlenet": (dict(aux_logits=False, init_weights=True), 64, 50, 9),
-    "efficientnet_b0": ({}, 32, 30, 0),
+    "efficientnet_b0": ({}, 32, 40, 0),
     "shufflenet_v2_x0_5": ({}, 64, 10, 0),
     "squeezenet1_1": ({}, 64, 20, 8),
 }
+
+
+ENDS_GROUPS = {"shufflenet_v2_x0_5"}  # its channel shuffle (view + transpose across channels) ends groups
 
 
 @pytest.mark.parametrize("name", sorted(TORCHVISION))
 def test_torchvision_models_get_exact_specs(name: str) -> None:
     kw, size, min_groups, min_concat = TORCHVISION[name]
     model = tv(name, **kw)
-    spec = derive(model, example((2, 3, size, size)))  # verified exact inside
-    assert len(spec.groups()) >= min_groups
-    assert len(spec.concat) >= min_concat
-    spec.check(model)  # covers every entry, every group has a probe
+    x = example((2, 3, size, size))
+    d = derivation(model, x)
+    verify(model, d.spec, x)
+    assert len(d.spec.groups()) >= min_groups
+    assert len(d.spec.concat) >= min_concat
+    assert bool(d.ended) == (name in ENDS_GROUPS), d.ended
+    d.spec.check(model)  # covers every entry, every group has a probe
 
 
 def test_densenet_concatenations_become_block_diagonal_groups() -> None:

@@ -154,6 +154,12 @@ _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 _SHAPE_METHODS = {"size", "dim"}  # return no tensor
 
 
+def _is_keep_extra(fn: Any) -> bool:
+    """Channel-wise functions outside torch: torchvision's stochastic depth (a per-sample scale)."""
+    return getattr(fn, "__module__", "") == "torchvision.ops.stochastic_depth" and \
+        getattr(fn, "__name__", "") == "stochastic_depth"
+
+
 def _shape(node: Any) -> tuple[int, ...] | None:
     meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
@@ -465,7 +471,7 @@ class _Deriver:
 
     def function(self, node: fx.Node, fn: Any, shape: tuple[int, ...]) -> None:
         src, lay = self.first(node)
-        if fn in _KEEP_FUNCS:
+        if fn in _KEEP_FUNCS or _is_keep_extra(fn):
             self.keep(node, lay, src, shape)
         elif fn in _BINARY_FUNCS:
             self.binary(node, shape)

@@ -51,11 +51,13 @@ def permute_state(spec: PermSpec, state: Mapping[str, torch.Tensor],
             if ax is None:
                 continue
             if isinstance(ax, Expand):
+                # move whole runs of ``repeat`` entries: (…, n·r, …) viewed as (…, n, r, …), gathered on n
                 p = full[ax.group].to(tensor.device)
-                idx = (p[:, None] * ax.repeat + torch.arange(ax.repeat, device=p.device)).reshape(-1)
+                shape = tensor.shape
+                runs = tensor.reshape(*shape[:dim], shape[dim] // ax.repeat, ax.repeat, *shape[dim + 1:])
+                tensor = runs.index_select(dim, p).reshape(shape)
             else:
-                idx = full[ax].to(tensor.device)
-            tensor = tensor.index_select(dim, idx)
+                tensor = tensor.index_select(dim, full[ax].to(tensor.device))
         out[key] = tensor.clone() if tensor is state[key] else tensor
     return out
 
