@@ -156,3 +156,34 @@ def test_killed_driver_resumes_without_recomputing_and_new_grid_values_run_alone
     assert f"{new} to run" in r.stdout
     _, _, counts2 = check_complete(storage, raw2)
     assert all(n <= 1 for n in counts2.values())
+
+
+def test_a_damaged_store_is_repaired_by_the_next_run(tmp_path):
+    """Issue 14, rows 7-8: a flipped byte in a shared backdoored model and a truncated result file were
+    never detected (every later trial failed on every rerun; one bad file hid every row). The next run
+    now recomputes only the damaged step and rebuilds the lost rows; dependents keep their artifacts."""
+    from tscray.sweep import run_sweep
+
+    raw = tiny(tmp_path / "run")
+    raw["grid"].update({"defense": ["tsc", "none"], "rounds": [1], "t": [0.5]})
+    spec = validate(raw)
+    assert run_sweep(spec)["done"] == 2
+    store = Store(str(tmp_path / "run"))
+    plan = make_plan(spec)
+    bd = next(s for s in plan.steps.values() if s.kind == "backdoor")
+    blob = (tmp_path / "run" / "steps" / "backdoor" / bd.key / "model.safetensors")
+    data = blob.read_bytes()
+    blob.write_bytes(data[:-5] + bytes([data[-5] ^ 0x10]) + data[-4:])
+    res = sorted((tmp_path / "run" / "results").glob("*.parquet"))[0]
+    res.write_bytes(res.read_bytes()[:40])
+    before = store.computations()
+
+    summary = run_sweep(spec)
+    assert summary["done"] == summary["trials"] == 2
+    after = store.computations()
+    assert {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)} == {bd.key: 1}
+    assert summary["stats"]["repaired"] == 1
+    table = pq.read_table(tmp_path / "run" / "results").to_pandas()
+    assert set(table.trial_id) == {t.id for t in plan.trials}
+    assert not table.duplicated(["trial_id", "round", "stage", "t_curve", "step_key"]).any()
+    assert store.check_step("backdoor", bd.key) is None and blob.read_bytes() == data  # recomputed bitwise equal

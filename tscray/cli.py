@@ -163,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="progress of a sweep directory")
     p.add_argument("storage", help="sweep directory or URI")
 
+    p = sub.add_parser("verify", help="check a sweep's stored steps and result files; --repair sets damage aside",
+                       description="Check every stored step's artifacts against the sizes and SHA-256 hashes its "
+                                   "manifest recorded, and every result file. With --repair: move damaged steps to "
+                                   "quarantine/ (the next run recomputes them) and unreadable result files to "
+                                   "results-damaged/, rebuilding their rows from the step manifests. Exit code 1 "
+                                   "when damage was found and not repaired.")
+    p.add_argument("storage", help="sweep directory or URI")
+    p.add_argument("--repair", action="store_true", help="set damaged steps and result files aside")
+    p.add_argument("--quick", action="store_true", help="check sizes only, not content hashes")
+
     p = sub.add_parser("results", help="results table of a sweep directory")
     p.add_argument("storage", help="sweep directory or URI")
     p.add_argument("--stage", default="final", help="row stage to show (default: %(default)s; 'all' for every row)")
@@ -408,23 +418,62 @@ def cmd_status(args: argparse.Namespace) -> int:
     from tscray import results
 
     store = _open_store(args.storage)
-    info = store.read_json("sweep.json")
-    steps = store.step_keys()
+    info = _sweep_info(store)
+    stored = store.step_keys()
+    # only steps whose artifacts have the sizes their manifests recorded count (`tscray verify` checks hashes)
+    steps = {k: [key for key in v if store.check_step(k, key, deep=False) is None] for k, v in stored.items()}
+    damaged = sum(len(v) for v in stored.values()) - sum(len(v) for v in steps.values())
     comp = store.computations()
-    done = results.done_trials(store)
+    bad: list[str] = []
+    results.read(store, bad)
+    done = results.done_trials(store) - {n[len("results/trial-"):-len(".parquet")] for n in bad}
     print(f"sweep {info['spec']['name']} ({info['sweep_id']}) at {store.uri}")
-    print(f"trials: {len(done)}/{info['trials']} finished")
+    print(f"trials: {len(done)}/{info['trials']} finished"
+          + (f" ({len(bad)} unreadable result file(s): run `tscray verify --repair`)" if bad else ""))
     print(f"steps : {sum(len(v) for v in steps.values())}/{info['steps']} computed "
-          f"({', '.join(f'{k} {len(v)}' for k, v in sorted(steps.items()))})")
+          f"({', '.join(f'{k} {len(v)}' for k, v in sorted(steps.items()))})"
+          + (f"; {damaged} damaged (recomputed on the next run; `tscray verify` for details)" if damaged else ""))
     again = sum(1 for n in comp.values() if n > 1)
     print(f"computations logged: {sum(comp.values())}" + (f" ({again} steps computed more than once)" if again else ""))
     return 0
 
 
+def _sweep_info(store: Any) -> dict[str, Any]:
+    """``sweep.json``, or one line naming it when it is unreadable."""
+    try:
+        info = store.read_json("sweep.json")
+        info["spec"]["name"], info["trials"], info["steps"]  # noqa: B018 (the fields every command reads)
+        return info
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{store.path('sweep.json')} is damaged ({type(err).__name__}); rerun the sweep's "
+                         f"spec on this storage to rewrite it") from None
+
+
+def _warn_damaged(bad: list[str]) -> None:
+    if bad:
+        print(f"warning: skipped {len(bad)} unreadable result file(s): {', '.join(bad[:3])}"
+              f"{' ...' if len(bad) > 3 else ''} (`tscray verify --repair` rebuilds their rows)", file=sys.stderr)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from tscray.verify import verify_store
+
+    store = _open_store(args.storage)
+    report = verify_store(store, repair=args.repair, deep=not args.quick)
+    for line in report.lines():
+        print(line)
+    if report.clean:
+        print("store is intact")
+        return 0
+    return 0 if args.repair else 1
+
+
 def cmd_results(args: argparse.Namespace) -> int:
     from tscray import results
 
-    table = results.read(_open_store(args.storage))
+    bad: list[str] = []
+    table = results.read(_open_store(args.storage), bad)
+    _warn_damaged(bad)
     rows = table.to_pylist()
     if args.stage != "all":
         rows = [r for r in rows if r["stage"] == args.stage]
@@ -453,7 +502,10 @@ def cmd_results(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from tscray.sweep import report_sweep
 
+    from tscray import results
+
     store = _open_store(args.storage)
+    _warn_damaged(results.damaged(store))
     out = args.out or (Path(store.uri) / "report" if "://" not in store.uri else Path("report"))
     rep = report_sweep(store, out, args.format, mlflow=not args.no_mlflow, tsc_setting=args.tsc_setting)
     for p in rep.figures + rep.tables:
@@ -503,7 +555,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"purify": cmd_purify, "backdoor": cmd_backdoor, "sweep": cmd_sweep, "status": cmd_status,
-            "results": cmd_results, "report": cmd_report, "defenses": cmd_defenses, "demo": cmd_demo}
+            "verify": cmd_verify, "results": cmd_results, "report": cmd_report, "defenses": cmd_defenses, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,12 +2,15 @@
 
 A trial's file is replaced atomically each time the trial finishes, so retries and resumes never
 duplicate rows; the directory ``<storage>/results`` is a Parquet dataset that pandas opens with
-``pandas.read_parquet(path)``.
+``pandas.read_parquet(path)``. An unreadable file never hides the others: readers skip and name it, and
+:func:`set_aside_damaged` moves it to ``<storage>/results-damaged/`` so its trial's rows are rebuilt from
+the step manifests (the next run, or ``tscray verify --repair``).
 """
 
 from __future__ import annotations
 
 import io
+import time
 from typing import Any
 
 import pyarrow as pa
@@ -99,18 +102,63 @@ def write_trial(store: Store, trial_id: str, rows: list[dict[str, Any]]) -> None
     store.write_bytes(f"results/trial-{trial_id}.parquet", buf.getvalue())
 
 
-def done_trials(store: Store) -> set[str]:
-    """Ids of trials whose results are written."""
-    return {n[len("trial-"):-len(".parquet")] for n in store.listdir("results") if n.endswith(".parquet")}
+DAMAGED_DIR = "results-damaged"
 
 
-def read(store: Store) -> pa.Table:
-    """All result rows of a sweep (an empty table with the schema when there are none)."""
-    names = [n for n in store.listdir("results") if n.endswith(".parquet")]
-    if not names:
-        return schema().empty_table()
-    tables = [_conform(pq.read_table(io.BytesIO(store.read_bytes(f"results/{n}")))) for n in names]
-    return pa.concat_tables(tables)
+def _names(store: Store) -> list[str]:
+    return [n for n in store.listdir("results") if n.endswith(".parquet")]
+
+
+def _trial_id(name: str) -> str:
+    return name[len("trial-"):-len(".parquet")]
+
+
+def _read_file(store: Store, name: str) -> pa.Table:
+    table = _conform(pq.read_table(io.BytesIO(store.read_bytes(f"results/{name}"))))
+    if table.num_rows == 0:
+        raise ValueError("no rows")
+    return table
+
+
+def done_trials(store: Store, check: bool = False) -> set[str]:
+    """Ids of trials whose results are written (``check``: and readable)."""
+    names = _names(store)
+    if check:
+        bad = set(damaged(store))
+        names = [n for n in names if f"results/{n}" not in bad]
+    return {_trial_id(n) for n in names}
+
+
+def damaged(store: Store) -> list[str]:
+    """Result files that cannot be read as this sweep's rows."""
+    bad: list[str] = []
+    read(store, bad)
+    return bad
+
+
+def read(store: Store, damaged: list[str] | None = None) -> pa.Table:
+    """All readable result rows of a sweep (an empty table with the schema when there are none); the
+    paths of unreadable files are appended to ``damaged``."""
+    tables = []
+    for n in _names(store):
+        try:
+            tables.append(_read_file(store, n))
+        except (OSError, ValueError, KeyError, pa.ArrowException):
+            if damaged is not None:
+                damaged.append(f"results/{n}")
+    return pa.concat_tables(tables) if tables else schema().empty_table()
+
+
+def set_aside_damaged(store: Store) -> list[str]:
+    """Move unreadable result files to ``results-damaged/`` (their trials then count as not done, and rerun
+    from the stored steps); returns the trial ids moved."""
+    moved = []
+    for rel in damaged(store):
+        name = rel.split("/", 1)[1]
+        store.fs.create_dir(store.path(DAMAGED_DIR), recursive=True)
+        store.fs.move(store.path(rel), store.path(f"{DAMAGED_DIR}/{name}.{time.strftime('%Y%m%d-%H%M%S')}"))
+        moved.append(_trial_id(name))
+    return moved
 
 
 def _conform(table: pa.Table) -> pa.Table:

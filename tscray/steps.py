@@ -237,9 +237,13 @@ def kinds() -> dict[str, Callable[[Step, Context], Result]]:
 
 def compute(step: Step, ctx: Context) -> dict[str, Any]:
     """Compute ``step`` (inputs must exist in the store), write it, return its manifest. Idempotent:
-    a step already in the store is returned as is."""
+    a step already in the store is returned as is, unless its artifacts fail their hash check (then it is
+    moved to quarantine/ and computed again)."""
     if ctx.store.has_step(step.kind, step.key):
-        return ctx.store.manifest(step.kind, step.key)
+        problem = ctx.store.check_step(step.kind, step.key)
+        if problem is None:
+            return ctx.store.manifest(step.kind, step.key)
+        ctx.store.quarantine_step(step.kind, step.key, problem)  # damaged: set aside and computed again
     for i in step.inputs:
         if not ctx.store.has_step(i.kind, i.key):
             raise RuntimeError(f"step {step.kind}/{step.key}: input {i.kind}/{i.key} is not computed")

@@ -4,6 +4,8 @@ Layout under the sweep storage (a local directory or any ``pyarrow.fs`` URI such
 
     steps/<kind>/<key>/<artifact>.safetensors   models and tensors
     steps/<kind>/<key>/manifest.json            written last: a step exists iff its manifest does
+                                                (it records each artifact's size and SHA-256)
+    quarantine/<kind>/<key>.<time>/             damaged steps moved aside (recomputed on the next run)
     events/<key>.<uuid>.json                    one file per computation (to count them)
     results/trial-<id>.parquet                  one file per trial, rewritten whole
 
@@ -13,6 +15,7 @@ is written whole and the manifest last, so a reader never sees a half-written st
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -24,6 +27,10 @@ import pyarrow.fs as pafs
 
 if TYPE_CHECKING:  # torch is imported lazily: light Tune trials use the store without it
     import torch
+
+
+class CorruptArtifact(ValueError):
+    """A stored step artifact that is missing, truncated or altered (its size or hash differ)."""
 
 
 class Store:
@@ -92,17 +99,81 @@ class Store:
         from safetensors.torch import save as st_save
 
         d = self.step_dir(kind, key)
+        files: dict[str, dict[str, Any]] = {}
         for name, state in tensors.items():
             blob = st_save({k: v.detach().contiguous().cpu() for k, v in state.items()})
+            files[name] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
             self.write_bytes(f"{d}/{name}.safetensors", blob)
-        manifest = {**manifest, "kind": kind, "key": key, "artifacts": sorted(tensors), "written_at": time.time()}
+        manifest = {**manifest, "kind": kind, "key": key, "artifacts": sorted(tensors), "files": files,
+                    "written_at": time.time()}
         self.write_json(f"{d}/manifest.json", manifest)
         return manifest
 
     def load_tensors(self, kind: str, key: str, name: str) -> dict[str, torch.Tensor]:
+        """A step's artifact, checked against the size and hash its manifest recorded."""
         from safetensors.torch import load as st_load
 
-        return st_load(self.read_bytes(f"{self.step_dir(kind, key)}/{name}.safetensors"))
+        rel = f"{self.step_dir(kind, key)}/{name}.safetensors"
+        try:
+            blob = self.read_bytes(rel)
+        except FileNotFoundError:
+            raise CorruptArtifact(f"{self.path(rel)} is missing") from None
+        problem = _blob_problem(blob, self.manifest(kind, key).get("files", {}).get(name))
+        if problem is None:
+            try:
+                return st_load(blob)
+            except Exception as err:  # safetensors raises its own error types on bad headers
+                problem = f"is not a readable safetensors file ({type(err).__name__})"
+        raise CorruptArtifact(f"{self.path(rel)} {problem}")
+
+    def check_step(self, kind: str, key: str, deep: bool = True) -> str | None:
+        """What is wrong with a stored step (None when nothing): an unreadable manifest, a missing artifact,
+        or one whose size (always) or content hash (``deep``) differs from the manifest's record."""
+        d = self.step_dir(kind, key)
+        try:
+            manifest = self.manifest(kind, key)
+        except FileNotFoundError:
+            return "manifest.json is missing"
+        except (ValueError, UnicodeDecodeError):
+            return "manifest.json is not valid JSON"
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("records"), list) \
+                or not isinstance(manifest.get("artifacts", []), list):
+            return "manifest.json lacks its records or artifact list"
+        for name in manifest.get("artifacts", []):
+            rel = f"{d}/{name}.safetensors"
+            info = self.fs.get_file_info(self.path(rel))
+            if info.type != pafs.FileType.File:
+                return f"{name}.safetensors is missing"
+            meta = manifest.get("files", {}).get(name)
+            if meta is not None and info.size != meta.get("bytes"):
+                return f"{name}.safetensors has {info.size} bytes, its manifest recorded {meta.get('bytes')}"
+            if deep:
+                blob = self.read_bytes(rel)
+                problem = _blob_problem(blob, meta)
+                if problem is None and meta is None:  # written before hashes were recorded: parse it
+                    try:
+                        from safetensors.torch import load as st_load
+                        st_load(blob)
+                    except Exception as err:
+                        problem = f"is not a readable safetensors file ({type(err).__name__})"
+                if problem is not None:
+                    return f"{name}.safetensors {problem}"
+        return None
+
+    def quarantine_step(self, kind: str, key: str, why: str) -> str:
+        """Move a damaged step aside (its manifest first, so it stops existing at once); returns where."""
+        src = self.step_dir(kind, key)
+        dest = f"quarantine/{kind}/{key}.{time.strftime('%Y%m%d-%H%M%S')}.{uuid.uuid4().hex[:6]}"
+        self.write_json(f"{dest}/why.json", {"kind": kind, "key": key, "why": why, "at": time.time()})
+        manifest = self.path(f"{src}/manifest.json")
+        if self.fs.get_file_info(manifest).type == pafs.FileType.File:
+            self.fs.move(manifest, self.path(f"{dest}/manifest.json"))
+        for name in self.listdir(src):
+            try:
+                self.fs.move(self.path(f"{src}/{name}"), self.path(f"{dest}/{name}"))
+            except OSError:
+                self.fs.delete_file(self.path(f"{src}/{name}"))
+        return self.path(dest)
 
     def step_keys(self) -> dict[str, list[str]]:
         """Existing (manifested) steps by kind."""
@@ -124,3 +195,14 @@ class Store:
                 key = name.split(".")[0]
                 counts[key] = counts.get(key, 0) + 1
         return counts
+
+
+def _blob_problem(blob: bytes, meta: Mapping[str, Any] | None) -> str | None:
+    """How ``blob`` differs from its recorded size and SHA-256 (None when it matches or nothing was recorded)."""
+    if meta is None:
+        return None
+    if len(blob) != meta.get("bytes"):
+        return f"has {len(blob)} bytes, its manifest recorded {meta.get('bytes')}"
+    if hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
+        return "does not match the SHA-256 its manifest recorded"
+    return None

@@ -204,6 +204,10 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
     plan = make_plan(spec)
     store.write_json("sweep.json", {"spec": spec.to_dict(), "sweep_id": sid, "trials": len(plan.trials),
                                      "steps": len(plan.steps)})
+    moved = results.set_aside_damaged(store)
+    if moved:
+        print(f"set aside {len(moved)} unreadable result file(s) in {uri}/{results.DAMAGED_DIR}: their trials "
+              f"run again from the stored steps", file=out, flush=True)
     done = results.done_trials(store)
     pending = [t for t in plan.trials if t.id not in done]
     local_dir = Path(uri) if "://" not in uri else Path.cwd() / f".tscray-{sid}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -62,7 +63,9 @@ class Coordinator:
         self.store = Store(store_uri)
         self.res, self.data_root, self.eval_batch = resources, data_root, eval_batch
         self.inflight: dict[str, asyncio.Future] = {}
-        self.stats = {"computed": 0, "reused": 0, "failed": 0, "replaced_workers": 0, "dispatched": 0}
+        self.stats = {"computed": 0, "reused": 0, "failed": 0, "replaced_workers": 0, "dispatched": 0, "repaired": 0}
+        self.verified: set[str] = set()  # step keys whose artifacts matched their hashes in this run
+        self.checking: dict[str, asyncio.Future] = {}
         self.fault_kill_at = fault_kill_at
         # test hook: the coordinator's own process dies (as an OOM kill would) at that dispatch, once
         self.fault_die_at = 0 if fault_marker and os.path.exists(fault_marker) else fault_die_at
@@ -122,9 +125,13 @@ class Coordinator:
         if fut is not None:
             self.stats["reused"] += 1
             return await asyncio.shield(fut)
-        if self.store.has_step(step.kind, step.key):
+        if self.store.has_step(step.kind, step.key) and await self._intact(step):
             self.stats["reused"] += 1
             return self.store.manifest(step.kind, step.key)
+        fut = self.inflight.get(step.key)  # another request may have started it while this one checked
+        if fut is not None:
+            self.stats["reused"] += 1
+            return await asyncio.shield(fut)
         fut = asyncio.get_running_loop().create_future()
         self.inflight[step.key] = fut
         try:
@@ -140,6 +147,31 @@ class Coordinator:
             raise
         finally:
             self.inflight.pop(step.key, None)
+
+    async def _intact(self, step: Step) -> bool:
+        """Check a stored step's artifacts against their recorded hashes, once per coordinator; a damaged step
+        is moved to quarantine/ and recomputed (its dependents keep their own, verified artifacts)."""
+        if step.key in self.verified:
+            return True
+        check = self.checking.get(step.key)
+        if check is None:  # one check per step, however many trials ask at once
+            check = self.checking[step.key] = asyncio.ensure_future(self._check(step))
+        try:
+            return await asyncio.shield(check)
+        finally:
+            if check.done():
+                self.checking.pop(step.key, None)
+
+    async def _check(self, step: Step) -> bool:
+        problem = await asyncio.to_thread(self.store.check_step, step.kind, step.key)
+        if problem is None:
+            self.verified.add(step.key)
+            return True
+        where = await asyncio.to_thread(self.store.quarantine_step, step.kind, step.key, problem)
+        self.stats["repaired"] += 1
+        print(f"tscray: step {step.kind}/{step.key} is damaged ({problem}); moved to {where}, recomputing",
+              file=sys.stderr, flush=True)
+        return False
 
     async def _dispatch(self, step: Step) -> dict[str, Any]:
         if self.free is None:  # a restarted coordinator: its pool died with the old process

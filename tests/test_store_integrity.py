@@ -1,0 +1,204 @@
+"""A damaged store (issue 14, rows 7-8): truncated, altered or deleted step artifacts and unreadable result
+files are detected, named, set aside and recomputed or rebuilt; nothing else is lost or recomputed."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tscray import results
+from tscray.cli import main
+from tscray.config import validate
+from tscray.plan import make_plan
+from tscray.steps import Context, run_local
+from tscray.store import CorruptArtifact, Store
+from tscray.verify import verify_store
+
+STATE = {"w": torch.arange(12.0).reshape(3, 4), "n": torch.tensor(7)}
+
+
+def damage(path: Path, how: str) -> None:
+    blob = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(blob[: len(blob) // 2])
+    elif how == "flipped":  # same size, one byte of the tensor data changed
+        path.write_bytes(blob[:-3] + bytes([blob[-3] ^ 0xFF]) + blob[-2:])
+    elif how == "deleted":
+        path.unlink()
+    elif how == "garbage":
+        path.write_bytes(b"\x00" * len(blob))
+
+
+@pytest.mark.parametrize("kind", ["local", "object"])
+def test_manifests_record_size_and_hash_and_loads_check_them(tmp_path, kind):
+    store = Store(str(tmp_path / "s")) if kind == "local" else Store("bucket/s", pafs._MockFileSystem())
+    m = store.put_step("backdoor", "k", {"model": STATE}, {"records": []})
+    assert m["files"]["model"]["bytes"] > 0 and len(m["files"]["model"]["sha256"]) == 64
+    assert store.check_step("backdoor", "k") is None
+    rel = "steps/backdoor/k/model.safetensors"
+    blob = store.read_bytes(rel)
+    store.write_bytes(rel, blob[:-3] + bytes([blob[-3] ^ 1]) + blob[-2:])
+    with pytest.raises(CorruptArtifact, match=r"model\.safetensors does not match the SHA-256"):
+        store.load_tensors("backdoor", "k", "model")
+    assert "SHA-256" in store.check_step("backdoor", "k")
+    assert store.check_step("backdoor", "k", deep=False) is None  # same size: only the hash tells
+
+
+@pytest.mark.parametrize("how, message", [("truncated", "bytes, its manifest recorded"),
+                                          ("deleted", "is missing"), ("flipped", "SHA-256")])
+def test_every_kind_of_damage_is_named(tmp_path, how, message):
+    store = Store(str(tmp_path))
+    store.put_step("tsc_round", "k", {"point": STATE}, {"records": []})
+    damage(tmp_path / "steps/tsc_round/k/point.safetensors", how)
+    assert message in store.check_step("tsc_round", "k")
+    with pytest.raises(CorruptArtifact, match=message if how != "truncated" else "bytes"):
+        store.load_tensors("tsc_round", "k", "point")
+
+
+def test_a_manifest_that_is_not_json_is_damage_not_a_traceback(tmp_path):
+    store = Store(str(tmp_path))
+    store.put_step("backdoor", "k", {"model": STATE}, {"records": []})
+    (tmp_path / "steps/backdoor/k/manifest.json").write_text("{not json")
+    assert store.check_step("backdoor", "k") == "manifest.json is not valid JSON"
+
+
+def test_legacy_manifests_without_hashes_are_checked_by_parsing(tmp_path):
+    store = Store(str(tmp_path))
+    store.put_step("backdoor", "k", {"model": STATE}, {"records": []})
+    mpath = tmp_path / "steps/backdoor/k/manifest.json"
+    manifest = json.loads(mpath.read_text())
+    del manifest["files"]
+    mpath.write_text(json.dumps(manifest))
+    assert store.check_step("backdoor", "k") is None
+    damage(tmp_path / "steps/backdoor/k/model.safetensors", "garbage")
+    assert "not a readable safetensors file" in store.check_step("backdoor", "k")
+
+
+def tiny_spec(storage: Path) -> dict:
+    return {"name": "dmg", "storage": str(storage),
+            "grid": {"defense": ["tsc", "none"], "rounds": [1], "t": [0.5]},
+            "train": {"epochs": 1, "batch_size": 256, "lr": 0.05, "arch_kw": {"widths": [8, 8, 8, 8]}},
+            "defense": {"clean_ratio": 0.02, "tsc": {"curve_epochs": 1, "finetune_epochs": 1, "batch_size": 100}}}
+
+
+def run_all(store: Store, raw: dict) -> list:
+    """What a sweep does, without Ray: compute every trial's steps, write its rows."""
+    spec = validate(raw)
+    plan = make_plan(spec)
+    store.write_json("sweep.json", {"spec": spec.to_dict(), "sweep_id": "x", "trials": len(plan.trials),
+                                    "steps": len(plan.steps)})
+    ctx = Context(store)
+    for trial in plan.trials:
+        manifests = run_local(trial.steps, ctx)
+        results.write_trial(store, trial.id, results.trial_rows(spec.name, trial, manifests, "x"))
+    return plan.trials
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("finished")
+    trials = run_all(Store(str(root)), tiny_spec(root))
+    return root, trials
+
+
+def copy_store(src: Path, dst: Path) -> Store:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return Store(str(dst))
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped", "deleted"])
+def test_a_damaged_step_is_set_aside_and_recomputed_bitwise_equal_alone(finished, tmp_path, how):
+    src, trials = finished
+    store = copy_store(src, tmp_path / "s")
+    tsc = next(t for t in trials if t.params["defense"] == "tsc")
+    victim = next(s for s in tsc.steps if s.key == tsc.final.key)  # the step of the trial's output model
+    artifact = tsc.final.artifact
+    good = store.load_tensors(victim.kind, victim.key, artifact)
+    before = dict(store.computations())
+    damage(tmp_path / "s" / "steps" / victim.kind / victim.key / f"{artifact}.safetensors", how)
+
+    run_local(tsc.steps, Context(store))
+    after = store.computations()
+    assert {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)} == {victim.key: 1}
+    again = store.load_tensors(victim.kind, victim.key, artifact)
+    assert all(torch.equal(again[k], v) for k, v in good.items())
+    quarantined = list((tmp_path / "s" / "quarantine" / victim.kind).iterdir())
+    assert len(quarantined) == 1 and quarantined[0].name.startswith(victim.key)
+    assert json.loads((quarantined[0] / "why.json").read_text())["why"]
+
+
+def test_verify_finds_damage_and_repair_makes_the_next_run_recompute_only_it(finished, tmp_path, capsys):
+    src, trials = finished
+    store = copy_store(src, tmp_path / "s")
+    bd = trials[0].steps[0]
+    assert main(["verify", str(tmp_path / "s")]) == 0
+    assert "store is intact" in capsys.readouterr().out
+    damage(tmp_path / "s" / "steps" / bd.kind / bd.key / "model.safetensors", "flipped")
+    assert main(["verify", str(tmp_path / "s"), "--quick"]) == 0  # sizes only: a flipped byte passes
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "s")]) == 1
+    out = capsys.readouterr().out
+    assert f"damaged step backdoor/{bd.key}: model.safetensors does not match the SHA-256" in out
+    assert main(["status", str(tmp_path / "s")]) == 0
+    assert main(["verify", str(tmp_path / "s"), "--repair"]) == 0
+    assert "moved 1 damaged step(s) to quarantine/" in capsys.readouterr().out
+    assert not store.has_step(bd.kind, bd.key)
+    before = dict(store.computations())
+    run_local(trials[0].steps, Context(store))
+    assert {k for k, n in store.computations().items() if n != before.get(k, 0)} == {bd.key}
+
+
+def test_an_unreadable_result_file_hides_no_rows_and_is_rebuilt_from_the_manifests(finished, tmp_path, capsys):
+    src, trials = finished
+    store = copy_store(src, tmp_path / "s")
+    good = results.read(store).to_pandas()
+    victim = tmp_path / "s" / "results" / f"trial-{trials[0].id}.parquet"
+    expected = pq.read_table(victim).to_pandas()
+    damage(victim, "truncated")
+
+    bad: list[str] = []
+    table = results.read(store, bad)  # one bad file never hides the others
+    assert bad == [f"results/trial-{trials[0].id}.parquet"]
+    assert table.num_rows == len(good) - len(expected)
+    assert main(["results", str(tmp_path / "s")]) == 0
+    assert "skipped 1 unreadable result file(s)" in capsys.readouterr().err
+    assert main(["status", str(tmp_path / "s")]) == 0
+    assert f"trials: {len(trials) - 1}/{len(trials)} finished (1 unreadable" in capsys.readouterr().out
+
+    before = dict(store.computations())
+    assert main(["verify", str(tmp_path / "s"), "--repair"]) == 0
+    assert "rebuilt the rows of 1 trial(s)" in capsys.readouterr().out
+    assert store.computations() == before  # rebuilt, nothing recomputed
+    rebuilt = pq.read_table(victim).to_pandas()
+    assert rebuilt.drop(columns=[]).equals(expected)
+    assert len(list((tmp_path / "s" / results.DAMAGED_DIR).iterdir())) == 1
+    import pandas as pd
+    assert len(pd.read_parquet(tmp_path / "s" / "results")) == len(good)  # pandas reads the folder again
+
+
+def test_set_aside_moves_only_unreadable_files(tmp_path):
+    store = Store(str(tmp_path))
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"trial_id": ["a"], "stage": ["final"]}), buf)
+    store.write_bytes("results/trial-a.parquet", buf.getvalue())
+    store.write_bytes("results/trial-b.parquet", b"PAR1 not really")
+    store.write_bytes("results/trial-c.parquet", b"")
+    assert sorted(results.set_aside_damaged(store)) == ["b", "c"]
+    assert results.done_trials(store) == {"a"}
+
+
+def test_verify_refuses_a_folder_that_is_no_sweep(tmp_path, capsys):
+    assert main(["verify", str(tmp_path)]) == 2
+    assert "not a tscray sweep directory" in capsys.readouterr().err
+    report = verify_store(Store(str(tmp_path)))
+    assert report.clean and report.steps == 0

@@ -1,0 +1,110 @@
+"""Checking a sweep's store whole (``tscray verify DIR [--repair]``): every step's artifacts against the sizes
+and SHA-256 hashes their manifests recorded, every result file readable.
+
+Repair moves damaged steps to ``quarantine/`` (the next run recomputes them; their dependents keep their
+own verified artifacts) and unreadable result files to ``results-damaged/``, then rebuilds those trials'
+rows from the step manifests when all their steps are intact (else the next run does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tscray import results
+from tscray.store import Store
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify_store`` found and did."""
+
+    steps: int = 0
+    damaged_steps: dict[str, str] = field(default_factory=dict)  # "kind/key" -> why
+    incomplete: list[str] = field(default_factory=list)  # step folders without a manifest (interrupted writes)
+    result_files: int = 0
+    damaged_results: list[str] = field(default_factory=list)
+    quarantined: list[str] = field(default_factory=list)
+    rebuilt: list[str] = field(default_factory=list)  # trial ids whose rows were rebuilt
+    to_rerun: list[str] = field(default_factory=list)  # trial ids the next run must finish
+
+    @property
+    def clean(self) -> bool:
+        return not self.damaged_steps and not self.damaged_results
+
+    def lines(self) -> list[str]:
+        out = [f"steps  : {self.steps} checked, {len(self.damaged_steps)} damaged"
+               + (f", {len(self.incomplete)} interrupted writes (no manifest; harmless)" if self.incomplete else ""),
+               f"results: {self.result_files} files, {len(self.damaged_results)} unreadable"]
+        out += [f"  damaged step {k}: {why}" for k, why in sorted(self.damaged_steps.items())]
+        out += [f"  unreadable result file {p}" for p in self.damaged_results]
+        if self.quarantined:
+            out.append(f"moved {len(self.quarantined)} damaged step(s) to quarantine/: the next run recomputes them")
+        if self.rebuilt:
+            out.append(f"rebuilt the rows of {len(self.rebuilt)} trial(s) from their step manifests")
+        if self.to_rerun:
+            out.append(f"{len(self.to_rerun)} trial(s) need a rerun of the sweep to finish: {', '.join(self.to_rerun[:5])}"
+                       + (" ..." if len(self.to_rerun) > 5 else ""))
+        return out
+
+
+def verify_store(store: Store, repair: bool = False, deep: bool = True) -> VerifyReport:
+    """Check (and with ``repair`` fix) a sweep store; ``deep=False`` checks sizes only, not hashes."""
+    rep = VerifyReport()
+    for kind in store.listdir("steps"):
+        for key in store.listdir(f"steps/{kind}"):
+            if not store.has_step(kind, key):
+                rep.incomplete.append(f"{kind}/{key}")
+                continue
+            rep.steps += 1
+            problem = store.check_step(kind, key, deep=deep)
+            if problem is not None:
+                rep.damaged_steps[f"{kind}/{key}"] = problem
+    bad: list[str] = []
+    results.read(store, bad)
+    rep.result_files = len([n for n in store.listdir("results") if n.endswith(".parquet")])
+    rep.damaged_results = bad
+    if not repair:
+        return rep
+    for name, why in rep.damaged_steps.items():
+        kind, key = name.split("/", 1)
+        rep.quarantined.append(store.quarantine_step(kind, key, why))
+    moved = results.set_aside_damaged(store)
+    if moved:
+        _rebuild(store, moved, rep)
+    return rep
+
+
+def _rebuild(store: Store, trial_ids: list[str], rep: VerifyReport) -> None:
+    """Write the rows of ``trial_ids`` again from their steps' manifests (as a finished trial would)."""
+    from tscray.config import SpecError, validate
+    from tscray.plan import make_plan
+
+    try:
+        info = store.read_json("sweep.json")
+        raw = dict(info["spec"])
+        if raw.get("train", {}).get("method", "supervised") == "supervised":
+            raw.pop("ssl", None)  # to_dict() writes the (unused) SSL defaults, which validation refuses here
+        plan = make_plan(validate(raw, "sweep.json", check_data=False))
+    except (OSError, ValueError, KeyError, SpecError):
+        rep.to_rerun.extend(trial_ids)
+        return
+    trials = {t.id: t for t in plan.trials}
+    for tid in trial_ids:
+        trial = trials.get(tid)
+        manifests: dict[str, dict[str, Any]] = {}
+        ok = trial is not None
+        for stage in trial.chain if trial is not None else ():
+            if stage.step.key in manifests:
+                continue
+            if not store.has_step(stage.step.kind, stage.step.key) or \
+                    store.check_step(stage.step.kind, stage.step.key, deep=False) is not None:
+                ok = False
+                break
+            manifests[stage.step.key] = store.manifest(stage.step.kind, stage.step.key)
+        if ok and trial is not None:
+            results.write_trial(store, tid, results.trial_rows(info["spec"]["name"], trial, manifests,
+                                                               info.get("sweep_id")))
+            rep.rebuilt.append(tid)
+        else:
+            rep.to_rerun.append(tid)
