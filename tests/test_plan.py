@@ -8,10 +8,11 @@ from tscray.steps import Context, run_local
 from tscray.store import Store
 
 
-def spec_of(**grid):
+def spec_of(arch_kw=None, **grid):
     base = {"dataset": ["fashion-mnist-embedded"], "arch": ["cnn"], "attack": ["badnets"], "defense": ["tsc"]}
     return validate({"name": "t", "grid": {**base, **grid},
-                     "train": {"epochs": 1, "batch_size": 256, "lr": 0.05, "arch_kw": {"widths": [8, 8, 8, 8]}},
+                     "train": {"epochs": 1, "batch_size": 256, "lr": 0.05,
+                               "arch_kw": arch_kw or {"widths": [8, 8, 8, 8]}},
                      "defense": {"clean_ratio": 0.02, "tsc": {"curve_epochs": 1, "finetune_epochs": 1, "batch_size": 100},
                                  "mcr": {"curve_epochs": 1, "finetune_epochs": 1, "batch_size": 100},
                                  "finetune": {"epochs": 1, "batch_size": 100}}})
@@ -86,7 +87,7 @@ def test_local_run_of_a_planned_trial_equals_the_library_defense(tmp_path):
 
 def test_attack_resource_is_one_shared_step(pattern_attack):
     plan = make_plan(spec_of(attack=["test-pattern", "badnets"], poison_rate=[0.05, 0.1], arch=["cnn", "mlp"],
-                             defense=["none"]))
+                             defense=["none"], arch_kw={"cnn": {"widths": [8, 8, 8, 8]}, "mlp": {"hidden": [16]}}))
     counts = plan.count_by_kind()
     assert counts["attack_resource"] == 1  # shared across rates and architectures (it depends on neither)
     assert counts["backdoor"] == 8

@@ -70,6 +70,20 @@ def attack_kw_for(train: "TrainSpec", attack: str) -> dict[str, Any]:
     return dict(kw)
 
 
+def arch_kw_for(train: "TrainSpec", arch: str) -> dict[str, Any]:
+    """Options of one architecture: ``train.arch_kw`` is either one mapping for every architecture of the
+    grid, or a mapping from architecture names to their own options (``{cnn: {widths: [...]},
+    "torchvision:mobilenet_v2": {width_mult: 0.25}}``)."""
+    from tscray import models
+    from tscray.models import external
+
+    kw = train.arch_kw
+    if kw and all(isinstance(v, dict) for v in kw.values()) and \
+            all(k in models.names() or external.is_external(k) for k in kw):
+        return dict(kw.get(arch, {}))
+    return dict(kw)
+
+
 def _all_attack_names() -> list[str]:
     from tscray import attacks
     from tscray.ssl.attacks import SSL_ATTACKS
@@ -609,7 +623,7 @@ def _check_defenses(grid: Grid, train: TrainSpec, problems: list[str]) -> None:
             continue
         for arch in grid.arch:
             try:
-                model = models.build(arch, 10, 3, **train.arch_kw)
+                model = models.build(arch, 10, 3, **arch_kw_for(train, arch))
             except (TypeError, ValueError):
                 continue  # reported by the architecture's own check
             try:
@@ -642,7 +656,8 @@ def _check_data(spec: SweepSpec, problems: list[str]) -> None:
 
 
 def _check_arch_kw(spec: SweepSpec, problems: list[str]) -> None:
-    """``train.arch_kw`` goes to every registered architecture of the grid: each must accept it."""
+    """Every registered architecture of the grid must accept its ``train.arch_kw`` (one mapping for all, or
+    one per architecture)."""
     from tscray import models
     from tscray.models import external
 
@@ -650,9 +665,9 @@ def _check_arch_kw(spec: SweepSpec, problems: list[str]) -> None:
         if external.is_external(arch):
             continue  # built per dataset by _check_external_archs
         try:
-            models.build(arch, 10, 3, **spec.train.arch_kw)
+            models.build(arch, 10, 3, **arch_kw_for(spec.train, arch))
         except (TypeError, ValueError) as err:
-            problems.append(f"train.arch_kw: architecture {arch!r} does not take {_short(spec.train.arch_kw)}: "
+            problems.append(f"train.arch_kw: architecture {arch!r} does not take {_short(arch_kw_for(spec.train, arch))}: "
                             f"{str(err)[:200]}")
 
 
@@ -671,7 +686,8 @@ def _check_external_archs(spec: SweepSpec, problems: list[str]) -> None:
             continue  # the dataset's own check reports it
         for arch in archs:
             try:
-                models.build(arch, ds.num_classes, ds.in_channels, input_hw=ds.input_hw, **spec.train.arch_kw)
+                models.build(arch, ds.num_classes, ds.in_channels, input_hw=ds.input_hw,
+                             **arch_kw_for(spec.train, arch))
             except (external.ArchError, DeriveError, SpecMismatch, TypeError, ValueError) as err:
                 problems.append(f"grid.arch: {arch!r} on {name}: {err}")
 

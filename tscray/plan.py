@@ -5,11 +5,16 @@ equal keys wherever it appears: trials with E_TSC = 1, 2, 3 share rounds, trials
 in t share round 1's first curve (γ1 does not depend on t), and every defense of one backdoored
 model shares it. The plan is pure data; :mod:`tscray.steps` computes steps and
 :mod:`tscray.cluster` schedules them.
+
+Planning is linear in trials: while :func:`make_plan` runs, equal steps are one object (their key is
+hashed once), stages and backdoor steps are shared, resolved defense configs are reused, and a nested
+dict already serialised (a defense's config) is not serialised again (:func:`memo`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import itertools
 import json
@@ -17,14 +22,76 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Iterator
 
-from tscray.config import SweepSpec, attack_kw_for
+from tscray.config import SweepSpec, arch_kw_for, attack_kw_for
 
 # Bump when a step's computation changes meaning, so old artifacts are not reused for it.
 STEP_VERSION = 1
 
 
-def _canon(obj: Any) -> str:
+def _dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+class _Memo:
+    """Caches that live while one plan is made."""
+
+    def __init__(self) -> None:
+        self.values: dict[Any, Any] = {}
+        self.json: dict[int, tuple[Any, str]] = {}  # id(dict) -> (the dict, kept alive; its JSON)
+
+
+_ACTIVE: _Memo | None = None
+
+
+def memo(key: Any, make: Any) -> Any:
+    """``make()``, computed once per ``key`` while a plan is being made (always computed otherwise)."""
+    m = _ACTIVE
+    if m is None:
+        return make()
+    try:
+        return m.values[key]
+    except KeyError:
+        value = m.values[key] = make()
+        return value
+
+
+def _canon(obj: Any) -> str:
+    """Canonical JSON (sorted keys, no spaces). While planning, a dict value seen before is not serialised
+    again: the output is byte-identical to ``json.dumps(obj, sort_keys=True, separators=(",", ":"))``."""
+    m = _ACTIVE
+    if m is None or not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        return _dumps(obj)
+    parts = []
+    for k in sorted(obj):
+        v = obj[k]
+        if isinstance(v, (dict, list)):
+            hit = m.json.get(id(v))
+            if hit is None or hit[0] is not v:
+                hit = m.json[id(v)] = (v, _canon(v) if isinstance(v, dict) else _dumps(v))
+            text = hit[1]
+        else:
+            text = _scalar(v)
+        parts.append(f"{_STR(k)}:{text}")
+    return "{" + ",".join(parts) + "}"
+
+
+_STR = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+
+
+def _scalar(v: Any) -> str:
+    """``json.dumps(v)`` for the scalar types step params hold, without the encoder's overhead."""
+    t = type(v)
+    if t is str:
+        return _STR(v)
+    if t is bool:
+        return "true" if v else "false"
+    if t is int:
+        return int.__repr__(v)
+    if t is float and v == v and v not in (float("inf"), float("-inf")):
+        return float.__repr__(v)
+    if v is None:
+        return "null"
+    return _dumps(v)
 
 
 @dataclass(frozen=True)
@@ -37,7 +104,21 @@ class Step:
 
     @staticmethod
     def make(kind: str, params: dict[str, Any], inputs: tuple["Step", ...] = ()) -> "Step":
-        return Step(kind, _canon(params), inputs)
+        """The step; while planning, an equal step made before is returned (one object per key)."""
+        params_json = _canon(params)
+        if _ACTIVE is None:
+            return Step(kind, params_json, inputs)
+        return memo(("step", kind, params_json, tuple(i.key for i in inputs)), lambda: Step(kind, params_json, inputs))
+
+    @cached_property
+    def ancestors(self) -> tuple["Step", ...]:
+        """This step and all its ancestors, inputs first, each once (computed once per step)."""
+        seen: dict[str, Step] = {}
+        for i in self.inputs:
+            for a in i.ancestors:
+                seen.setdefault(a.key, a)
+        seen.setdefault(self.key, self)
+        return tuple(seen.values())
 
     @cached_property
     def params(self) -> dict[str, Any]:
@@ -50,15 +131,7 @@ class Step:
 
     def walk(self) -> Iterator["Step"]:
         """This step and all its ancestors, inputs first, each once."""
-        seen: set[str] = set()
-
-        def visit(s: Step) -> Iterator[Step]:
-            for i in s.inputs:
-                yield from visit(i)
-            if s.key not in seen:
-                seen.add(s.key)
-                yield s
-        yield from visit(self)
+        return iter(self.ancestors)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "params": self.params_json, "inputs": [i.to_dict() for i in self.inputs]}
@@ -148,18 +221,36 @@ def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
     """Distinct grid points (irrelevant axes dropped), in grid order."""
     from tscray.config import GRID_AXES
 
+    from tscray.config import DEFENSE_AXES
+    from tscray.defenses import DEFENSES
+
     names = GRID_AXES
     combos = itertools.chain.from_iterable(itertools.product(*[getattr(g, a) for a in names])
                                            for g in (spec.grids or (spec.grid,)))
-    seen, out = set(), []
+    method = spec.train.method
+    drop: dict[str, tuple[int, ...]] = {}  # defense -> positions of the grid axes it does not use
+    seen: set[Any] = set()
+    out = []
     for combo in combos:
-        p = relevant(dict(zip(names, combo)))
-        if spec.train.method != "supervised":  # (supervised trials keep the ids they always had)
-            p["method"] = spec.train.method
-        k = _canon(p)
-        if k not in seen:
+        d = combo[names.index("defense")]
+        if d not in drop:
+            used = DEFENSES.get(d).axes if d != "none" else ()
+            drop[d] = tuple(i for i, a in enumerate(names) if a in DEFENSE_AXES and a not in used)
+        gone = drop[d]
+        k: Any = tuple(None if i in gone else v for i, v in enumerate(combo))
+        try:
+            if k in seen:
+                continue
             seen.add(k)
-            out.append(p)
+        except TypeError:  # an unhashable grid value (a dataset given as a mapping)
+            k = _canon(list(k))
+            if k in seen:
+                continue
+            seen.add(k)
+        p = {a: v for i, (a, v) in enumerate(zip(names, combo)) if i not in gone}
+        if method != "supervised":  # (supervised trials keep the ids they always had)
+            p["method"] = method
+        out.append(p)
     return out
 
 
@@ -192,7 +283,7 @@ def pretrain_step(spec: SweepSpec, p: dict[str, Any]) -> Step:
     """A clean self-supervised encoder: what BadEncoder fine-tunes, shared by every such trial of a seed."""
     tr = spec.train
     return Step.make("ssl_pretrain", _with_data_kw(spec, {
-        "dataset": p["dataset"], "arch": p["arch"], "arch_kw": tr.arch_kw, "seed": p["seed"], "method": tr.method,
+        "dataset": p["dataset"], "arch": p["arch"], "arch_kw": arch_kw_for(tr, p["arch"]), "seed": p["seed"], "method": tr.method,
         "method_kw": tr.method_kw, "epochs": tr.epochs, "batch_size": tr.batch_size, "lr": tr.lr,
         "weight_decay": tr.weight_decay, "optimizer": tr.optimizer}))
 
@@ -217,7 +308,7 @@ def backdoor_step(spec: SweepSpec, p: dict[str, Any]) -> Step:
         return ssl_backdoor_step(spec, p)
     res = resource_step(spec, p)
     return Step.make("backdoor", _with_data_kw(spec, {
-        "dataset": p["dataset"], "arch": p["arch"], "arch_kw": tr.arch_kw, "attack": p["attack"],
+        "dataset": p["dataset"], "arch": p["arch"], "arch_kw": arch_kw_for(tr, p["arch"]), "attack": p["attack"],
         "attack_kw": attack_kw_for(tr, p["attack"]), "poison_rate": p["poison_rate"], "target": tr.target,
         "seed": p["seed"],
         "epochs": tr.epochs, "batch_size": tr.batch_size, "lr": tr.lr, "momentum": tr.momentum,
@@ -234,18 +325,35 @@ def plan_trial(spec: SweepSpec, p: dict[str, Any]) -> Trial:
     from tscray.defenses import DEFENSES
     from tscray.defenses.base import config_to_dict
 
-    bd = backdoor_step(spec, p)
+    root = tuple(p.get(a) for a in ("dataset", "arch", "attack", "poison_rate", "seed", "method"))
+    try:
+        bd = memo(("backdoor", root), lambda: backdoor_step(spec, p))
+    except TypeError:  # an unhashable dataset entry: no sharing, same result
+        bd = backdoor_step(spec, p)
+    first = memo(("stage0", bd.key), lambda: Stage(bd, 0, ("backdoored",)))
     name = p["defense"]
     if name == "none":
-        return Trial(p, (Stage(bd, 0, ("backdoored",)),), Final(bd.key, "model", ("backdoored",)))
+        return Trial(p, (first,), memo(("final0", bd.key), lambda: Final(bd.key, "model", ("backdoored",))))
     d = DEFENSES.get(name)
-    cfg = spec.defense.config(name, seed=p["seed"], **{a: p[a] for a in d.axes})
+    axes = {a: p[a] for a in d.axes}
+
+    def resolve() -> tuple[Any, dict[str, Any], str]:
+        # the grid axes are top-level scalar fields: resolve once per (defense, seed), then replace them
+        base, base_dict = memo(("config", name, p["seed"]), lambda: (
+            lambda c: (c, config_to_dict(c)))(spec.defense.config(name, seed=p["seed"])))
+        cfg = dataclasses.replace(base, **axes) if axes else base
+        as_dict = {**base_dict, **axes}
+        return cfg, as_dict, _canon(as_dict)
+    cfg, cfg_dict, settings = memo(("config", name, p["seed"], tuple(axes.items())), resolve)
     if d.plan is not None:
-        stages, final = d.plan.plan(cfg, bd, {**_clean(spec), "curve_ts": list(spec.eval.curve_ts)})
+        common = memo(("common",), lambda: {**_clean(spec), "curve_ts": list(spec.eval.curve_ts)})
+        stages, final = d.plan.plan(cfg, bd, dict(common))
     else:
-        step = Step.make("defense", {"defense": name, "config": config_to_dict(cfg), **_clean(spec)}, (bd,))
+        step = Step.make("defense", {"defense": name, "config": cfg_dict, **_clean(spec)}, (bd,))
         stages, final = [Stage(step, 1, ("final",))], Final(step.key, "model", ("final",))
-    return Trial(p, (Stage(bd, 0, ("backdoored",)), *stages), final, _canon(config_to_dict(cfg)))
+    chain = (first, *(memo(("stage", s.step.key, s.round, s.report), lambda s=s: s) for s in stages))
+    final = memo(("final", final.key, final.artifact, final.stages), lambda: final)
+    return Trial(p, chain, final, settings)
 
 
 @dataclass
@@ -258,9 +366,13 @@ class Plan:
     @cached_property
     def steps(self) -> dict[str, Step]:
         out: dict[str, Step] = {}
+        seen: set[int] = set()  # stages are shared between trials: walk each once
         for trial in self.trials:
-            for s in trial.steps:
-                for a in s.walk():
+            for stage in trial.chain:
+                if id(stage) in seen:
+                    continue
+                seen.add(id(stage))
+                for a in stage.step.ancestors:
                     out.setdefault(a.key, a)
         return out
 
@@ -273,13 +385,21 @@ class Plan:
     def naive_count_by_kind(self) -> dict[str, int]:
         """Steps a per-trial run without reuse would execute (every trial computes its whole chain)."""
         counts: dict[str, int] = {}
+        by_chain: dict[tuple[int, ...], dict[str, int]] = {}  # chains are shared objects: count each once
         for trial in self.trials:
-            needed: dict[str, Step] = {}
-            for s in trial.steps:
-                for a in s.walk():
-                    needed.setdefault(a.key, a)
-            for s in needed.values():
-                counts[s.kind] = counts.get(s.kind, 0) + 1
+            ident = tuple(id(s) for s in trial.chain)
+            per = by_chain.get(ident)
+            if per is None:
+                needed: dict[str, Step] = {}
+                for s in trial.steps:
+                    for a in s.ancestors:
+                        needed.setdefault(a.key, a)
+                per = {}
+                for a in needed.values():
+                    per[a.kind] = per.get(a.kind, 0) + 1
+                by_chain[ident] = per
+            for kind, n in per.items():
+                counts[kind] = counts.get(kind, 0) + n
         return counts
 
     @staticmethod
@@ -292,5 +412,14 @@ class Plan:
 
 
 def make_plan(spec: SweepSpec) -> Plan:
-    """Plan every grid point of the sweep."""
-    return Plan(spec, [plan_trial(spec, p) for p in grid_points(spec)])
+    """Plan every grid point of the sweep (linear in trials: see the module docstring)."""
+    global _ACTIVE
+    outer, _ACTIVE = _ACTIVE, _Memo()
+    collect = gc.isenabled()
+    gc.disable()  # planning allocates millions of acyclic objects: generational passes made it superlinear
+    try:
+        return Plan(spec, [plan_trial(spec, p) for p in grid_points(spec)])
+    finally:
+        _ACTIVE = outer
+        if collect:
+            gc.enable()

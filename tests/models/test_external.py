@@ -115,3 +115,15 @@ def test_sweeps_refuse_unusable_architectures_before_compute(user_module: str, a
     with pytest.raises(SpecError) as err:
         validate(spec_with(arch.format(mod=user_module), **train))
     assert message.format(mod=user_module) in str(err.value)
+
+
+def test_each_architecture_of_a_grid_may_have_its_own_options() -> None:
+    from tscray.plan import make_plan
+
+    raw = spec_with("cnn", arch_kw={"cnn": {"widths": [8, 8, 8, 8]},
+                                    "torchvision:mobilenet_v2": {"width_mult": 0.25}})
+    raw["grid"]["arch"] = ["cnn", "torchvision:mobilenet_v2"]
+    raw["grid"]["defense"] = ["none"]
+    plan = make_plan(validate(raw))
+    kw = {s.params["arch"]: s.params["arch_kw"] for s in plan.steps.values() if s.kind == "backdoor"}
+    assert kw == {"cnn": {"widths": [8, 8, 8, 8]}, "torchvision:mobilenet_v2": {"width_mult": 0.25}}

@@ -9,6 +9,8 @@ is exactly what a run with E_TSC = r returns, so one run with E = 3 yields E = 1
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -179,9 +181,11 @@ _PLAN_DROP = ("t", "rounds", "eval_ts")
 
 def _plan(cfg: TSCConfig, backdoor: Any, common: dict[str, Any]) -> tuple[list[Any], Any]:
     from tscray.defenses.base import config_to_dict
-    from tscray.plan import Final, Stage, Step
+    from tscray.plan import Final, Stage, Step, memo
 
-    config = {k: v for k, v in config_to_dict(cfg).items() if k not in _PLAN_DROP}
+    # one dict per config that differs in more than t and rounds: planning serialises it once
+    config = memo(("tsc-config", dataclasses.replace(cfg, t=0.5, rounds=1)),
+                  lambda: {k: v for k, v in config_to_dict(cfg).items() if k not in _PLAN_DROP})
     shared = {"config": config, **common}
     current, artifact, stages = backdoor, "model", []
     for r in range(1, cfg.rounds + 1):
