@@ -11,6 +11,25 @@ from torch import nn
 torch.set_num_threads(int(os.environ.get("TSCRAY_TEST_THREADS", "2")))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", default="cpu",
+                     help="torch device for the device-sensitive tests (marked `device`): cpu (default) or cuda[:N]; "
+                          "`pytest --device cuda -m device` is the CUDA test mode")
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """The device the `device`-marked tests run on; they skip cleanly when it is CUDA and none is present."""
+    name = request.config.getoption("--device")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda, but CUDA is not available")
+    if dev.type == "cuda":  # exact-comparison tests must not run in TF32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return dev
+
+
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random BN running stats, affine parameters and biases, so tests can't pass on defaults 0/1."""
     gen = torch.Generator().manual_seed(seed)
