@@ -1,5 +1,6 @@
 """The benchmarks' quick modes run, so they never rot."""
 
+import os
 import subprocess
 import sys
 
@@ -18,3 +19,14 @@ def test_derive_spec_benchmark_runs_and_meets_its_budget_on_small_models():
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith(("cnn", "torchvision:mobilenet_v2"))]
     assert len(rows) == 2 and all(r.endswith("ok") for r in rows), out.stdout
+
+
+def test_gpu_check_quick_runs_on_cpu_and_writes_its_table(tmp_path):
+    out = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--quick"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OUT": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = (tmp_path / "gpu.md").read_text()
+    for check in ("device test mode", "curve step cnn b16 bf16", "matching (un-align)", "BN refresh",
+                  "packing: 2 concurrent", "one TSC round", "projected GPU-hours: ablation", "projected GPU-hours: table1"):
+        assert check in table, check
+    assert "FAILED" not in table and "failed:" not in table, table

@@ -173,7 +173,7 @@ def fit_epochs(curve: BezierCurve, loader: Iterable, method: Method, epochs: int
     curve.train()
     losses: list[float] = []
     for epoch in range(epochs):
-        total, steps = 0.0, 0
+        total, steps = torch.zeros((), dtype=torch.float64), 0  # summed on the device: no host sync per step
         for batch in loader:
             t = float(torch.rand((), generator=gen))
             weights = curve.weights(t)
@@ -187,9 +187,9 @@ def fit_epochs(curve: BezierCurve, loader: Iterable, method: Method, epochs: int
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total, steps = total + float(loss.detach()), steps + 1
+            total, steps = total.to(loss.device) + loss.detach().double(), steps + 1
         sched.step()
-        losses.append(total / max(1, steps))
+        losses.append(float(total) / max(1, steps))
         if progress is not None:
             progress(epoch + 1, epochs, losses[-1])
     return losses

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
+import torch
 from torch import nn
 
 from tscray.methods.base import Method
@@ -21,7 +22,7 @@ def train(model: nn.Module, loader: Iterable, method: Method, epochs: int, optim
     opt, sched = optim.build(params, epochs)
     model.train()
     for epoch in range(epochs):
-        total, steps = 0.0, 0
+        total, steps = torch.zeros((), dtype=torch.float64), 0  # summed on the device: no host sync per step
         for batch in loader:
             loss = method.loss(model, batch)
             if optim.l2:
@@ -29,8 +30,8 @@ def train(model: nn.Module, loader: Iterable, method: Method, epochs: int, optim
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total, steps = total + float(loss.detach()), steps + 1
+            total, steps = total.to(loss.device) + loss.detach().double(), steps + 1
         sched.step()
         if progress is not None:
-            progress(epoch + 1, epochs, total / max(1, steps))
+            progress(epoch + 1, epochs, float(total) / max(1, steps))
     return model
