@@ -187,3 +187,29 @@ def test_a_damaged_store_is_repaired_by_the_next_run(tmp_path):
     assert set(table.trial_id) == {t.id for t in plan.trials}
     assert not table.duplicated(["trial_id", "round", "stage", "t_curve", "step_key"]).any()
     assert store.check_step("backdoor", bd.key) is None and blob.read_bytes() == data  # recomputed bitwise equal
+
+
+def test_two_drivers_on_one_storage_compute_each_step_once(tmp_path):
+    """Issue 14, row 9: two `tscray sweep` on the same storage, started seconds apart, each started its own
+    Ray and computed shared steps twice, doubling MLflow runs. Step leases in the store make the second
+    wait for and reuse what the first computes; MLflow keeps one parent and one run per trial."""
+    storage = tmp_path / "run"
+    raw = tiny(storage, epochs=3)
+    raw["grid"].update({"defense": ["tsc", "mcr", "none"], "rounds": [1, 2], "t": [0.5]})
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(raw))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env |= {"PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "tscray.cli", "sweep", str(spec_path)]
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    store = Store(str(storage))
+    deadline = time.time() + 300
+    while time.time() < deadline and not store.listdir("leases"):
+        time.sleep(0.2)  # the first driver is computing its first step
+    second = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out1, err1 = first.communicate(timeout=900)
+    out2, err2 = second.communicate(timeout=900)
+    assert first.returncode == 0, out1 + err1
+    assert second.returncode == 0, out2 + err2
+    assert "being computed by another driver" in err1 + err2
+    check_complete(storage, raw)  # every step computed once, one MLflow parent, one run per trial

@@ -6,6 +6,7 @@ Layout under the sweep storage (a local directory or any ``pyarrow.fs`` URI such
     steps/<kind>/<key>/manifest.json            written last: a step exists iff its manifest does
                                                 (it records each artifact's size and SHA-256)
     quarantine/<kind>/<key>.<time>/             damaged steps moved aside (recomputed on the next run)
+    leases/<key>.json                           a driver computing the step (renewed while it runs)
     events/<key>.<uuid>.json                    one file per computation (to count them)
     results/trial-<id>.parquet                  one file per trial, rewritten whole
 
@@ -181,6 +182,73 @@ class Store:
         for kind in self.listdir("steps"):
             out[kind] = [k for k in self.listdir(f"steps/{kind}") if self.has_step(kind, k)]
         return out
+
+    # ------------------------------------------------------------ leases
+    def acquire_lease(self, key: str, owner: str, ttl: float) -> bool:
+        """Take the lease on computing step ``key`` for ``owner``; False while another owner holds a live one.
+
+        Local filesystems create the lease atomically (``O_EXCL``); an expired lease (its holder stopped
+        renewing it: a killed driver) is renamed away first, which only one taker can do. Object stores have
+        no atomic create: the lease is written if absent and read back, the last writer winning."""
+        rel = f"leases/{key}.json"
+        body = json.dumps({"owner": owner, "ttl": ttl, "at": time.time()}).encode()
+        if self.local:
+            path = self.path(rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            for _ in range(2):
+                try:
+                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    holder = self.lease_holder(key)
+                    if holder is not None and holder[0] == owner:
+                        return True
+                    if holder is not None and holder[1]:
+                        return False
+                    try:  # expired (or unreadable): move it aside, then race for the create again
+                        os.replace(path, f"{path}.{uuid.uuid4().hex}.expired")
+                    except FileNotFoundError:
+                        pass
+                    continue
+                with os.fdopen(fd, "wb") as f:
+                    f.write(body)
+                return True
+            return False
+        holder = self.lease_holder(key)
+        if holder is not None and holder[1] and holder[0] != owner:
+            return False
+        self.write_bytes(rel, body)
+        holder = self.lease_holder(key)
+        return holder is not None and holder[0] == owner
+
+    def lease_holder(self, key: str) -> tuple[str, bool] | None:
+        """``(owner, live)`` of step ``key``'s lease, or None when there is none. Live: renewed within its ttl."""
+        rel = f"leases/{key}.json"
+        info = self.fs.get_file_info(self.path(rel))
+        if info.type != pafs.FileType.File:
+            return None
+        try:
+            lease = json.loads(self.read_bytes(rel))
+            owner, ttl = str(lease["owner"]), float(lease["ttl"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return ("?", False)
+        stamp = info.mtime.timestamp() if info.mtime is not None else float(lease.get("at", 0))
+        return owner, time.time() - max(stamp, float(lease.get("at", 0))) < ttl
+
+    def renew_lease(self, key: str, owner: str) -> None:
+        """Keep a held lease live (its holder is still computing)."""
+        holder = self.lease_holder(key)
+        if holder is not None and holder[0] == owner:
+            rel = f"leases/{key}.json"
+            lease = json.loads(self.read_bytes(rel))
+            self.write_bytes(rel, json.dumps({**lease, "at": time.time()}).encode())
+
+    def release_lease(self, key: str, owner: str) -> None:
+        holder = self.lease_holder(key)
+        if holder is not None and holder[0] == owner:
+            try:
+                self.fs.delete_file(self.path(f"leases/{key}.json"))
+            except (FileNotFoundError, OSError):
+                pass
 
     # ------------------------------------------------------------ events
     def log_computation(self, kind: str, key: str, seconds: float, device: str) -> None:

@@ -61,24 +61,43 @@ class Tracker:
         if runs:
             self.parent = runs[0].info.run_id
         else:
-            self.parent = self.client.create_run(self.exp_id, run_name=sweep_name, tags={
+            mine = self.client.create_run(self.exp_id, run_name=sweep_name, tags={
                 "tscray_sweep_id": sweep_id, "tscray_kind": "sweep", "tscray_storage": storage}).info.run_id
-            flat = _flatten(spec)
-            for k, v in list(flat.items())[:400]:
-                self.client.log_param(self.parent, k, str(v)[:500])
+            self.parent = self._one(f"tags.tscray_sweep_id = '{sweep_id}' and tags.tscray_kind = 'sweep'", mine)
+            if self.parent == mine:
+                flat = _flatten(spec)
+                for k, v in list(flat.items())[:400]:
+                    self.client.log_param(self.parent, k, str(v)[:500])
         self.children: dict[str, str] = {}
         for r in self.client.search_runs([self.exp_id], f"tags.tscray_parent = '{self.parent}'", max_results=50000):
             self.children[r.data.tags["tscray_trial_id"]] = r.info.run_id
 
+    def _one(self, query: str, mine: str) -> str:
+        """After creating run ``mine``: the one run matching ``query`` that every driver agrees on (the
+        earliest); a duplicate this driver created concurrently with another is deleted."""
+        runs = self.client.search_runs([self.exp_id], query, max_results=100)
+        if len(runs) <= 1:
+            return mine
+        keep = min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
+        if keep != mine:
+            self.client.delete_run(mine)
+        return keep
+
     def child(self, trial_id: str, params: dict[str, Any]) -> str:
         if trial_id not in self.children:
+            query = f"tags.tscray_parent = '{self.parent}' and tags.tscray_trial_id = '{trial_id}'"
+            found = self.client.search_runs([self.exp_id], query, max_results=100)
+            if found:  # another driver on the same storage logged this trial
+                self.children[trial_id] = min(found, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
+                return self.children[trial_id]
             name = "-".join(f"{v}" for v in params.values())
             run = self.client.create_run(self.exp_id, run_name=name[:200], tags={
                 "mlflow.parentRunId": self.parent, "tscray_parent": self.parent, "tscray_trial_id": trial_id,
                 "tscray_kind": "trial"})
-            self.children[trial_id] = run.info.run_id
-            for k, v in params.items():
-                self.client.log_param(run.info.run_id, k, "" if v is None else str(v))
+            self.children[trial_id] = self._one(query, run.info.run_id)
+            if self.children[trial_id] == run.info.run_id:
+                for k, v in params.items():
+                    self.client.log_param(run.info.run_id, k, "" if v is None else str(v))
         return self.children[trial_id]
 
     def log_round(self, trial_id: str, params: dict[str, Any], metrics: dict[str, float], step: int) -> None:

@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import socket
 import sys
 import time
+import uuid
 from typing import Any
 
 import ray
@@ -65,6 +67,12 @@ class Coordinator:
         self.inflight: dict[str, asyncio.Future] = {}
         self.stats = {"computed": 0, "reused": 0, "failed": 0, "replaced_workers": 0, "dispatched": 0, "repaired": 0}
         self.verified: set[str] = set()  # step keys whose artifacts matched their hashes in this run
+        self.stats["waited"] = 0
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.lease_ttl = float(resources.get("lease_ttl", 60.0))
+        self.lease_poll = min(5.0, self.lease_ttl / 6)
+        self.held: set[str] = set()  # leases this coordinator holds (renewed by the heartbeat)
+        self._heartbeat_task: asyncio.Future | None = None
         self.checking: dict[str, asyncio.Future] = {}
         self.fault_kill_at = fault_kill_at
         # test hook: the coordinator's own process dies (as an OOM kill would) at that dispatch, once
@@ -136,8 +144,7 @@ class Coordinator:
         self.inflight[step.key] = fut
         try:
             await asyncio.gather(*(self._get(i) for i in step.inputs))
-            manifest = await self._dispatch(step)
-            self.stats["computed"] += 1
+            manifest = await self._leased(step)
             fut.set_result(manifest)
             return manifest
         except BaseException as err:
@@ -147,6 +154,43 @@ class Coordinator:
             raise
         finally:
             self.inflight.pop(step.key, None)
+
+    async def _leased(self, step: Step) -> dict[str, Any]:
+        """Compute ``step`` under its lease in the store, so a second driver on the same storage waits for it
+        (and reuses it) instead of computing it again; a lease whose driver died expires after ``lease_ttl``."""
+        if self._heartbeat_task is None:
+            self._heartbeat_task = asyncio.ensure_future(self._heartbeat())
+        announced = False
+        while not await asyncio.to_thread(self.store.acquire_lease, step.key, self.owner, self.lease_ttl):
+            if not announced:
+                announced = True
+                self.stats["waited"] += 1
+                print(f"tscray: step {step.kind}/{step.key} is being computed by another driver; waiting for it",
+                      file=sys.stderr, flush=True)
+            await asyncio.sleep(self.lease_poll)
+            if self.store.has_step(step.kind, step.key) and await self._intact(step):
+                self.stats["reused"] += 1
+                return self.store.manifest(step.kind, step.key)
+        self.held.add(step.key)
+        try:
+            if self.store.has_step(step.kind, step.key) and await self._intact(step):
+                self.stats["reused"] += 1  # finished by another driver just before this one took the lease
+                return self.store.manifest(step.kind, step.key)
+            manifest = await self._dispatch(step)
+            self.stats["computed"] += 1
+            return manifest
+        finally:
+            self.held.discard(step.key)
+            await asyncio.to_thread(self.store.release_lease, step.key, self.owner)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ttl / 4)
+            for key in list(self.held):
+                try:
+                    await asyncio.to_thread(self.store.renew_lease, key, self.owner)
+                except OSError:
+                    pass  # a transient store error: the next beat retries well before expiry
 
     async def _intact(self, step: Step) -> bool:
         """Check a stored step's artifacts against their recorded hashes, once per coordinator; a damaged step

@@ -1,0 +1,58 @@
+"""Two drivers on one storage (issue 14, row 9): step leases in the store and one MLflow run per trial."""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow.fs as pafs
+import pytest
+
+from tscray.store import Store
+
+
+@pytest.mark.parametrize("kind", ["local", "object"])
+def test_a_lease_has_one_holder_until_it_expires(tmp_path, kind):
+    store = Store(str(tmp_path / "s")) if kind == "local" else Store("bucket/s", pafs._MockFileSystem())
+    assert store.lease_holder("k") is None
+    assert store.acquire_lease("k", "A", ttl=0.6)
+    assert store.acquire_lease("k", "A", ttl=0.6)  # re-entrant for its holder
+    assert not store.acquire_lease("k", "B", ttl=0.6)
+    assert store.lease_holder("k") == ("A", True)
+    time.sleep(0.4)
+    store.renew_lease("k", "A")
+    time.sleep(0.4)
+    assert not store.acquire_lease("k", "B", ttl=0.6)  # renewed: still live after 0.8 s
+    time.sleep(0.8)  # A died: no more renewals
+    assert store.lease_holder("k") == ("A", False)
+    assert store.acquire_lease("k", "B", ttl=0.6)
+    store.renew_lease("k", "A")  # the dead holder cannot take it back by renewing
+    assert store.lease_holder("k") == ("B", True)
+    store.release_lease("k", "A")  # nor release someone else's lease
+    assert store.lease_holder("k") == ("B", True)
+    store.release_lease("k", "B")
+    assert store.lease_holder("k") is None and store.acquire_lease("k", "C", ttl=0.6)
+
+
+def test_an_unreadable_lease_counts_as_expired(tmp_path):
+    store = Store(str(tmp_path))
+    store.write_bytes("leases/k.json", b"\x00garbage")
+    assert store.lease_holder("k") == ("?", False)
+    assert store.acquire_lease("k", "A", ttl=5)
+
+
+def test_two_trackers_share_one_parent_and_one_run_per_trial(tmp_path):
+    from tscray.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    a = Tracker(uri, "two", "sid", str(tmp_path), {"name": "two"})
+    b = Tracker(uri, "two", "sid", str(tmp_path), {"name": "two"})
+    assert a.parent == b.parent
+    ra = a.child("t1", {"defense": "tsc"})
+    assert b.child("t1", {"defense": "tsc"}) == ra
+    # a race: both created a run for t2 before either saw the other's; both settle on the earliest
+    q = f"tags.tscray_parent = '{a.parent}' and tags.tscray_trial_id = 't2'"
+    tags = {"mlflow.parentRunId": a.parent, "tscray_parent": a.parent, "tscray_trial_id": "t2", "tscray_kind": "trial"}
+    first = a.client.create_run(a.exp_id, tags=tags).info.run_id
+    second = b.client.create_run(b.exp_id, tags=tags).info.run_id
+    assert b._one(q, second) == first and a._one(q, first) == first
+    assert [r.info.run_id for r in a.client.search_runs([a.exp_id], q)] == [first]
