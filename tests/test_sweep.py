@@ -211,5 +211,5 @@ def test_two_drivers_on_one_storage_compute_each_step_once(tmp_path):
     out2, err2 = second.communicate(timeout=900)
     assert first.returncode == 0, out1 + err1
     assert second.returncode == 0, out2 + err2
-    assert "being computed by another driver" in err1 + err2
+    assert "waited for another driver on this storage" in out1 + out2, out1 + out2
     check_complete(storage, raw)  # every step computed once, one MLflow parent, one run per trial

@@ -311,6 +311,8 @@ def _finish(tracker: Any, uri: str, store: Store, summary: dict[str, Any], out: 
     stats = summary.get("stats", {})
     print(f"\nfinished: {summary['done']}/{summary['trials']} trials have results ({table.num_rows} rows); "
           f"steps computed {stats.get('computed', 0)}, reused {stats.get('reused', 0)}"
+          + (f", {stats['waited']} waited for another driver on this storage" if stats.get("waited") else "")
+          + (f", {stats['repaired']} damaged and recomputed" if stats.get("repaired") else "")
           + (f"; {summary['errors']} trial(s) errored: run the same command again to retry"
              if summary.get("errors") else ""), file=out)
     print(f"  Parquet : {summary['results']}  (pandas.read_parquet)\n"
