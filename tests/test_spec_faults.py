@@ -147,3 +147,15 @@ def test_a_step_asking_more_gpus_than_the_machine_has_stops_before_compute(tmp_p
     err = capsys.readouterr().err
     assert "resources.gpus_per_step: each step asks 4 GPU(s), but this machine has" in err
     assert not (tmp_path / "runs" / "steps").exists()
+
+
+def test_a_step_asking_more_memory_than_any_node_has_stops_before_compute(tmp_path, capsys):
+    """Shard workers and trials declare their memory to Ray (so it never overcommits a node); a declaration
+    no node can hold is one line, exit 2, before any compute."""
+    path = tmp_path / "spec.yaml"
+    path.write_text(f"name: mem\nstorage: {tmp_path / 'runs'}\ntrain: {{epochs: 1}}\ngrid: {{defense: [none]}}\n"
+                    "resources: {memory_gb_per_step: 100000}\n")
+    assert main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "resources.memory_gb_per_step: a step and a trial ask 100000.25 GiB together" in err
+    assert not (tmp_path / "runs" / "steps").exists()

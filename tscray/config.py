@@ -153,6 +153,8 @@ class Resources:
     channels_last: bool = True
     max_failures: int = 2
     step_retries: int = 2
+    memory_gb_per_step: float = 2.0  # what Ray reserves per shard worker (0: declare nothing)
+    memory_gb_per_trial: float = 0.25  # per light Tune trial
 
 
 @dataclass(frozen=True)
@@ -477,7 +479,8 @@ def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> S
         "threads": _range(1, math.inf, False, True, True), "workers": _range(0, math.inf, False, True, True),
         "max_concurrent_trials": _range(1, math.inf, False, True, True),
         "precision": _names(lambda: ["auto", "fp32", "bf16"], "precision"),
-        "max_failures": _range(0, math.inf, False, True, True), "step_retries": _range(0, math.inf, False, True, True)})
+        "max_failures": _range(0, math.inf, False, True, True), "step_retries": _range(0, math.inf, False, True, True),
+        "memory_gb_per_step": _range(0, math.inf, False, True), "memory_gb_per_trial": _range(0, math.inf, False, True)})
     scalars = {}
     for key in ("storage", "mlflow_uri", "data_root"):
         if key in raw and raw[key] is not None and not isinstance(raw[key], str):

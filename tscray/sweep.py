@@ -182,6 +182,23 @@ def _check_gpus(need: float, address: str | None, out: TextIO) -> None:
           "(an autoscaler may add one; otherwise lower resources.gpus_per_step)", file=out, flush=True)
 
 
+def _check_memory(res: Any, address: str | None, out: TextIO) -> None:
+    """A worker (and a trial) asking more memory than any node has never starts: same rule as GPUs."""
+    import ray
+
+    need = (res.memory_gb_per_step + res.memory_gb_per_trial) * 2**30
+    if not need:
+        return
+    most = max((float(n.get("Resources", {}).get("memory", 0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
+    if most >= need:
+        return
+    msg = (f"resources.memory_gb_per_step: a step and a trial ask {need / 2**30:.2f} GiB together, but the largest "
+           f"node offers Ray {most / 2**30:.1f} GiB")
+    if not address:
+        raise ValueError(msg + "; lower memory_gb_per_step (0 declares nothing)")
+    print(f"waiting: {msg} (an autoscaler may add a larger node)", file=out, flush=True)
+
+
 def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None = None,
               out: TextIO | None = None, fault_kill_at: int = 0, fault_die_at: int = 0) -> dict[str, Any]:
     """Run (or resume) a sweep; returns a summary with paths and counts."""
@@ -230,10 +247,11 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
     try:
         res = spec.resources
         _check_gpus(res.gpus_per_step, address, out)
+        _check_memory(res, address, out)
         coord, n_workers = cluster.start(uri, sid, {
             "gpus_per_step": res.gpus_per_step, "cpus_per_step": res.cpus_per_step, "threads": res.threads,
             "workers": res.workers, "precision": res.precision, "channels_last": res.channels_last,
-            "step_retries": res.step_retries}, spec.data_root, spec.eval.batch_size, fault_kill_at, fault_die_at,
+            "step_retries": res.step_retries, "memory_gb_per_step": res.memory_gb_per_step}, spec.data_root, spec.eval.batch_size, fault_kill_at, fault_die_at,
             str(local_dir / "logs" / "fault-coordinator-died") if fault_die_at else "")
         print(f"{n_workers} shard worker(s), {res.threads} thread(s) each"
               + (f", {res.gpus_per_step} GPU each" if res.gpus_per_step else ""), file=out, flush=True)
@@ -241,7 +259,10 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
         to_compute = sum(1 for s in plan.steps.values() if not store.has_step(s.kind, s.key))
         ticker = threading.Thread(target=_ticker, args=(progress, coord, to_compute, out, stop), daemon=True)
         ticker.start()
-        trainable = tune.with_resources(run_trial, {"cpu": cluster.TRIAL_CPU})
+        trial_res: dict[str, float] = {"cpu": cluster.TRIAL_CPU}
+        if res.memory_gb_per_trial:
+            trial_res["memory"] = float(int(res.memory_gb_per_trial * 2**30))
+        trainable = tune.with_resources(run_trial, trial_res)
         tuner = tune.Tuner(
             trainable,
             param_space={"coordinator": cluster.coordinator_name(sid), "storage": uri, "sweep": spec.name,

@@ -87,8 +87,9 @@ class Coordinator:
         gpus = float(r["gpus_per_step"])
         cpus = max(0.05, r["cpus_per_step"] - 0.05)  # leave room for light trials on a small machine
         # mypy ignores class decorators: it sees the plain class, not @ray.remote's ActorClass with .options
+        memory = int(float(r.get("memory_gb_per_step", 0)) * 2**30)
         return ShardWorker.options(  # type: ignore[attr-defined]
-            num_cpus=cpus, num_gpus=gpus, scheduling_strategy="DEFAULT").remote(
+            num_cpus=cpus, num_gpus=gpus, scheduling_strategy="DEFAULT", **({"memory": memory} if memory else {})).remote(
             self.store.uri, r["threads"], gpus > 0, self.data_root, r["precision"], r["channels_last"],
             self.eval_batch)
 
@@ -109,6 +110,9 @@ class Coordinator:
             gpus = float(self.res["gpus_per_step"])
             n = (math.floor(total.get("GPU", 0) / gpus) if gpus > 0
                  else math.floor(total.get("CPU", 1) / self.res["cpus_per_step"]))
+            mem = float(self.res.get("memory_gb_per_step", 0)) * 2**30
+            if mem and total.get("memory"):  # as many as the cluster's memory holds, too (no overcommit)
+                n = min(n, math.floor(total["memory"] / mem))
             n = max(1, n)
         self.workers = [self._new_worker() for _ in range(n)]
         self.free = asyncio.Queue()
