@@ -213,3 +213,51 @@ def test_two_drivers_on_one_storage_compute_each_step_once(tmp_path):
     assert second.returncode == 0, out2 + err2
     assert "waited for another driver on this storage" in out1 + out2, out1 + out2
     check_complete(storage, raw)  # every step computed once, one MLflow parent, one run per trial
+
+
+def test_a_sweep_survives_losing_a_node_mid_step(tmp_path):
+    """Issue 14: a preempted spot node. A real multi-node Ray cluster on this machine (a head and two
+    worker nodes, each its own raylet); shard workers cannot fit on the head, so steps run on the worker
+    nodes; one worker node is removed while a step runs on it. The sweep completes: every trial has its
+    rows once, and no step that had finished is computed again."""
+    import threading
+
+    from ray.cluster_utils import Cluster
+
+    from tscray.sweep import run_sweep
+
+    raw = tiny(tmp_path / "run", epochs=3)
+    raw["resources"] = {"workers": 2, "cpus_per_step": 1, "memory_gb_per_step": 0.5, "memory_gb_per_trial": 0.05}
+    spec = validate(raw)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    store = Store(str(tmp_path / "run"))
+    box: dict = {}
+    runner = threading.Thread(target=lambda: box.update(summary=run_sweep(spec, address=cluster.address)))
+    try:
+        runner.start()
+        deadline = time.time() + 300
+        leased = lambda: [n for n in store.listdir("leases") if n.endswith(".json")]  # noqa: E731
+        while time.time() < deadline and not (len(leased()) >= 2 and sum(map(len, store.step_keys().values()))):
+            time.sleep(0.1)  # a step finished, and both workers (one per node) are computing one each
+        finished = {k for v in store.step_keys().values() for k in v}
+        assert finished and len(leased()) >= 2, "the sweep finished before a node could be removed"
+        import ray  # the sweep's thread connected this process to the cluster
+
+        from tscray.cluster import NAMESPACE, coordinator_name
+        from tscray.sweep import sweep_id
+
+        coord = ray.get_actor(coordinator_name(sweep_id(str(tmp_path / "run"))), namespace=NAMESPACE)
+        busy = set(ray.get(coord.worker_nodes.remote()))  # both workers are computing a step
+        victim = next(n for n in nodes if n.node_id in busy)
+        cluster.remove_node(victim)  # the raylet and every worker on it die, as on a reclaimed spot node
+        cluster.add_node(num_cpus=1)  # the autoscaler's replacement
+        runner.join(timeout=900)
+    finally:
+        runner.join(timeout=60)
+        cluster.shutdown()
+    summary = box["summary"]
+    assert summary["done"] == summary["trials"] == 7
+    plan, table, counts = check_complete(tmp_path / "run", raw)  # rows once each, every step computed once
+    assert all(counts[k] == 1 for k in finished)

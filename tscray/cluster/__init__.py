@@ -53,6 +53,10 @@ class ShardWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def node(self) -> str:
+        """The Ray node this worker runs on (for placement checks and diagnostics)."""
+        return ray.get_runtime_context().get_node_id()
+
 
 @ray.remote
 class Coordinator:
@@ -126,6 +130,10 @@ class Coordinator:
 
     async def worker_pids(self) -> list[int]:
         return list(await asyncio.gather(*(w.pid.remote() for w in self.workers)))
+
+    async def worker_nodes(self) -> list[str]:
+        """The Ray node of each shard worker."""
+        return list(await asyncio.gather(*(w.node.remote() for w in self.workers)))
 
     async def request(self, step_dict: dict[str, Any]) -> dict[str, Any]:
         """The manifest of a step, computing it (and its inputs) at most once."""
