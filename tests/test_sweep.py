@@ -321,3 +321,96 @@ def test_chaos_kills_then_the_same_rows_bitwise(tmp_path):
 
     pd.testing.assert_frame_equal(rows("chaos"), rows("ref"), check_exact=True)
     check_complete(tmp_path / "chaos", raw)  # every step computed once, one MLflow run per trial
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_sweep_on_s3_tracked_by_an_mlflow_server_survives_a_kill(tmp_path):
+    """Issue 14, cluster storage and tracking for real: `storage` on an S3-protocol server (moto's, on
+    127.0.0.1, reached through pyarrow's S3FileSystem with the endpoint in $AWS_ENDPOINT_URL, the way users
+    reach MinIO) and `mlflow_uri` on an `mlflow server` process. The driver is killed mid-sweep, the same
+    command resumes it: every trial has its rows once, no step computed twice, one MLflow run per trial."""
+    pytest.importorskip("moto")
+    import urllib.request
+
+    import boto3
+    from mlflow.tracking import MlflowClient
+    from moto.server import ThreadedMotoServer
+
+    from tscray import results
+
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    s3.start()
+    host, port = s3.get_host_and_port()
+    aws = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    mport = _free_port()
+    mlflow_uri = f"http://127.0.0.1:{mport}"
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(mport),
+                               "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                               "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    old_env = {k: os.environ.get(k) for k in aws}
+    os.environ.update(aws)
+    try:
+        boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"]).create_bucket(Bucket="tscray")
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{mlflow_uri}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        raw = tiny("s3://tscray/sweeps/tiny", epochs=3)
+        raw["mlflow_uri"] = mlflow_uri
+        spec_path = tmp_path / "spec.yaml"
+        spec_path.write_text(yaml.safe_dump(raw))
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        env |= {"PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled", **aws}
+        store = Store("s3://tscray/sweeps/tiny")
+        before = set(_ray_processes())
+        proc = subprocess.Popen([sys.executable, "-m", "tscray.cli", "sweep", str(spec_path)], env=env, cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 300
+        while time.time() < deadline and sum(map(len, store.step_keys().values())) < 2:
+            time.sleep(0.5)
+        assert proc.poll() is None, "the sweep finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _wait_for_ray_to_die(before)
+        finished = {k for v in store.step_keys().values() for k in v}
+
+        r = subprocess.run([sys.executable, "-m", "tscray.cli", "sweep", str(spec_path)], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        plan = make_plan(validate(raw))
+        table = results.read(store).to_pandas()
+        assert set(table.trial_id) == {t.id for t in plan.trials}
+        assert not table.duplicated(["trial_id", "round", "stage", "t_curve", "step_key"]).any()
+        counts = store.computations()
+        assert all(n == 1 for n in counts.values()) and finished <= set(counts)
+        client = MlflowClient(mlflow_uri)
+        exp = client.get_experiment_by_name("tscray/tiny")
+        runs = client.search_runs([exp.experiment_id], max_results=1000)
+        assert len([r for r in runs if r.data.tags.get("tscray_kind") == "sweep"]) == 1
+        trials = sorted(r.data.tags["tscray_trial_id"] for r in runs if r.data.tags.get("tscray_kind") == "trial")
+        assert trials == sorted(t.id for t in plan.trials)
+    finally:
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # its web workers may ignore SIGTERM for a while
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+        s3.stop()
