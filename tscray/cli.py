@@ -107,6 +107,8 @@ def _defense_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=_positive, help="defense batch size")
     g.add_argument("--clean-ratio", type=_ratio, default=0.05,
                    help="share of the clean training set given to the defender (default: %(default)s)")
+    g.add_argument("--clean-balanced", action="store_true",
+                   help="draw the clean subset class-balanced instead of uniformly at random")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -333,7 +335,8 @@ def cmd_purify(args: argparse.Namespace) -> int:
                              f"pass --attack-resource (no {res})")
         attack.load_resource(checkpoint.load_state(res))
     evaluate = attacks.evaluator(ds, attack, target)
-    idx = data.clean_subset(len(ds.train), args.clean_ratio, args.seed)
+    idx = (data.balanced_clean_subset(ds.train.y, args.clean_ratio, args.seed) if args.clean_balanced
+           else data.clean_subset(len(ds.train), args.clean_ratio, args.seed))
     clean = CleanData(ds.train.subset(idx), ds.prep, args.device)
     _log(f"{args.model}: {arch} on {ds.name}; defender holds {len(idx)} clean images "
          f"({args.clean_ratio:.1%}); defense {defense.name} ({args.preset} preset)")

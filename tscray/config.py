@@ -114,6 +114,7 @@ class DefenseSpec:
     preset: str = "paper"
     clean_ratio: float = 0.05
     clean_seed: int = 0
+    clean_balanced: bool = False  # a class-balanced clean subset instead of a uniformly random one
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     configs: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -129,7 +130,7 @@ class DefenseSpec:
     def to_dict(self) -> dict[str, Any]:
         """The section as written in YAML (overrides under each defense's name)."""
         return {"preset": self.preset, "clean_ratio": self.clean_ratio, "clean_seed": self.clean_seed,
-                **{k: dict(v) for k, v in self.overrides.items()}}
+                **({"clean_balanced": True} if self.clean_balanced else {}), **{k: dict(v) for k, v in self.overrides.items()}}
 
 
 @dataclass(frozen=True)
@@ -392,7 +393,7 @@ def _defense_section(raw: Any, grid: Grid, problems: list[str]) -> DefenseSpec:
     if not isinstance(raw, dict):
         problems.append(f"defense: expected a mapping, got {type(raw).__name__}")
         return DefenseSpec()
-    scalars = ("preset", "clean_ratio", "clean_seed")
+    scalars = ("preset", "clean_ratio", "clean_seed", "clean_balanced")
     for key in raw:
         if key not in scalars and key not in defenses.DEFENSES:
             problems.append(f"defense.{str(key)[:40]}: unknown key; allowed: {', '.join(scalars)}, and one "

@@ -316,7 +316,10 @@ def backdoor_step(spec: SweepSpec, p: dict[str, Any]) -> Step:
 
 
 def _clean(spec: SweepSpec) -> dict[str, Any]:
-    return {"clean_ratio": spec.defense.clean_ratio, "clean_seed": spec.defense.clean_seed}
+    out: dict[str, Any] = {"clean_ratio": spec.defense.clean_ratio, "clean_seed": spec.defense.clean_seed}
+    if spec.defense.clean_balanced:  # (only when set, so keys of other sweeps are unchanged)
+        out["clean_balanced"] = True
+    return out
 
 
 def plan_trial(spec: SweepSpec, p: dict[str, Any]) -> Trial:

@@ -97,12 +97,14 @@ class Context:
                               lr=s["probe_lr"], probe_batch_size=s["probe_batch_size"], knn_k=s["knn_k"],
                               seed=p["seed"], batch_size=self.eval_batch)
 
-    def clean(self, root: dict[str, Any], ratio: float, seed: int) -> CleanData:
-        """The defender's clean subset of the training set of ``root``'s dataset."""
+    def clean(self, root: dict[str, Any], ratio: float, seed: int, balanced: bool = False) -> CleanData:
+        """The defender's clean subset of the training set of ``root``'s dataset (class-balanced if asked)."""
         def make() -> CleanData:
             ds = self.dataset(root["dataset"], root.get("data_kw"))
-            return CleanData(ds.train.subset(data.clean_subset(len(ds.train), ratio, seed)), ds.prep, self.device)
-        return self._cached(("clean", root["dataset"], repr(root.get("data_kw")), ratio, seed), make)
+            idx = (data.balanced_clean_subset(ds.train.y, ratio, seed) if balanced
+                   else data.clean_subset(len(ds.train), ratio, seed))
+            return CleanData(ds.train.subset(idx), ds.prep, self.device)
+        return self._cached(("clean", root["dataset"], repr(root.get("data_kw")), ratio, seed, balanced), make)
 
     def new_model(self, p: dict[str, Any]) -> nn.Module:
         ds = self.dataset(p["dataset"], p.get("data_kw"))
@@ -132,7 +134,8 @@ class Context:
         """What a defense step works with: the defender's clean subset (``clean_ratio``/``clean_seed`` of
         the step's params), the backdoored model's training method F, and its ACC/ASR evaluator."""
         root, p = root_step(step), step.params
-        return self.clean(root.params, p["clean_ratio"], p["clean_seed"]), self.method(root), self.evaluator(root)
+        clean = self.clean(root.params, p["clean_ratio"], p["clean_seed"], bool(p.get("clean_balanced", False)))
+        return clean, self.method(root), self.evaluator(root)
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:

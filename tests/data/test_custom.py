@@ -180,3 +180,36 @@ def test_backdoor_and_purify_take_a_path_and_data_kw_and_bad_data_is_one_line(tm
     assert main(["backdoor", "--data", str(EXAMPLE), "--data-kw", "download=true",
                  "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "--data-kw: " in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_balanced_clean_subset_gives_every_class_its_share():
+    import torch
+
+    from tscray.data import balanced_clean_subset, clean_subset
+
+    labels = torch.tensor([0] * 900 + [1] * 60 + [2] * 40)  # a skewed set of 1,000
+    idx = balanced_clean_subset(labels, 0.09, seed=3)  # 90 images: 30 per class
+    assert len(idx) == 90 and len(set(idx.tolist())) == 90
+    assert torch.bincount(labels[idx]).tolist() == [30, 30, 30]
+    assert torch.equal(idx, balanced_clean_subset(labels, 0.09, seed=3))
+    assert not torch.equal(idx, balanced_clean_subset(labels, 0.09, seed=4))
+    few = balanced_clean_subset(labels, 0.2, seed=0)  # 200: classes 1 and 2 give all they have (60, 40)
+    assert torch.bincount(labels[few]).tolist() == [100, 60, 40]
+    assert torch.bincount(labels[clean_subset(1000, 0.09, 3)], minlength=3)[2] < 30  # what random gives
+
+
+def test_clean_balanced_reaches_the_steps_and_leaves_other_keys_alone():
+    from tscray.config import validate
+    from tscray.plan import make_plan
+
+    base = {"name": "b", "grid": {"defense": ["finetune"]}, "train": {"epochs": 1}}
+    plain = make_plan(validate(base))
+    balanced = make_plan(validate({**base, "defense": {"clean_balanced": True}}))
+    (p,) = [s for s in plain.steps.values() if s.kind == "defense"]
+    (b,) = [s for s in balanced.steps.values() if s.kind == "defense"]
+    assert "clean_balanced" not in p.params and b.params["clean_balanced"] is True and p.key != b.key
+    import pytest
+
+    from tscray.config import SpecError
+    with pytest.raises(SpecError, match="defense.clean_balanced"):
+        validate({**base, "defense": {"clean_balanced": "yes"}})

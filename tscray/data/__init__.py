@@ -74,7 +74,31 @@ def clean_subset(n: int, ratio: float, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=gen)[:k].sort().values
 
 
+def balanced_clean_subset(labels: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
+    """Indices of a class-balanced clean subset: ``round(n * ratio)`` images, as equal a share per class as
+    the classes allow (a class with too few images gives all it has; the rest is spread over the others),
+    each class's share drawn at random with ``seed``. A random 5% of a small set can hold a dozen images of a
+    class; this never does."""
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"clean ratio must be in (0, 1], got {ratio}")
+    labels = torch.as_tensor(labels)
+    n = len(labels)
+    k = max(1, round(n * ratio))
+    gen = torch.Generator().manual_seed(seed)
+    pools = {int(c): torch.nonzero(labels == c).flatten() for c in torch.unique(labels)}
+    pools = {c: idx[torch.randperm(len(idx), generator=gen)] for c, idx in sorted(pools.items())}
+    take = {c: 0 for c in pools}
+    left = k
+    while left > 0:  # water-filling: one more image to each class that still has some, in class order
+        open_ = [c for c in pools if take[c] < len(pools[c])]
+        for c in open_[:left] if len(open_) > left else open_:
+            take[c] += 1
+        left = k - sum(take.values())
+    return torch.cat([pools[c][:take[c]] for c in pools]).sort().values
+
+
 from tscray.data import cifar10, custom, embedded, gtsrb, imagefolder, stl10, svhn  # noqa: E402,F401  (registration)
 
-__all__ = ["DATASETS", "Dataset", "DatasetNotFound", "ImageData", "Loader", "Preprocess", "clean_subset",
+__all__ = ["DATASETS", "Dataset", "DatasetNotFound", "ImageData", "Loader", "Preprocess", "balanced_clean_subset",
+           "clean_subset",
            "data_root", "load"]
