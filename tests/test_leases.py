@@ -56,3 +56,15 @@ def test_two_trackers_share_one_parent_and_one_run_per_trial(tmp_path):
     second = b.client.create_run(b.exp_id, tags=tags).info.run_id
     assert b._one(q, second) == first and a._one(q, first) == first
     assert [r.info.run_id for r in a.client.search_runs([a.exp_id], q)] == [first]
+
+
+def test_status_shows_steps_in_progress_and_expired_leases(tmp_path, capsys):
+    from tscray.cli import main
+
+    store = Store(str(tmp_path))
+    store.write_json("sweep.json", {"spec": {"name": "x"}, "sweep_id": "s", "trials": 1, "steps": 2})
+    assert store.acquire_lease("a", "A", ttl=60) and store.acquire_lease("b", "B", ttl=0.01)
+    time.sleep(0.05)
+    assert main(["status", str(tmp_path)]) == 0
+    assert "in progress: 1 step(s) being computed by a driver now (1 expired lease(s) of a stopped driver)" in \
+        capsys.readouterr().out

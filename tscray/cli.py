@@ -436,6 +436,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"steps : {sum(len(v) for v in steps.values())}/{info['steps']} computed "
           f"({', '.join(f'{k} {len(v)}' for k, v in sorted(steps.items()))})"
           + (f"; {damaged} damaged (recomputed on the next run; `tscray verify` for details)" if damaged else ""))
+    leases = [n[: -len(".json")] for n in store.listdir("leases") if n.endswith(".json")]
+    if leases:
+        live = [k for k in leases if (h := store.lease_holder(k)) is not None and h[1]]
+        print(f"in progress: {len(live)} step(s) being computed by a driver now"
+              + (f" ({len(leases) - len(live)} expired lease(s) of a stopped driver)" if len(live) < len(leases) else ""))
     again = sum(1 for n in comp.values() if n > 1)
     print(f"computations logged: {sum(comp.values())}" + (f" ({again} steps computed more than once)" if again else ""))
     return 0
