@@ -510,12 +510,11 @@ def cmd_results(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from tscray.sweep import report_sweep
 
-    from tscray import results
-
     store = _open_store(args.storage)
-    _warn_damaged(results.damaged(store))
     out = args.out or (Path(store.uri) / "report" if "://" not in store.uri else Path("report"))
-    rep = report_sweep(store, out, args.format, mlflow=not args.no_mlflow, tsc_setting=args.tsc_setting)
+    bad: list[str] = []  # unreadable result files, named once the report's single read found them
+    rep = report_sweep(store, out, args.format, mlflow=not args.no_mlflow, tsc_setting=args.tsc_setting, damaged=bad)
+    _warn_damaged(bad)
     for p in rep.figures + rep.tables:
         print(f"wrote {p}")
     for s in rep.skipped:

@@ -293,13 +293,13 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
 
 
 def report_sweep(store: Store, out: Path, fmt: str = "png", mlflow: bool = True, tracker: Any = None,
-                 tsc_setting: tuple[int, float] | None = None):
+                 tsc_setting: tuple[int, float] | None = None, damaged: list[str] | None = None):
     """Write the sweep's report and log it (and the Parquet) to the sweep's MLflow parent run."""
     from tscray import results
     from tscray.report import make_report
 
     info = store.read_json("sweep.json")
-    rep = make_report(results.read(store).to_pandas(), out, fmt, title=f"tscray sweep {info['spec']['name']}",
+    rep = make_report(results.read(store, damaged).to_pandas(), out, fmt, title=f"tscray sweep {info['spec']['name']}",
                       tsc_setting=tsc_setting)
     if mlflow:
         if tracker is None:

@@ -33,7 +33,7 @@ import copy
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 import torch.fx as fx
@@ -175,10 +175,6 @@ def _nodes_in(arg: Any) -> list[fx.Node]:
     return out
 
 
-class _Tracer(fx.Tracer):
-    """fx tracer that keeps every module of a model that fx cannot trace into as a leaf (none by default)."""
-
-
 class _Deriver:
     def __init__(self, model: nn.Module, gm: fx.GraphModule, strict: bool) -> None:
         self.model, self.gm, self.strict = model, gm, strict
@@ -237,7 +233,7 @@ class _Deriver:
             return f"{t!s}"
         return getattr(t, "__name__", str(t))
 
-    def fresh(self, node: fx.Node, size: int, hint: str, axis: int) -> _Layout:
+    def fresh(self, size: int, hint: str, axis: int) -> _Layout:
         return _Layout((self.g.new(size, hint),), 1, axis)
 
     def assign(self, key: str, ndim: int, axis: int, lay: _Layout | None) -> None:
@@ -342,7 +338,7 @@ class _Deriver:
             lay = None
         if mod.groups == 1:
             self.assign(f"{path}.weight", nd, 1, lay)
-            out = self.fresh(node, mod.out_channels, path, 1)
+            out = self.fresh(mod.out_channels, path, 1)
             self.producers.setdefault(out.segs[0], []).append(path)
         elif mod.groups == mod.in_channels and lay is not None and mod.out_channels % mod.in_channels == 0:
             k = mod.out_channels // mod.in_channels  # depthwise (channel multiplier k): output o reads input o // k
@@ -360,7 +356,7 @@ class _Deriver:
             self.fix_layout(lay)
             lay = None
         self.assign(f"{path}.weight", 2, 1, lay)
-        out = self.fresh(node, mod.out_features, path, last)
+        out = self.fresh(mod.out_features, path, last)
         self.producers.setdefault(out.segs[0], []).append(path)
         self.assign(f"{path}.weight", 2, 0, out)
         if mod.bias is not None:
@@ -397,7 +393,10 @@ class _Deriver:
             return self.end(node, "reshapes across the channel axis")
         self.layout[node] = new
 
-    def reduce(self, node: fx.Node, lay: _Layout | None, shape: tuple[int, ...], dims: Any, keepdim: bool) -> None:
+    def reduce(self, node: fx.Node, lay: _Layout | None, shape: tuple[int, ...]) -> None:
+        """``mean``/``sum``/``amax``/``amin`` (function or method): reading ``dim`` and ``keepdim`` here."""
+        dims: Any = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
         src_shape = _shape(node.args[0])
         if lay is None or src_shape is None:
             self.layout[node] = None
@@ -480,9 +479,7 @@ class _Deriver:
         elif fn in _RESHAPE_FUNCS:
             self.reshape(node, lay, src, shape)
         elif fn in _REDUCE_FUNCS:
-            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-            keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-            self.reduce(node, lay, shape, dims, bool(keep))
+            self.reduce(node, lay, shape)
         elif fn is operator.getitem:
             self.getitem(node, lay, src, shape)
         elif fn is F.pad:
@@ -502,9 +499,7 @@ class _Deriver:
         elif name in _RESHAPE_METHODS:
             self.reshape(node, lay, src, shape)
         elif name in _REDUCE_METHODS:
-            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-            keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-            self.reduce(node, lay, shape, dims, bool(keep))
+            self.reduce(node, lay, shape)
         elif name in ("permute", "transpose"):
             self.move_axis(node, name, lay, shape)
         else:
@@ -633,7 +628,7 @@ class _Deriver:
 def trace(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
     """Symbolically trace ``model`` and record every node's output shape on ``example_input``."""
     try:
-        graph = _Tracer().trace(model)
+        graph = fx.Tracer().trace(model)
     except Exception as err:  # fx raises many types on data-dependent control flow
         raise DeriveError(f"torch.fx cannot trace {type(model).__name__}: {str(err).splitlines()[0][:200]}") \
             from err
@@ -796,11 +791,6 @@ def _name_params(module: str, spec: PermSpec) -> str:
     return f"module {module!r}" + (f" (parameter {keys[0]!r}: axes {spec.axes[keys[0]]})" if keys else "")
 
 
-def probes_of(spec: PermSpec) -> Iterable[str]:
-    """Every module a spec's probes read (for messages and docs)."""
-    return sorted({p.module for pl in spec.probes.values() for p in pl})
-
-
-__all__ = ["Derivation", "DeriveError", "ProbeRule", "SpecMismatch", "derivation", "derive", "probes_of", "trace",
+__all__ = ["Derivation", "DeriveError", "ProbeRule", "SpecMismatch", "derivation", "derive", "trace",
            "verify"]
 
