@@ -8,8 +8,9 @@ fresh SQLite file race on schema creation, so only the driver writes.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ray import tune
 
@@ -27,6 +28,25 @@ def default_uri(storage: str) -> str:
     return f"sqlite:///{path}"
 
 
+@contextmanager
+def _creation_lock(uri: str) -> Iterator[None]:
+    """Serialise the first touch of a SQLite tracking database across processes: two drivers started in the
+    same second both created MLflow's schema, and the later one died on `table ... already exists`."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 # MLflow 3's UI opens an experiment on the view its kind names; without the tag it infers one and opens
 # sweeps on the (empty) GenAI traces page. Training runs belong on the model-training view.
 EXPERIMENT_KIND = "mlflow.experimentKind"
@@ -39,19 +59,26 @@ class Tracker:
     def __init__(self, uri: str, sweep_name: str, sweep_id: str, storage: str, spec: dict[str, Any]) -> None:
         import logging
 
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow sets INFO on import
         self.uri = uri
         # An explicit client, never mlflow.set_tracking_uri: that also exports MLFLOW_TRACKING_URI to the
         # process environment, which then leaks into every later sweep started from this process.
-        self.client = MlflowClient(uri)
         name = f"tscray/{sweep_name}"
-        exp = self.client.get_experiment_by_name(name)
-        if exp is None:
-            loc = None if "://" in storage else (Path(storage) / "mlartifacts").resolve().as_uri()
-            self.exp_id = self.client.create_experiment(name, artifact_location=loc, tags=EXPERIMENT_TAGS)
-        else:
+        with _creation_lock(uri):  # MLflow creates and migrates the schema on first use
+            self.client = MlflowClient(uri)
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                loc = None if "://" in storage else (Path(storage) / "mlartifacts").resolve().as_uri()
+                try:
+                    self.exp_id = self.client.create_experiment(name, artifact_location=loc, tags=EXPERIMENT_TAGS)
+                except MlflowException as err:  # a tracking server: another driver created it just now
+                    if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
+                    exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
             self.exp_id = exp.experiment_id
             if exp.tags.get(EXPERIMENT_KIND) != EXPERIMENT_TAGS[EXPERIMENT_KIND]:
                 self.client.set_experiment_tag(self.exp_id, EXPERIMENT_KIND, EXPERIMENT_TAGS[EXPERIMENT_KIND])
