@@ -68,3 +68,26 @@ def test_status_shows_steps_in_progress_and_expired_leases(tmp_path, capsys):
     assert main(["status", str(tmp_path)]) == 0
     assert "in progress: 1 step(s) being computed by a driver now (1 expired lease(s) of a stopped driver)" in \
         capsys.readouterr().out
+
+
+def _open_tracker(uri: str, storage: str, barrier) -> str:
+    from tscray.tracking import Tracker
+
+    barrier.wait()
+    t = Tracker(uri, "race", "sid", storage, {"name": "race"})
+    return t.parent
+
+
+def test_drivers_starting_together_on_a_fresh_store_share_one_mlflow_database(tmp_path):
+    """Two `tscray sweep` started in the same second on a fresh storage both created MLflow's SQLite schema:
+    the later one died on `table alembic_version already exists`. Schema and experiment creation are
+    serialised by a lock beside the database."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    n = 4
+    barrier = ctx.Manager().Barrier(n)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with ctx.Pool(n) as pool:
+        parents = pool.starmap(_open_tracker, [(uri, str(tmp_path), barrier)] * n)
+    assert len(set(parents)) == 1
