@@ -192,27 +192,73 @@ def test_a_damaged_store_is_repaired_by_the_next_run(tmp_path):
 def test_two_drivers_on_one_storage_compute_each_step_once(tmp_path):
     """Issue 14, row 9: two `tscray sweep` on the same storage, started seconds apart, each started its own
     Ray and computed shared steps twice, doubling MLflow runs. Step leases in the store make the second
-    wait for and reuse what the first computes; MLflow keeps one parent and one run per trial."""
+    wait for and reuse what the first computes; MLflow keeps one parent and one run per trial.
+
+    Both drivers must really overlap, whatever the machine's speed (on a loaded CI machine the first once
+    finished before the second asked for anything): the test holds the leases of the root steps itself, as a
+    third driver would, until both drivers report they wait for them, then lets go without computing them."""
     storage = tmp_path / "run"
     raw = tiny(storage, epochs=3)
     raw["grid"].update({"defense": ["tsc", "mcr", "none"], "rounds": [1, 2], "t": [0.5]})
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(raw))
+    roots = [k for k, s in make_plan(validate(raw)).steps.items() if not s.inputs]
+    store = Store(str(storage))
+    assert roots and all(store.acquire_lease(k, "test-holder", 3600) for k in roots)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env |= {"PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
     cmd = [sys.executable, "-m", "tscray.cli", "sweep", str(spec_path)]
-    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    store = Store(str(storage))
-    deadline = time.time() + 300
-    while time.time() < deadline and not store.listdir("leases"):
-        time.sleep(0.2)  # the first driver is computing its first step
-    second = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out1, err1 = first.communicate(timeout=900)
-    out2, err2 = second.communicate(timeout=900)
-    assert first.returncode == 0, out1 + err1
-    assert second.returncode == 0, out2 + err2
-    assert "waited for another driver on this storage" in out1 + out2, out1 + out2
+    logs = [tmp_path / f"driver{i}.out" for i in (1, 2)]
+    drivers = [subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+               for log in logs]
+    try:
+        deadline = time.time() + 600
+        while not all("waiting for another driver" in log.read_text() for log in logs):
+            assert time.time() < deadline and all(d.poll() is None for d in drivers), \
+                "\n".join(log.read_text() for log in logs)
+            time.sleep(1)
+        for k in roots:
+            store.release_lease(k, "test-holder")
+        rcs = [d.wait(timeout=900) for d in drivers]
+    finally:
+        for d in drivers:
+            d.kill()
+    outs = [log.read_text() for log in logs]
+    assert rcs == [0, 0], "\n".join(outs)
+    assert all("waited for another driver on this storage" in out for out in outs), "\n".join(outs)
     check_complete(storage, raw)  # every step computed once, one MLflow parent, one run per trial
+
+
+def test_ctrl_c_releases_the_drivers_step_leases(tmp_path):
+    """Issue 14: a sweep stopped with Ctrl-C left its step leases behind, so the restarted sweep waited up to a
+    minute (their ttl) before computing those steps again. The driver drops them as it stops."""
+    storage = tmp_path / "run"
+    raw = tiny(storage, epochs=30)  # long steps: the interrupt lands mid-step
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(raw))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env |= {"PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    log = tmp_path / "driver.out"
+    driver = subprocess.Popen([sys.executable, "-m", "tscray.cli", "sweep", str(spec_path)], env=env,
+                              stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    store = Store(str(storage))
+    leases = lambda: [n for n in store.listdir("leases") if n.endswith(".json")]  # noqa: E731
+    try:
+        deadline = time.time() + 300
+        while not leases():
+            assert time.time() < deadline and driver.poll() is None, log.read_text()
+            time.sleep(0.2)
+        time.sleep(2)
+        os.killpg(driver.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
+        try:
+            driver.wait(timeout=120)
+        except subprocess.TimeoutExpired:  # Tune asks for a second Ctrl-C to force the stop
+            os.killpg(driver.pid, signal.SIGINT)
+            driver.wait(timeout=120)
+    finally:
+        driver.kill()
+    assert leases() == [], log.read_text()
+    assert "run the same command again to resume" in log.read_text()  # not "finished"
 
 
 def test_a_sweep_survives_losing_a_node_mid_step(tmp_path):

@@ -250,6 +250,19 @@ class Store:
             except (FileNotFoundError, OSError):
                 pass
 
+    def release_leases(self, owner: str) -> int:
+        """Drop every lease ``owner`` still holds (a driver stopping, e.g. on Ctrl-C, so a restart need not
+        wait for them to expire); returns how many."""
+        n = 0
+        for name in self.listdir("leases"):
+            if name.endswith(".json"):
+                key = name[: -len(".json")]
+                holder = self.lease_holder(key)
+                if holder is not None and holder[0] == owner:
+                    self.release_lease(key, owner)
+                    n += 1
+        return n
+
     # ------------------------------------------------------------ events
     def log_computation(self, kind: str, key: str, seconds: float, device: str) -> None:
         self.write_json(f"events/{key}.{uuid.uuid4().hex}.json",

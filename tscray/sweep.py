@@ -9,9 +9,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
@@ -121,7 +123,9 @@ def _ticker(progress: TrialCounts, coord: Any, to_compute: int, out: TextIO, sto
         eta = elapsed / done * max(0, to_compute - done) if done else float("nan")  # steps are the work
         line = (f"trials {progress.done}/{progress.total} done, {len(progress.running)} running, "
                 f"{progress.failed} failed | steps {done}/{to_compute} computed, {s['reused']} reused, "
-                f"{s['inflight']} in flight | {elapsed:5.0f}s"
+                f"{s['inflight']} in flight"
+                + (f", {s['waiting']} waiting for another driver" if s.get("waiting") else "")
+                + f" | {elapsed:5.0f}s"
                 + (f", ETA {eta:4.0f}s" if eta == eta else ""))
         out.write(("\r" + line.ljust(110)) if tty else line + "\n")
         out.flush()
@@ -244,6 +248,7 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
              logging_level=logging.WARNING, configure_logging=False,
              runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}})
     stop = threading.Event()
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # of this driver's step leases
     try:
         res = spec.resources
         _check_gpus(res.gpus_per_step, address, out)
@@ -251,7 +256,8 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
         coord, n_workers = cluster.start(uri, sid, {
             "gpus_per_step": res.gpus_per_step, "cpus_per_step": res.cpus_per_step, "threads": res.threads,
             "workers": res.workers, "precision": res.precision, "channels_last": res.channels_last,
-            "step_retries": res.step_retries, "memory_gb_per_step": res.memory_gb_per_step}, spec.data_root, spec.eval.batch_size, fault_kill_at, fault_die_at,
+            "step_retries": res.step_retries, "memory_gb_per_step": res.memory_gb_per_step,
+            "lease_owner": owner}, spec.data_root, spec.eval.batch_size, fault_kill_at, fault_die_at,
             str(local_dir / "logs" / "fault-coordinator-died") if fault_die_at else "")
         print(f"{n_workers} shard worker(s), {res.threads} thread(s) each"
               + (f", {res.gpus_per_step} GPU each" if res.gpus_per_step else ""), file=out, flush=True)
@@ -288,6 +294,11 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
     finally:
         stop.set()
         ray.shutdown()
+        try:  # steps cut short (Ctrl-C, an error) leave leases a restart would otherwise wait out
+            store.release_leases(owner)
+        except OSError as err:
+            print(f"tscray: could not release this driver's step leases ({err}); they expire "
+                  "within a minute", file=sys.stderr)
     _finish(tracker, uri, store, summary, out)
     return summary
 
@@ -328,14 +339,18 @@ def _finish(tracker: Any, uri: str, store: Store, summary: dict[str, Any], out: 
             summary["figures"] = str(rep.index)
         except Exception as err:  # noqa: BLE001 - a failed plot must not fail a finished sweep
             print(f"report not written: {err} (run `tscray report {uri}`)", file=out)
-    tracker.close("FINISHED" if summary.get("errors", 0) == 0 else "FAILED")
+    errors = summary.get("errors", 0)
+    unrun = summary["trials"] - summary["done"] - errors  # a stop (Ctrl-C) before they ran
+    tracker.close("FAILED" if errors else "KILLED" if unrun > 0 else "FINISHED")
     stats = summary.get("stats", {})
-    print(f"\nfinished: {summary['done']}/{summary['trials']} trials have results ({table.num_rows} rows); "
+    print(f"\n{'stopped' if unrun > 0 else 'finished'}: {summary['done']}/{summary['trials']} trials have results "
+          f"({table.num_rows} rows); "
           f"steps computed {stats.get('computed', 0)}, reused {stats.get('reused', 0)}"
           + (f", {stats['waited']} waited for another driver on this storage" if stats.get("waited") else "")
           + (f", {stats['repaired']} damaged and recomputed" if stats.get("repaired") else "")
           + (f"; {summary['errors']} trial(s) errored: run the same command again to retry"
-             if summary.get("errors") else ""), file=out)
+             if summary.get("errors") else "")
+          + (f"; {unrun} trial(s) not run: run the same command again to resume" if unrun > 0 else ""), file=out)
     print(f"  Parquet : {summary['results']}  (pandas.read_parquet)\n"
           f"  MLflow  : {summary['mlflow_uri']}  (mlflow ui --backend-store-uri {summary['mlflow_uri']})", file=out)
     if "figures" in summary:

@@ -69,10 +69,13 @@ class Coordinator:
         self.store = Store(store_uri)
         self.res, self.data_root, self.eval_batch = resources, data_root, eval_batch
         self.inflight: dict[str, asyncio.Future] = {}
+        self.waiting: set[str] = set()  # steps whose lease another driver holds now
         self.stats = {"computed": 0, "reused": 0, "failed": 0, "replaced_workers": 0, "dispatched": 0, "repaired": 0}
         self.verified: set[str] = set()  # step keys whose artifacts matched their hashes in this run
         self.stats["waited"] = 0
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # the driver names the owner, so it can drop the leases left behind when it stops (and a restarted
+        # coordinator takes its predecessor's leases back at once)
+        self.owner = resources.get("lease_owner") or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.lease_ttl = float(resources.get("lease_ttl", 60.0))
         self.lease_poll = min(5.0, self.lease_ttl / 6)
         self.held: set[str] = set()  # leases this coordinator holds (renewed by the heartbeat)
@@ -126,7 +129,8 @@ class Coordinator:
         return n
 
     async def get_stats(self) -> dict[str, Any]:
-        return {**self.stats, "inflight": len(self.inflight), "workers": len(self.workers)}
+        return {**self.stats, "inflight": len(self.inflight), "workers": len(self.workers),
+                "waiting": len(self.waiting)}
 
     async def worker_pids(self) -> list[int]:
         return list(await asyncio.gather(*(w.pid.remote() for w in self.workers)))
@@ -173,16 +177,20 @@ class Coordinator:
         if self._heartbeat_task is None:
             self._heartbeat_task = asyncio.ensure_future(self._heartbeat())
         announced = False
-        while not await asyncio.to_thread(self.store.acquire_lease, step.key, self.owner, self.lease_ttl):
-            if not announced:
-                announced = True
-                self.stats["waited"] += 1
-                print(f"tscray: step {step.kind}/{step.key} is being computed by another driver; waiting for it",
-                      file=sys.stderr, flush=True)
-            await asyncio.sleep(self.lease_poll)
-            if self.store.has_step(step.kind, step.key) and await self._intact(step):
-                self.stats["reused"] += 1
-                return self.store.manifest(step.kind, step.key)
+        try:
+            while not await asyncio.to_thread(self.store.acquire_lease, step.key, self.owner, self.lease_ttl):
+                if not announced:
+                    announced = True
+                    self.stats["waited"] += 1
+                    self.waiting.add(step.key)
+                    print(f"tscray: step {step.kind}/{step.key} is being computed by another driver; waiting for "
+                          f"it", file=sys.stderr, flush=True)
+                await asyncio.sleep(self.lease_poll)
+                if self.store.has_step(step.kind, step.key) and await self._intact(step):
+                    self.stats["reused"] += 1
+                    return self.store.manifest(step.kind, step.key)
+        finally:
+            self.waiting.discard(step.key)
         self.held.add(step.key)
         try:
             if self.store.has_step(step.kind, step.key) and await self._intact(step):
