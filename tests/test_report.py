@@ -275,3 +275,31 @@ def test_defense_cost_and_nc_detection(tmp_path):
     assert det.flagged.iloc[0] == "s0: 0; s1: none"
     html = rep.index.read_text()
     assert ">NC detection</h2>" in html and ">Defense cost</h2>" in html
+
+
+def test_a_field_axis_splits_every_table_and_figure_and_undefended_rows_stand_beside_each_value(tmp_path):
+    """Issue 11, §1: a ``defense.clean_ratio`` axis. Table 1 has one row per ratio (never an average over
+    them), the undefended model (null ratio: the axis does not apply) sits in each, TSC's grid and Figure 5
+    come per ratio, and a figure draws each defense against the ratio."""
+    rows = []
+    for seed in (0, 1):
+        rows.append(final_row("none", 90.0, 99.0, seed=seed))
+        for ratio, asr in ((0.01, 60.0), (0.05, 5.0)):
+            for t in (0.3, 0.4):
+                rows.append(final_row("tsc", 85.0, asr + 10 * t + seed, seed=seed, e=3, t=t,
+                                      **{"defense.clean_ratio": ratio}))
+            rows.append(final_row("finetune", 88.0, asr + 30, seed=seed, **{"defense.clean_ratio": ratio}))
+    df = pd.DataFrame(rows)
+    rep = make_report(df, tmp_path, "png")
+    table = pd.read_csv(tmp_path / "table1_long.csv")
+    assert sorted(table["defense.clean_ratio"].unique()) == [0.01, 0.05]
+    tsc = table[table.defense == "tsc"].set_index("defense.clean_ratio").asr
+    assert tsc.loc[0.01] == pytest.approx(64.5) and tsc.loc[0.05] == pytest.approx(9.5)  # t 0.4, mean of 2 seeds
+    none = table[table.defense == "none"]
+    assert len(none) == 2 and set(none.asr) == {99.0}  # beside each ratio
+    assert "defense.clean ratio" in (tmp_path / "table1.md").read_text()
+    grid = (tmp_path / "tsc_grid.md").read_text()
+    assert "supervised · defense.clean_ratio 0.01" in grid and "supervised · defense.clean_ratio 0.05" in grid
+    names = sorted(p.name for p in rep.figures)
+    assert "fig5_tsc_vs_t_defense.clean_ratio-0.01.png" in names and "fig5_tsc_vs_t_defense.clean_ratio-0.05.png" in names
+    assert "fig_vs_defense.clean_ratio.png" in names

@@ -495,11 +495,12 @@ def cmd_results(args: argparse.Namespace) -> int:
     if not rows:
         print("no result rows yet")
         return 0
-    cols = ["dataset", "arch", "attack", "poison_rate", "seed", "defense", "e_tsc", "t", "round", "stage", "acc",
-            "asr"]
-    rows.sort(key=lambda r: tuple(str(r[c]) for c in cols[:9]))
+    axes = [c for c in table.schema.names if "." in c and any(r.get(c) is not None for r in rows)]  # field axes
+    cols = ["dataset", "arch", "attack", "poison_rate", "seed", "defense", "e_tsc", "t", *axes, "round", "stage",
+            "acc", "asr"]
+    rows.sort(key=lambda r: tuple(str(r.get(c)) for c in cols[:cols.index("round") + 1]))
     fmt = lambda v: "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
-    cells = [[fmt(r[c]) for c in cols] for r in rows]
+    cells = [[fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
     print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
     for x in cells:

@@ -6,6 +6,7 @@ through :class:`SpecError`; the CLI turns that into exit code 2 and writes nothi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -14,6 +15,9 @@ from typing import Any, Callable
 
 
 GRID_AXES = ("dataset", "arch", "attack", "poison_rate", "seed", "defense", "rounds", "t")
+# Sections whose fields can also be grid axes, by dotted path (``defense.clean_ratio``, ``train.epochs``,
+# ``defense.tsc.curve_epochs``, ``data_kw.cifar10.train_per_class``): they change what a trial computes.
+FIELD_AXIS_SECTIONS = ("train", "defense", "ssl", "data_kw")
 # Grid axes that set a defense's config fields; a defense declares which it uses (Defense.axes).
 DEFENSE_AXES = ("rounds", "t")
 REAL_DATA = ("cifar10", "gtsrb", "svhn", "stl10", "imagenet100")
@@ -42,6 +46,13 @@ class Grid:
     defense: tuple[str, ...] = ("tsc",)
     rounds: tuple[int, ...] = (3,)
     t: tuple[float, ...] = (0.4,)
+    field_axes: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # dotted spec fields as axes: (path, values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The block as written in YAML (field axes under their dotted paths)."""
+        out: dict[str, Any] = {a: list(getattr(self, a)) for a in GRID_AXES}
+        out.update({path: list(values) for path, values in self.field_axes})
+        return out
 
 
 @dataclass(frozen=True)
@@ -172,6 +183,16 @@ class SweepSpec:
     mlflow_uri: str | None = None
     data_root: str | None = None
     data_kw: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the validated document without the grid's field axes: what :meth:`with_fields` sets them in
+    source: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def with_fields(self, values: dict[str, Any]) -> "SweepSpec":
+        """This spec with dotted fields set (one grid point's field axes), validated like the spec itself
+        (the values were checked, data included, when the sweep was validated)."""
+        raw = copy.deepcopy(self.source)
+        for path, value in values.items():
+            _set_path(raw, path, value)
+        return validate(raw, "grid point", check_data=False)
 
     def storage_path(self, override: str | None = None) -> str:
         """The sweep's storage: a URI as given, or an absolute local path."""
@@ -179,10 +200,10 @@ class SweepSpec:
         return raw if "://" in raw else str(Path(raw).expanduser().resolve())
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out = {k: (v.to_dict() if isinstance(v, DefenseSpec) else dataclasses.asdict(v)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source"}
+        out = {k: (v.to_dict() if isinstance(v, (DefenseSpec, Grid)) else dataclasses.asdict(v)
                    if dataclasses.is_dataclass(v) and not isinstance(v, type) else v) for k, v in d.items()}
-        out["grids"] = [dataclasses.asdict(g) for g in self.grids]
+        out["grids"] = [g.to_dict() for g in self.grids]
         return out
 
 
@@ -250,7 +271,8 @@ def _grid_checks() -> dict[str, Check]:
 
 
 def _fields(cls: type) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls)}
+    """The fields a YAML section may set (not the ones validation fills in)."""
+    return {f.name: f for f in dataclasses.fields(cls) if f.name not in ("field_axes", "source")}
 
 
 def _check_scalar(path: str, value: Any, default: Any, problems: list[str]) -> Any:
@@ -326,14 +348,129 @@ def _section(cls: type, raw: Any, path: str, problems: list[str],
 
 def _grid_blocks(raw: Any, problems: list[str]) -> tuple[Grid, ...]:
     """``grid``: one mapping of axes (their product), or a list of such blocks (the union of their
-    products: Table 1's attacks each at their own poison rates)."""
+    products: Table 1's attacks each at their own poison rates). Dotted keys are field axes; their values
+    are checked by :func:`_check_field_axes` once the rest of the spec is known."""
     if isinstance(raw, list):
         if not raw:
             problems.append("grid: empty list; give a mapping of axes or a list of them")
             return (Grid(),)
-        return tuple(_section(Grid, _dataset_paths(block), f"grid[{i}]", problems, _grid_checks())
-                     for i, block in enumerate(raw))
-    return (_section(Grid, _dataset_paths(raw), "grid", problems, _grid_checks()),)
+        return tuple(_grid_block(block, f"grid[{i}]", problems) for i, block in enumerate(raw))
+    return (_grid_block(raw, "grid", problems),)
+
+
+def _is_path(key: Any) -> bool:
+    return isinstance(key, str) and "." in key
+
+
+def _grid_block(raw: Any, where: str, problems: list[str]) -> Grid:
+    std = {k: v for k, v in raw.items() if not _is_path(k)} if isinstance(raw, dict) else raw
+    grid = _section(Grid, _dataset_paths(std), where, problems, _grid_checks())
+    axes = []
+    for path, value in raw.items() if isinstance(raw, dict) else ():
+        if not _is_path(path):
+            continue
+        values = value if isinstance(value, list) else [value]
+        if not values:
+            problems.append(f"{where}.{path}: empty list; a grid axis needs at least one value")
+            continue
+        if len(set(map(_canon_value, values))) != len(values):
+            problems.append(f"{where}.{path}: duplicate values {_short(values)}")
+            continue
+        axes.append((path, tuple(values)))
+    return dataclasses.replace(grid, field_axes=tuple(axes))
+
+
+def _canon_value(v: Any) -> str:
+    import json
+    return json.dumps(v, sort_keys=True, default=repr)
+
+
+def _without_field_axes(raw: dict[str, Any]) -> dict[str, Any]:
+    grid = raw.get("grid")
+
+    def strip(b: Any) -> Any:
+        return {k: v for k, v in b.items() if not _is_path(k)} if isinstance(b, dict) else b
+
+    if isinstance(grid, list):
+        return {**raw, "grid": [strip(b) for b in grid]}
+    return {**raw, "grid": strip(grid)} if "grid" in raw else dict(raw)
+
+
+def _set_path(raw: dict[str, Any], path: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested mapping, creating the mappings on the way."""
+    parts = path.split(".")
+    d = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = d.get(part)
+        if nxt is None:
+            nxt = d[part] = {}
+        elif not isinstance(nxt, dict):
+            raise ValueError(f"{'.'.join(parts[:i + 1])} is {_short(nxt)}, not a mapping")
+        d = nxt
+    d[parts[-1]] = value
+
+
+def _about(problem: str, path: str) -> str | None:
+    """A problem of a spec with ``path`` set, as the text that follows the axis' name in the grid (None when
+    it concerns another field)."""
+    name, _, rest = problem.partition(": ")
+    if name == path or name.startswith((path + ".", path + "[")):
+        return f"{name[len(path):]}: {rest}"
+    if path.startswith(name + "."):  # a section-level problem naming the field ("defense.tsc: t: ...")
+        tail = path[len(name) + 1:] + ": "
+        return ": " + (rest[len(tail):] if rest.startswith(tail) else rest)
+    return None
+
+
+def _check_field_axes(raw: dict[str, Any], grids: tuple[Grid, ...], source: str, check_data: bool,
+                      problems: list[str]) -> None:
+    """Each value of each dotted grid axis, validated as that field of this spec: a spec with the value set
+    is validated, and its problems about that field are reported at the axis (``grid.train.epochs[1]: ...``)."""
+    base = _without_field_axes(raw)
+    base_problems: set[str] = set()
+    try:
+        validate(base, source, check_data)
+    except SpecError as err:
+        base_problems = set(err.problems)
+    listed = isinstance(raw.get("grid"), list)
+    for b, g in enumerate(grids):
+        for path, values in g.field_axes:
+            where = f"grid[{b}].{path}" if listed else f"grid.{path}"
+            head = path.split(".")[0]
+            if head not in FIELD_AXIS_SECTIONS or "" in path.split("."):
+                problems.append(f"{where}: not a field axis; a dotted grid axis names a field of "
+                                f"{', '.join(FIELD_AXIS_SECTIONS)} (e.g. defense.clean_ratio, train.epochs, "
+                                "defense.tsc.curve_epochs)")
+                continue
+            parts = path.split(".")
+            if len(parts) == 3 and parts[0] == "defense" and parts[2] in (*DEFENSE_AXES, "seed", "eval_ts"):
+                axis = {"eval_ts": "eval.curve_ts (not a grid axis)"}.get(parts[2], f"the grid axis {parts[2]}")
+                problems.append(f"{where}: set through {axis}, not a field axis")
+                continue
+            if path == "train.method":
+                problems.append(f"{where}: train.method is one per sweep (supervised and SSL trials differ in "
+                                "kind); run one sweep per method")
+                continue
+            found: dict[str, list[int]] = {}
+            for i, v in enumerate(values):
+                sub = copy.deepcopy(base)
+                try:
+                    _set_path(sub, path, v)
+                except ValueError as err:
+                    found.setdefault(f": {err}", []).append(i)
+                    continue
+                try:
+                    validate(sub, source, check_data)
+                except SpecError as err:
+                    for p in err.problems:
+                        msg = _about(p, path) if p not in base_problems else None
+                        if msg is not None:
+                            found.setdefault(msg, []).append(i)
+            for msg, idx in found.items():
+                if len(values) == 1 or len(idx) == len(values):  # the same for every value: say it once
+                    problems.append(f"{where}{msg}")
+                else:
+                    problems.extend(f"{where}[{i}]{msg}" for i in idx)
 
 
 def dataset_entry(value: Any) -> Any:
@@ -374,9 +511,13 @@ def _union(grids: tuple[Grid, ...]) -> Grid:
     """Every value any block uses, per axis, in first-use order (what validation checks)."""
     if len(grids) == 1:
         return grids[0]
-    values = {f.name: list(dict.fromkeys(v for g in grids for v in getattr(g, f.name)))
-              for f in dataclasses.fields(Grid)}
-    return Grid(**{k: tuple(v) for k, v in values.items()})
+    values = {a: list(dict.fromkeys(v for g in grids for v in getattr(g, a))) for a in GRID_AXES}
+    fields: dict[str, dict[str, Any]] = {}
+    for g in grids:
+        for path, vs in g.field_axes:
+            fields.setdefault(path, {}).update((_canon_value(v), v) for v in vs)
+    return Grid(**{k: tuple(v) for k, v in values.items()},
+                field_axes=tuple((p, tuple(vs.values())) for p, vs in fields.items()))
 
 
 def _defense_names() -> list[str]:
@@ -494,8 +635,10 @@ def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> S
     if not problems:
         _check_method(grid, train, raw, problems)
         _check_defenses(grid, train, problems)
+    if any(g.field_axes for g in grids):
+        _check_field_axes(raw, grids, source, check_data, problems)
     spec = SweepSpec(name=name, grid=grid, grids=grids if len(grids) > 1 else (), train=train, defense=defense, eval=ev, ssl=ssl, resources=res,
-                     data_kw=data_kw, **scalars)
+                     data_kw=data_kw, source=_without_field_axes(raw), **scalars)
     if check_data and not problems:
         _check_data(spec, problems)
     if not problems:

@@ -206,51 +206,66 @@ def root_params(step: Step) -> dict[str, Any]:
     return root_step(step).params
 
 
+def _applies(path: str, defense: str) -> bool:
+    """Whether dotted field axis ``path`` changes a trial of ``defense``: ``defense.<name>.*`` only that
+    defense's, other ``defense.*`` fields every defense's (not an undefended model's), the rest every trial."""
+    from tscray.defenses import DEFENSES
+
+    parts = path.split(".")
+    if parts[0] != "defense":
+        return True
+    if len(parts) > 2 and parts[1] in DEFENSES:
+        return defense == parts[1]
+    return defense != "none"
+
+
 def relevant(point: dict[str, Any]) -> dict[str, Any]:
-    """Drop grid axes that do not apply to the point's defense (those it does not declare), so equal
-    trials collapse."""
+    """Drop grid axes that do not apply to the point's defense (those it does not declare, and field axes
+    of other defenses), so equal trials collapse."""
     from tscray.config import DEFENSE_AXES
     from tscray.defenses import DEFENSES
 
     name = point["defense"]
     used = DEFENSES.get(name).axes if name != "none" else ()
-    return {k: v for k, v in point.items() if k not in DEFENSE_AXES or k in used}
+    return {k: v for k, v in point.items()
+            if ("." in k and _applies(k, name)) or ("." not in k and (k not in DEFENSE_AXES or k in used))}
 
 
 def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
-    """Distinct grid points (irrelevant axes dropped), in grid order."""
-    from tscray.config import GRID_AXES
-
-    from tscray.config import DEFENSE_AXES
+    """Distinct grid points (irrelevant axes dropped), in grid order; field axes (``defense.clean_ratio``)
+    follow the named axes, under their dotted paths."""
+    from tscray.config import DEFENSE_AXES, GRID_AXES
     from tscray.defenses import DEFENSES
 
-    names = GRID_AXES
-    combos = itertools.chain.from_iterable(itertools.product(*[getattr(g, a) for a in names])
-                                           for g in (spec.grids or (spec.grid,)))
     method = spec.train.method
-    drop: dict[str, tuple[int, ...]] = {}  # defense -> positions of the grid axes it does not use
     seen: set[Any] = set()
     out = []
-    for combo in combos:
-        d = combo[names.index("defense")]
-        if d not in drop:
-            used = DEFENSES.get(d).axes if d != "none" else ()
-            drop[d] = tuple(i for i, a in enumerate(names) if a in DEFENSE_AXES and a not in used)
-        gone = drop[d]
-        k: Any = tuple(None if i in gone else v for i, v in enumerate(combo))
-        try:
-            if k in seen:
-                continue
-            seen.add(k)
-        except TypeError:  # an unhashable grid value (a dataset given as a mapping)
-            k = _canon(list(k))
-            if k in seen:
-                continue
-            seen.add(k)
-        p = {a: v for i, (a, v) in enumerate(zip(names, combo)) if i not in gone}
-        if method != "supervised":  # (supervised trials keep the ids they always had)
-            p["method"] = method
-        out.append(p)
+    for g in spec.grids or (spec.grid,):
+        names = (*GRID_AXES, *(path for path, _ in g.field_axes))
+        di = names.index("defense")
+        drop: dict[str, tuple[int, ...]] = {}  # defense -> positions of the axes that do not apply to it
+        for combo in itertools.product(*[getattr(g, a) for a in GRID_AXES], *[vs for _, vs in g.field_axes]):
+            d = combo[di]
+            if d not in drop:
+                used = DEFENSES.get(d).axes if d != "none" else ()
+                drop[d] = tuple(i for i, a in enumerate(names) if (a in DEFENSE_AXES and a not in used)
+                                or ("." in a and not _applies(a, d)))
+            gone = drop[d]
+            kept = tuple((a, v) for i, (a, v) in enumerate(zip(names, combo)) if i not in gone)
+            k: Any = kept
+            try:
+                if k in seen:
+                    continue
+                seen.add(k)
+            except TypeError:  # an unhashable value (a dataset or a field axis given as a mapping)
+                k = _dumps(kept)
+                if k in seen:
+                    continue
+                seen.add(k)
+            p = dict(kept)
+            if method != "supervised":  # (supervised trials keep the ids they always had)
+                p["method"] = method
+            out.append(p)
     return out
 
 
@@ -328,9 +343,14 @@ def plan_trial(spec: SweepSpec, p: dict[str, Any]) -> Trial:
     from tscray.defenses import DEFENSES
     from tscray.defenses.base import config_to_dict
 
+    fields = {k: v for k, v in p.items() if "." in k}
+    variant = _dumps(fields) if fields else ""  # the point's field axes: its own spec, its own caches
+    if fields:
+        whole = spec
+        spec = memo(("spec", variant), lambda: whole.with_fields(fields))
     root = tuple(p.get(a) for a in ("dataset", "arch", "attack", "poison_rate", "seed", "method"))
     try:
-        bd = memo(("backdoor", root), lambda: backdoor_step(spec, p))
+        bd = memo(("backdoor", root, variant), lambda: backdoor_step(spec, p))
     except TypeError:  # an unhashable dataset entry: no sharing, same result
         bd = backdoor_step(spec, p)
     first = memo(("stage0", bd.key), lambda: Stage(bd, 0, ("backdoored",)))
@@ -342,14 +362,14 @@ def plan_trial(spec: SweepSpec, p: dict[str, Any]) -> Trial:
 
     def resolve() -> tuple[Any, dict[str, Any], str]:
         # the grid axes are top-level scalar fields: resolve once per (defense, seed), then replace them
-        base, base_dict = memo(("config", name, p["seed"]), lambda: (
+        base, base_dict = memo(("config", name, p["seed"], variant), lambda: (
             lambda c: (c, config_to_dict(c)))(spec.defense.config(name, seed=p["seed"])))
         cfg = dataclasses.replace(base, **axes) if axes else base
         as_dict = {**base_dict, **axes}
         return cfg, as_dict, _canon(as_dict)
-    cfg, cfg_dict, settings = memo(("config", name, p["seed"], tuple(axes.items())), resolve)
+    cfg, cfg_dict, settings = memo(("config", name, p["seed"], tuple(axes.items()), variant), resolve)
     if d.plan is not None:
-        common = memo(("common",), lambda: {**_clean(spec), "curve_ts": list(spec.eval.curve_ts)})
+        common = memo(("common", variant), lambda: {**_clean(spec), "curve_ts": list(spec.eval.curve_ts)})
         stages, final = d.plan.plan(cfg, bd, dict(common))
     else:
         step = Step.make("defense", {"defense": name, "config": cfg_dict, **_clean(spec)}, (bd,))

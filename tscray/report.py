@@ -120,6 +120,62 @@ def figure_vs_t(df: pd.DataFrame, out: Path, fmt: str, method: str | None, title
     return _finish(fig, out / f"{name}.{fmt}")
 
 
+def axis_parts(df: pd.DataFrame) -> list[tuple[pd.DataFrame, str, str]]:
+    """The rows split by the sweep's field-axis values: ``(rows, file suffix, title note)`` per combination
+    (a row the axis does not apply to belongs to every part); one part of all rows when there are none."""
+    axes = field_axes(df)
+    if not axes:
+        return [(df, "", "")]
+    combos = df[axes].dropna(how="all").drop_duplicates()
+    combos = combos.assign(_o=combos.apply(lambda r: [_axis_rank(v) for v in r], axis=1)).sort_values("_o")
+    parts = []
+    for _, combo in combos.drop(columns="_o").iterrows():
+        mask = pd.Series(True, index=df.index)
+        for a, v in combo.items():
+            mask &= df[a].isna() if pd.isna(v) else (df[a] == v) | df[a].isna()
+        note = ", ".join(f"{a} {v}" for a, v in combo.items() if pd.notna(v))
+        parts.append((df[mask], "_" + _slug(note), note))
+    return parts
+
+
+def figure_vs_axis(df: pd.DataFrame, axis: str, out: Path, fmt: str,
+                   tsc_setting: tuple[int, float] | None = None) -> Path | None:
+    """Final ACC and ASR of each defense against a numeric field axis (clean-set size, curve epochs...):
+    the rows Table 1 shows (TSC and MCR at its setting), mean over attacks and seeds, ±1 std bands."""
+    sel = select(df, tsc_setting)
+    if sel is None or axis not in sel.rows:
+        return None
+    rows = sel.rows.dropna(subset=[axis])
+    rows = rows[rows.defense != "none"]
+    try:
+        rows = rows.assign(**{axis: rows[axis].astype(float)})
+    except (TypeError, ValueError):
+        return None  # not numbers: Table 1 shows it
+    if rows[axis].nunique() < 2:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6), sharex=True)
+    for d in defense_order(rows.defense.unique()):
+        g = rows[rows.defense == d].groupby(axis)
+        for ax, metric in zip(axes, ("acc", "asr")):
+            mean, std = g[metric].mean(), g[metric].std().fillna(0.0)
+            (line,) = ax.plot(mean.index, mean.values, marker="o", label=defense_label(d))
+            ax.fill_between(mean.index, (mean - std).values, (mean + std).values, color=line.get_color(),
+                            alpha=0.12, linewidth=0)
+    axes[1].axhline(SUCCESS_ASR, color="0.3", linestyle=":", linewidth=1, label="ASR 15% (success)")
+    for ax, metric in zip(axes, ("ACC", "ASR")):
+        ax.set_xlabel(axis)
+        ax.set_ylabel(f"final {metric} (%)")
+        ax.grid(alpha=0.3)
+        if rows[axis].min() > 0 and rows[axis].max() / rows[axis].min() >= 10:
+            ax.set_xscale("log")
+    axes[1].set_ylim(-2, 102)
+    axes[1].legend(fontsize=7, loc="upper right")
+    notes = "; ".join(s.why for s in sel.settings.values() if s.why)
+    fig.suptitle(textwrap.fill(f"Final ACC / ASR against {axis}: mean over attacks and seeds, bands ±1 std"
+                               + (f". {notes}" if notes else ""), 130), fontsize=8)
+    return _finish(fig, out / f"fig_vs_{_slug(axis)}.{fmt}")
+
+
 def figure_curves(df: pd.DataFrame, out: Path, fmt: str) -> list[Path]:
     """Figure 3 style: ACC/ASR along the curves of the TSC trial with most rounds, per setting."""
     paths = []
@@ -194,24 +250,51 @@ def _method_rank(m: object) -> tuple[int, str]:
     return (m != "supervised", str(m))
 
 
+def field_axes(df: pd.DataFrame) -> list[str]:
+    """The sweep's field-axis columns (dotted spec paths such as ``defense.clean_ratio``) that hold values."""
+    return [c for c in df.columns if "." in c and df[c].notna().any()]
+
+
 def _final(df: pd.DataFrame) -> pd.DataFrame:
-    """The ``final`` rows (each trial's output model), with a ``method`` (supervised when unrecorded)."""
+    """The ``final`` rows (each trial's output model), with a ``method`` (supervised when unrecorded).
+
+    A trial a field axis does not apply to (the undefended model on a ``defense.clean_ratio`` axis, MCR on
+    ``defense.tsc.curve_epochs``) holds for every value of that axis in its setting: its row is repeated at
+    each, so it sits beside the trials it is compared with."""
     d = df[df.stage == "final"].copy()
     d["method"] = d["method"].fillna("supervised") if "method" in d else "supervised"
     if "seed" not in d:
         d["seed"] = 0
+    keys = [k for k in (*SETTING, "method") if k in d]
+    for a in field_axes(d):
+        has = d[a].notna()
+        if has.all():
+            continue
+        values = d.loc[has, keys + [a]].drop_duplicates()
+        d = pd.concat([d[has], d[~has].drop(columns=[a]).merge(values, on=keys, how="left")], ignore_index=True)
     return d
 
 
 def _keys(d: pd.DataFrame) -> list[str]:
-    """Table 1's row key: dataset, arch, attack, poison rate (and method when the rows have several)."""
-    return ["dataset", "method", *SETTING[1:]] if d["method"].nunique() > 1 else list(SETTING)
+    """Table 1's row key: dataset, arch, attack, poison rate (and method when the rows have several), then
+    the sweep's field axes."""
+    base = ["dataset", "method", *SETTING[1:]] if d["method"].nunique() > 1 else list(SETTING)
+    return base + field_axes(d)
+
+
+def _axis_rank(v: Any) -> tuple[int, float, str]:
+    """Field-axis values in numeric order where they are numbers."""
+    try:
+        return (0, float(v), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(v))
 
 
 def _sort(g: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     order = g[keys].astype(object).apply(
         lambda r: tuple(_attack_rank(v) if k == "attack" else _method_rank(v) if k == "method" else
-                        (-float(v) if pd.notna(v) else math.inf) if k == "poison_rate" else str(v)
+                        (-float(v) if pd.notna(v) else math.inf) if k == "poison_rate" else
+                        _axis_rank(v) if "." in k else str(v)
                         for k, v in r.items()), axis=1)
     return g.assign(_o=order).sort_values("_o", kind="stable").drop(columns="_o").reset_index(drop=True)
 
@@ -597,21 +680,27 @@ def nc_detection(df: pd.DataFrame, out: Path) -> Section | None:
 # --------------------------------------------------------------------------------------------- TSC grid
 
 
-def grid_means(df: pd.DataFrame) -> dict[str, dict[str, pd.DataFrame]]:
+def grid_means(df: pd.DataFrame) -> dict[str, dict[str, Any]]:
     """Per method, TSC's final ACC, ASR (mean over settings and seeds) and run count as E_TSC × t frames."""
     final = _final(df)
     tsc = final[final.defense == "tsc"].dropna(subset=["e_tsc", "t"]).copy()
     tsc["e_tsc"] = tsc.e_tsc.astype(int)
     tsc["t"] = tsc.t.astype(float).round(6)
     out = {}
+    axes = field_axes(tsc)
     for m in sorted(tsc.method.unique(), key=_method_rank):
-        g = tsc[tsc.method == m].groupby(["e_tsc", "t"])
-        out[str(m)] = {"acc": g.acc.mean().unstack("t"), "asr": g.asr.mean().unstack("t"),
-                       "n": g.size().unstack("t")}
+        at = tsc[tsc.method == m]
+        parts = (sorted(at.groupby(axes, dropna=False), key=lambda kv: [_axis_rank(v) for v in kv[0]])
+                 if axes else [((), at)])
+        for values, part in parts:
+            label = " · ".join([str(m), *(f"{a} {v}" for a, v in zip(axes, values))])
+            g = part.groupby(["e_tsc", "t"])
+            out[label] = {"acc": g.acc.mean().unstack("t"), "asr": g.asr.mean().unstack("t"),
+                          "n": g.size().unstack("t"), "method": str(m)}
     return out
 
 
-def figure_grid(grids: dict[str, dict[str, pd.DataFrame]], path: Path,
+def figure_grid(grids: dict[str, dict[str, Any]], path: Path,
                 chosen: dict[str, Setting] | None = None) -> Path:
     """Two grey heatmaps per method, final ACC and ASR over E_TSC × t, values written in; cells with ASR
     < 15% (a successful defense) outlined, Table 1's setting marked with a dot."""
@@ -644,7 +733,7 @@ def figure_grid(grids: dict[str, dict[str, pd.DataFrame]], path: Path,
                     if ok[i, j]:
                         ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#1f5fbf",
                                                linewidth=2.4, zorder=3))
-            s = (chosen or {}).get(m)
+            s = (chosen or {}).get(g["method"])
             if s is not None and s.t is not None and s.e_tsc in data.index:
                 cols = [k for k, c in enumerate(data.columns) if math.isclose(c, s.t, abs_tol=1e-6)]
                 if cols:
@@ -679,7 +768,7 @@ def tsc_grid(df: pd.DataFrame, out: Path, fmt: str, tsc_setting: tuple[int, floa
             for metric in ("acc", "asr", "n"):
                 csv_rows.append({"method": m, "e_tsc": e, "metric": metric.upper() if metric != "n" else "runs",
                                  **{f"t={_t(t)}": g[metric].loc[e, t] for t in ts}})
-        s = chosen.get(m)
+        s = chosen.get(g["method"])
         head = ["E_TSC \\ t", *[_t(t) for t in ts]]
         lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
         trs = []
@@ -825,10 +914,20 @@ def make_report(df: pd.DataFrame, out: Path, fmt: str = "png", title: str = "tsc
         rep.tables += s.paths
         if s.figure is not None:
             rep.figures.append(s.figure)
-    p = figure_vs_t(df, out, fmt, None, "Final ACC/ASR of TSC versus t (Figure 5 style)", "fig5_tsc_vs_t")
-    rep.figures.append(p) if p else rep.skipped.append("Figure 5: no finished TSC trials")
-    p = figure_vs_t(df, out, fmt, "simclr", "Self-supervised TSC versus t (Figure 6 style)", "fig6_ssl_vs_t")
-    rep.figures.append(p) if p else rep.skipped.append("Figure 6: no self-supervised (simclr) rows in this sweep")
+    for what, method, title, name in (
+            ("Figure 5: no finished TSC trials", None, "Final ACC/ASR of TSC versus t (Figure 5 style)",
+             "fig5_tsc_vs_t"),
+            ("Figure 6: no self-supervised (simclr) rows in this sweep", "simclr",
+             "Self-supervised TSC versus t (Figure 6 style)", "fig6_ssl_vs_t")):
+        drawn = [p for rows, suffix, note in axis_parts(df)  # one figure per field-axis value: never averaged over
+                 if (p := figure_vs_t(rows, out, fmt, method, title + (f" at {note}" if note else ""), name + suffix))]
+        rep.figures += drawn
+        if not drawn:
+            rep.skipped.append(what)
+    for axis in field_axes(df):
+        p = figure_vs_axis(df, axis, out, fmt, tsc_setting)
+        if p is not None:
+            rep.figures.append(p)
     curves = figure_curves(df, out, fmt)
     rep.figures += curves
     if not curves:

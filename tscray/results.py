@@ -68,7 +68,8 @@ def trial_rows(sweep: str, trial: Trial, manifests: dict[str, dict[str, Any]],
             "method": p.get("method", "supervised"), "arch": p["arch"],
             "attack": p["attack"], "poison_rate": p["poison_rate"], "seed": p["seed"], "defense": p["defense"],
             "e_tsc": p.get("rounds"), "t": p.get("t"), "defense_config": trial.settings,
-            "defense_seconds": spent if p["defense"] != "none" else None}
+            "defense_seconds": spent if p["defense"] != "none" else None,
+            **{k: _axis_value(v) for k, v in p.items() if "." in k}}  # field axes, under their dotted paths
     rows: list[dict[str, Any]] = []
     for stage in trial.chain:
         m = manifests[stage.step.key]
@@ -94,9 +95,22 @@ def final_record(trial: Trial, rows: list[dict[str, Any]]) -> dict[str, Any]:
     raise KeyError(f"trial {trial.id}: no record of its final model in step {trial.final.key}")
 
 
+def _axis_value(v: Any) -> Any:
+    """A field axis' value as a column holds it: scalars as they are, mappings and lists as JSON."""
+    import json
+
+    return v if v is None or isinstance(v, (bool, int, float, str)) else json.dumps(v, sort_keys=True)
+
+
+def _axis_type(v: Any) -> pa.DataType:
+    return (pa.bool_() if isinstance(v, bool) else pa.int64() if isinstance(v, int) else
+            pa.float64() if isinstance(v, float) else pa.string())
+
+
 def write_trial(store: Store, trial_id: str, rows: list[dict[str, Any]]) -> None:
-    """Atomically replace the trial's Parquet file."""
-    table = pa.Table.from_pylist(rows, schema=schema())
+    """Atomically replace the trial's Parquet file (the schema's columns, then the trial's field axes)."""
+    axes = [(k, _axis_type(v)) for k, v in rows[0].items() if "." in k] if rows else []
+    table = pa.Table.from_pylist(rows, schema=pa.schema(list(schema()) + axes))
     buf = io.BytesIO()
     pq.write_table(table, buf)
     store.write_bytes(f"results/trial-{trial_id}.parquet", buf.getvalue())
@@ -146,7 +160,9 @@ def read(store: Store, damaged: list[str] | None = None) -> pa.Table:
         except (OSError, ValueError, KeyError, pa.ArrowException):
             if damaged is not None:
                 damaged.append(f"results/{n}")
-    return pa.concat_tables(tables) if tables else schema().empty_table()
+    # trials of different field-axis values or blocks may carry different axis columns (or an int where
+    # another has a float): missing columns read as nulls, numbers as the wider type
+    return pa.concat_tables(tables, promote_options="permissive") if tables else schema().empty_table()
 
 
 def set_aside_damaged(store: Store) -> list[str]:
@@ -163,7 +179,7 @@ def set_aside_damaged(store: Store) -> list[str]:
 
 def _conform(table: pa.Table) -> pa.Table:
     """Files written by an older tscray may lack newer columns: add them as nulls, in schema order."""
-    target = schema()
+    target = pa.schema(list(schema()) + [f for f in table.schema if "." in f.name])  # + its field axes
     cols = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
             for f in target]
     return pa.Table.from_arrays(cols, schema=target)

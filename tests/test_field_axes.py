@@ -1,0 +1,168 @@
+"""Any spec field as a grid axis (issue 11, §1): ``grid: {defense.clean_ratio: [...], train.epochs: [...]}``.
+
+Validated like the field itself and reported at the axis; part of the trial id, the result rows (a column
+under the dotted path), MLflow params and the report's grouping; shared steps are still computed once."""
+
+import json
+
+import pytest
+import torch
+
+from tscray import results
+from tscray.config import SpecError, validate
+from tscray.plan import make_plan
+from tscray.steps import Context, run_local
+from tscray.store import Store
+
+
+def raw_of(**grid):
+    base = {"dataset": ["fashion-mnist-embedded"], "arch": ["cnn"], "attack": ["badnets"], "defense": ["tsc"],
+            "rounds": [1], "t": [0.4]}
+    return {"name": "t", "grid": {**base, **grid},
+            "train": {"epochs": 1, "batch_size": 256, "lr": 0.05, "arch_kw": {"widths": [8, 8, 8, 8]}},
+            "defense": {"clean_ratio": 0.02, "tsc": {"curve_epochs": 1, "finetune_epochs": 1, "batch_size": 100},
+                        "mcr": {"curve_epochs": 1, "finetune_epochs": 1, "batch_size": 100}}}
+
+
+def problems(raw):
+    with pytest.raises(SpecError) as err:
+        validate(raw)
+    return err.value.problems
+
+
+def by_kind(plan):
+    out = {}
+    for s in plan.steps.values():
+        out.setdefault(s.kind, []).append(s)
+    return out
+
+
+# --- validation ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("axis,values,want", [
+    ("defense.clean_ratio", [0.02, 2], "grid.defense.clean_ratio[1]: 2 is outside (0, 1]"),
+    ("defense.tsc.curve_epochs", [-1, 5, "x"], "grid.defense.tsc.curve_epochs[0]: -1 is outside [0, ∞)"),
+    ("defense.tsc.curve_epochs", [-1, 5, "x"], "grid.defense.tsc.curve_epochs[2]: 'x' is not an integer"),
+    ("train.epoch", [1, 2], "grid.train.epoch: unknown key; allowed: epochs,"),
+    ("train.optimizer", ["sgd", "rmsprop"], "grid.train.optimizer[1]: unknown optimizer 'rmsprop'"),
+    ("defense.tsc.nope", [1], "grid.defense.tsc.nope: unknown tsc setting(s) ['nope']"),
+    ("resources.workers", [1, 2], "grid.resources.workers: not a field axis"),
+    ("train.method", ["simclr"], "grid.train.method: train.method is one per sweep"),
+    ("defense.tsc.t", [0.3], "grid.defense.tsc.t: set through the grid axis t"),
+    ("defense.tsc.rounds", [2], "grid.defense.tsc.rounds: set through the grid axis rounds"),
+    ("train.epochs", [], "grid.train.epochs: empty list"),
+    ("train.epochs", [1, 1], "grid.train.epochs: duplicate values [1, 1]"),
+    ("defense.clean_ratio.x", [1], "grid.defense.clean_ratio.x: defense.clean_ratio is 0.02, not a mapping"),
+    ("train.arch_kw", [{"widths": [8, 8, 8, 8]}, {"depth": 3}], "grid.train.arch_kw[1]: "),
+])
+def test_a_bad_field_axis_is_named_at_the_axis(axis, values, want):
+    found = problems(raw_of(**{axis: values}))
+    assert any(p.startswith(want) for p in found), found
+
+
+def test_field_axis_problems_come_with_the_specs_other_problems():
+    raw = raw_of(**{"defense.clean_ratio": [0.02, 3]})
+    raw["train"]["epochs"] = -1
+    found = problems(raw)
+    assert "train.epochs: -1 is outside [0, ∞)" in found
+    assert "grid.defense.clean_ratio[1]: 3 is outside (0, 1]" in found
+    assert len(found) == 2  # the section's problem is not repeated at the axis
+
+
+def test_field_axes_in_grid_blocks_are_named_by_block():
+    raw = raw_of()
+    raw["grid"] = [raw["grid"], {**raw["grid"], "train.epochs": [1, 0.5]}]
+    assert problems(raw) == ["grid[1].train.epochs[1]: 0.5 is not an integer"]
+
+
+def test_a_spec_with_field_axes_round_trips_through_its_stored_form():
+    """``sweep.json`` holds ``spec.to_dict()``; ``tscray verify`` plans from it again."""
+    spec = validate(raw_of(**{"defense.clean_ratio": [0.02, 0.05], "train.epochs": [1, 2]}))
+    stored = json.loads(json.dumps(spec.to_dict()))
+    stored.pop("ssl")  # as tscray verify reads it back (a supervised sweep's unused SSL defaults)
+    again = validate(stored, check_data=False)
+    assert again.grid == spec.grid
+    assert [t.id for t in make_plan(again).trials] == [t.id for t in make_plan(spec).trials]
+
+
+# --- planning: ids, and what is shared ------------------------------------------------------------------
+
+def test_sweeps_without_field_axes_keep_their_trial_ids():
+    plain = make_plan(validate(raw_of(defense=["tsc", "none"])))
+    assert all("." not in k for t in plain.trials for k in t.params)
+    axis = make_plan(validate(raw_of(defense=["tsc", "none"], **{"defense.clean_ratio": [0.02]})))
+    tsc = [t for t in axis.trials if t.params["defense"] == "tsc"][0]
+    assert tsc.params["defense.clean_ratio"] == 0.02
+    assert tsc.id not in {t.id for t in plain.trials}  # the axis is part of the id
+    none = [t for t in axis.trials if t.params["defense"] == "none"][0]
+    assert none.id in {t.id for t in plain.trials}  # the undefended model has no clean set
+
+
+def test_a_clean_ratio_axis_shares_the_backdoored_model_and_nothing_after_it():
+    plan = make_plan(validate(raw_of(defense=["tsc", "mcr", "none"],
+                                     **{"defense.clean_ratio": [0.02, 0.05, 0.1]})))
+    assert sorted(t.params["defense"] for t in plan.trials) == ["mcr"] * 3 + ["none"] + ["tsc"] * 3
+    kinds = by_kind(plan)
+    assert len(kinds["backdoor"]) == 1
+    assert len(kinds["tsc_stage1"]) == len(kinds["mcr_curve"]) == 3
+    ratios = sorted(s.params["clean_ratio"] for s in kinds["tsc_stage1"])
+    assert ratios == [0.02, 0.05, 0.1]
+
+
+def test_a_curve_epochs_axis_does_not_share_curves_and_leaves_other_defenses_alone():
+    plan = make_plan(validate(raw_of(defense=["tsc", "mcr"], **{"defense.tsc.curve_epochs": [1, 3]})))
+    tsc = [t for t in plan.trials if t.params["defense"] == "tsc"]
+    mcr = [t for t in plan.trials if t.params["defense"] == "mcr"]
+    assert len(tsc) == 2 and len(mcr) == 1 and "defense.tsc.curve_epochs" not in mcr[0].params
+    kinds = by_kind(plan)
+    assert len(kinds["backdoor"]) == 1 and len(kinds["tsc_stage1"]) == 2
+    assert sorted(t.settings.count('"curve_epochs":3') for t in tsc) == [0, 1]
+
+
+def test_a_training_axis_makes_its_own_backdoored_models():
+    plan = make_plan(validate(raw_of(defense=["tsc", "none"], **{"train.epochs": [1, 2], "train.target": [0, 7]})))
+    assert len(plan.trials) == 8
+    bds = by_kind(plan)["backdoor"]
+    assert sorted((s.params["epochs"], s.params["target"]) for s in bds) == [(1, 0), (1, 7), (2, 0), (2, 7)]
+
+
+def test_blocks_can_sweep_different_fields():
+    raw = raw_of()
+    raw["grid"] = [{**raw["grid"], "defense.clean_ratio": [0.02, 0.05]},
+                   {**raw["grid"], "attack": ["blended"], "train.epochs": [2]}]
+    plan = make_plan(validate(raw))
+    got = sorted((t.params["attack"], t.params.get("defense.clean_ratio"), t.params.get("train.epochs"))
+                 for t in plan.trials)
+    assert got == [("badnets", 0.02, None), ("badnets", 0.05, None), ("blended", None, 2)]
+
+
+# --- results ---------------------------------------------------------------------------------------------
+
+def test_result_rows_carry_field_axes_as_columns(tmp_path):
+    """Two trials of a clean-ratio axis computed locally: each row names its ratio under the dotted path,
+    pandas reads the column, and a trial of an older sweep (no such column) reads as null there."""
+    torch.set_num_threads(1)
+    spec = validate(raw_of(defense=["finetune", "none"], **{"defense.clean_ratio": [0.01, 0.02]},
+                           seed=[0]) | {"defense": {"clean_ratio": 0.02, "finetune": {"epochs": 1, "batch_size": 100}}})
+    plan = make_plan(spec)
+    ctx = Context(Store(str(tmp_path)))
+    for trial in plan.trials:
+        rows = results.trial_rows("t", trial, run_local(trial.steps, ctx))
+        results.write_trial(ctx.store, trial.id, rows)
+    df = results.read(ctx.store).to_pandas()
+    final = df[df.stage == "final"].set_index("defense")
+    assert sorted(final.loc["finetune", "defense.clean_ratio"].tolist()) == [0.01, 0.02]
+    assert final.loc["none", "defense.clean_ratio"] != final.loc["none", "defense.clean_ratio"]  # NaN
+    defended = df[df.defense == "finetune"]
+    assert set(defended.groupby("defense.clean_ratio").trial_id.nunique()) == {1}
+
+
+def test_axis_columns_of_different_types_and_blocks_read_together(tmp_path):
+    store = Store(str(tmp_path))
+    row = {"sweep": "t", "trial_id": "a", "stage": "final", "defense": "tsc", "acc": 90.0, "asr": 3.0}
+    results.write_trial(store, "a", [{**row, "defense.tsc.curve_epochs": 5}])
+    results.write_trial(store, "b", [{**row, "trial_id": "b", "defense.tsc.curve_epochs": 2.5}])
+    results.write_trial(store, "c", [{**row, "trial_id": "c", "train.attack_kw": results._axis_value({"k": 4})}])
+    df = results.read(store).to_pandas().set_index("trial_id")
+    assert df.loc["a", "defense.tsc.curve_epochs"] == 5 and df.loc["b", "defense.tsc.curve_epochs"] == 2.5
+    assert df.loc["c", "train.attack_kw"] == '{"k": 4}' and df["train.attack_kw"].isna().sum() == 2
