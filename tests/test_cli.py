@@ -153,3 +153,11 @@ def test_backdoor_writes_the_attack_resource_and_purify_reads_it(tmp_path, capsy
     assert main(args) == 2
     assert "--attack-resource" in capsys.readouterr().err
     assert main(args + ["--attack-resource", str(moved)]) == 0
+
+
+@pytest.mark.parametrize("target", ["10", "-1"])
+def test_backdoor_refuses_a_target_the_data_lacks(tmp_path, capsys, target):
+    out = tmp_path / "m.safetensors"
+    assert main(["backdoor", "--target", target, "--epochs", "1", "--out", str(out)]) == 2
+    assert "is not a class of fashion-mnist-embedded (its classes are 0..9)" in capsys.readouterr().err
+    assert not out.exists()

@@ -127,3 +127,18 @@ def test_grid_blocks_union_their_products_each_at_its_own_rates():
         validate({"name": "x", "grid": [{"attack": ["badnets"]}, {"poison_rate": [2]}]})
     with pytest.raises(SpecError, match="grid: empty list"):
         validate({"name": "x", "grid": []})
+
+
+def test_a_target_class_the_data_lacks_is_refused_before_compute():
+    """`train.target: 10` on a 10-class dataset was accepted and failed inside the backdoor step; on the
+    user's own data the class count is read from the file, and a field axis names its value."""
+    from pathlib import Path
+
+    shapes = str(Path(__file__).resolve().parents[1] / "examples" / "shapes.npz")
+    assert problems({"name": "x", "train": {"target": 10}}) == \
+        "train.target: 10 is not a class of fashion-mnist-embedded (its classes are 0..9)"
+    assert problems({"name": "x", "grid": {"dataset": [shapes]}, "train": {"target": 7}}) == \
+        f"train.target: 7 is not a class of {shapes} (its classes are 0..3)"
+    assert problems({"name": "x", "grid": {"train.target": [3, 12]}}) == \
+        "grid.train.target[1]: 12 is not a class of fashion-mnist-embedded (its classes are 0..9)"
+    validate({"name": "x", "train": {"target": 9}})

@@ -299,6 +299,12 @@ def _resource_path(model: Path) -> Path:
     return model.with_name(model.name.split(".")[0] + ".attack.safetensors")
 
 
+def _check_target(target: int, ds: Any, what: str = "--target") -> None:
+    """A target class the data has (an out-of-range one failed deep inside training, or read as ASR 0)."""
+    if not 0 <= target < ds.num_classes:
+        raise ValueError(f"{what} {target} is not a class of {ds.name} (its classes are 0..{ds.num_classes - 1})")
+
+
 def cmd_purify(args: argparse.Namespace) -> int:
     from tscray import attacks, checkpoint, data, methods, models
     from tscray.defenses import CleanData
@@ -313,6 +319,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
     defense, cfg = _defense_config(args)
     data_name, data_kw = _purify_data(args, meta)
     ds = _load_data(data_name, args.data_root, data_kw)
+    _check_target(target, ds, "--target" if args.target is not None else "the checkpoint's target")
     model = models.build(arch, ds.num_classes, ds.in_channels, input_hw=ds.input_hw, **arch_kw)
     if defense.check_model is not None:
         defense.check_model(model)
@@ -364,6 +371,7 @@ def cmd_backdoor(args: argparse.Namespace) -> int:
 
     _setup(args)
     ds = _load_data(args.data, args.data_root, dict(args.data_kw))
+    _check_target(args.target, ds)
     attack = attacks.build(args.attack, **(args.attack_kw or {}))
     recipe = attacks.TrainRecipe(args.epochs, args.batch_size, OptimConfig(lr=args.lr))
     _log(f"training {args.arch} on {ds.name} with {args.attack} at {args.rate:.1%} poison, target {args.target}")

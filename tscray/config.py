@@ -785,12 +785,22 @@ def _check_data(spec: SweepSpec, problems: list[str]) -> None:
     from tscray import data
     from tscray.data import data_root
 
+    counts: dict[str, int | None] = {}
     for name in dict.fromkeys((*spec.grid.dataset, spec.ssl.downstream)):
         if name and name not in data.DATASETS:
             try:
-                data.load(name, **spec.data_kw.get(name, {}))
+                counts[name] = data.load(name, **spec.data_kw.get(name, {})).num_classes
             except (ValueError, TypeError, FileNotFoundError) as err:
                 problems.append(f"grid.dataset: {err}")
+        elif name:
+            counts[name] = data.declared_classes(name)
+    # the target is a class of the labelled data: the grid's datasets, or an SSL sweep's downstream task
+    labelled = [spec.ssl.downstream or d for d in spec.grid.dataset] if spec.train.method != "supervised" \
+        else list(spec.grid.dataset)
+    for name in dict.fromkeys(labelled):
+        n = counts.get(name)
+        if n is not None and spec.train.target >= n:
+            problems.append(f"train.target: {spec.train.target} is not a class of {name} (its classes are 0..{n - 1})")
 
     needs = [d for d in (*spec.grid.dataset, spec.ssl.downstream) if d in REAL_DATA]
     if not needs:

@@ -49,6 +49,20 @@ class Dataset:
 DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset")
 
 
+def classes(n: int) -> Callable[[Callable[..., Dataset]], Callable[..., Dataset]]:
+    """Declare a registered dataset's class count, so a spec's target class is checked before any data is
+    read (``@classes(10)`` under ``@DATASETS.register``)."""
+    def deco(fn: Callable[..., Dataset]) -> Callable[..., Dataset]:
+        setattr(fn, "num_classes", n)  # noqa: B010 - an attribute on a plain function
+        return fn
+    return deco
+
+
+def declared_classes(name: str) -> int | None:
+    """The class count a registered dataset declares (None: unknown until read, e.g. a folder of classes)."""
+    return getattr(DATASETS.get(name), "num_classes", None) if name in DATASETS else None
+
+
 def data_root(root: str | os.PathLike | None = None) -> Path | None:
     """The data root: the argument, else ``$TSCRAY_DATA``, else None."""
     if root is not None:
@@ -99,6 +113,6 @@ def balanced_clean_subset(labels: torch.Tensor, ratio: float, seed: int) -> torc
 
 from tscray.data import cifar10, custom, embedded, gtsrb, imagefolder, stl10, svhn  # noqa: E402,F401  (registration)
 
-__all__ = ["DATASETS", "Dataset", "DatasetNotFound", "ImageData", "Loader", "Preprocess", "balanced_clean_subset",
+__all__ = ["DATASETS", "Dataset", "classes", "declared_classes", "DatasetNotFound", "ImageData", "Loader", "Preprocess", "balanced_clean_subset",
            "clean_subset",
            "data_root", "load"]

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tscray.data import DATASETS, Dataset, ImageData
+from tscray.data import DATASETS, Dataset, ImageData, classes
 from tscray.data.errors import not_found
 from tscray.data.files import check_image_size, image_data, locate, preprocess, require_root, resize_square
 
@@ -145,6 +145,7 @@ def _split(folder: Path, files: list[str], is_py: bool) -> tuple[np.ndarray, np.
 
 
 @DATASETS.register(NAME)
+@classes(10)
 def cifar10(root: Path | None = None, image_size: int | None = None, download: bool = False) -> Dataset:
     """CIFAR-10 (10 classes, 50,000 + 10,000 RGB images, native 32 px; ``image_size`` resizes)."""
     root = require_root(NAME, root)

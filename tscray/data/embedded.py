@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tscray.data import DATASETS, Dataset
+from tscray.data import DATASETS, Dataset, classes
 from tscray.data.tensors import ImageData, Preprocess
 
 FILE = "fashion_mnist_embedded.npz"
@@ -33,6 +33,7 @@ def _arrays() -> dict[str, np.ndarray]:
 
 
 @DATASETS.register("fashion-mnist-embedded")
+@classes(10)
 def fashion_mnist_embedded(root: Path | None = None, train_per_class: int | None = None,
                            test_per_class: int | None = None) -> Dataset:
     """The embedded Fashion-MNIST subset; optionally fewer images per class (first ones, balanced)."""

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tscray.data import DATASETS, Dataset
+from tscray.data import DATASETS, Dataset, classes
 from tscray.data.errors import not_found
 from tscray.data.files import (check_image_size, decode_cached, image_data, locate,
                                pil_to_chw, preprocess, require_root)
@@ -99,6 +99,7 @@ def _download(root: Path) -> None:
 
 
 @DATASETS.register(NAME)
+@classes(43)
 def gtsrb(root: Path | None = None, image_size: int | None = None, download: bool = False,
           cache_dir: str | os.PathLike | None = None, workers: int | None = None) -> Dataset:
     """GTSRB (43 classes, 39,209 + 12,630 images, resized to ``image_size``, default 32).

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tscray.data import DATASETS, Dataset
+from tscray.data import DATASETS, Dataset, classes
 from tscray.data.errors import not_found
 from tscray.data.files import check_image_size, image_data, locate, preprocess, require_root, resize_square
 
@@ -68,6 +68,7 @@ def _download(root: Path) -> None:
 
 
 @DATASETS.register(NAME)
+@classes(10)
 def stl10(root: Path | None = None, image_size: int | None = None, download: bool = False) -> Dataset:
     """STL-10 labelled splits (10 classes, 5,000 + 8,000 RGB images, native 96 px; ``image_size`` resizes)."""
     root = require_root(NAME, root)

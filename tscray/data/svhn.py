@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tscray.data import DATASETS, Dataset
+from tscray.data import DATASETS, Dataset, classes
 from tscray.data.errors import not_found
 from tscray.data.files import check_image_size, image_data, locate, preprocess, require_root, resize_square
 
@@ -69,6 +69,7 @@ def _download(root: Path) -> None:
 
 
 @DATASETS.register(NAME)
+@classes(10)
 def svhn(root: Path | None = None, image_size: int | None = None, download: bool = False) -> Dataset:
     """SVHN (10 digit classes, 73,257 + 26,032 RGB images, native 32 px; ``image_size`` resizes)."""
     root = require_root(NAME, root)
