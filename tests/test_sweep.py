@@ -261,6 +261,26 @@ def test_ctrl_c_releases_the_drivers_step_leases(tmp_path):
     assert "run the same command again to resume" in log.read_text()  # not "finished"
 
 
+def test_idle_workers_compute_later_trials_backdoored_models_ahead(tmp_path):
+    """Issue 13: one trial at a time on two workers. The second attack's backdoored model was computed
+    only once its trial started, after the whole first trial, while a worker idled; an idle worker now
+    computes it ahead, so the two models are trained at the same time (and still once each)."""
+    from tscray.sweep import run_sweep
+
+    raw = tiny(tmp_path / "run", epochs=2, attack=["badnets", "blended"])
+    raw["grid"].update({"defense": ["tsc"], "rounds": [1], "t": [0.5]})
+    raw["resources"] = {"workers": 2, "max_concurrent_trials": 1}
+    summary = run_sweep(validate(raw))
+    assert summary["done"] == summary["trials"] == 2
+    store = Store(str(tmp_path / "run"))
+    spans = sorted((e["at"] - e["seconds"], e["at"]) for e in
+                   (store.read_json(f"events/{n}") for n in store.listdir("events") if n.endswith(".json"))
+                   if e["kind"] == "backdoor")
+    assert len(spans) == 2 and spans[1][0] < spans[0][1], spans  # the two trainings overlapped
+    assert summary["stats"]["ahead"] >= 1
+    check_complete(tmp_path / "run", raw)
+
+
 def test_a_sweep_survives_losing_a_node_mid_step(tmp_path):
     """Issue 14: a preempted spot node. A real multi-node Ray cluster on this machine (a head and two
     worker nodes, each its own raylet); shard workers cannot fit on the head, so steps run on the worker

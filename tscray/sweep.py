@@ -261,6 +261,10 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
             str(local_dir / "logs" / "fault-coordinator-died") if fault_die_at else "")
         print(f"{n_workers} shard worker(s), {res.threads} thread(s) each"
               + (f", {res.gpus_per_step} GPU each" if res.gpus_per_step else ""), file=out, flush=True)
+        # idle workers compute the pending trials' backdoored models ahead, in trial order, instead of
+        # waiting for Tune to start those trials (the first attack's model otherwise gates every early trial)
+        roots = {t.chain[0].step.key: t.chain[0].step for t in pending}
+        coord.compute_ahead.remote([s.to_dict() for s in roots.values() if not store.has_step(s.kind, s.key)])
         progress = TrialCounts(total=len(pending))
         to_compute = sum(1 for s in plan.steps.values() if not store.has_step(s.kind, s.key))
         ticker = threading.Thread(target=_ticker, args=(progress, coord, to_compute, out, stop), daemon=True)

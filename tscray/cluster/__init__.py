@@ -12,6 +12,7 @@ resources the workers need.
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import os
 import socket
@@ -88,6 +89,12 @@ class Coordinator:
         self.workers: list[Any] = []
         self.free: asyncio.Queue | None = None
         self._pool_lock = asyncio.Lock()
+        self.wanted = 0  # dispatches waiting for a free worker
+        self.ahead: collections.deque[Step] = collections.deque()  # steps to compute when a worker idles
+        self._ahead_task: asyncio.Future | None = None
+        self.ahead_running: dict[str, asyncio.Future] = {}  # steps being computed ahead
+        self.joined: set[str] = set()  # of those, the ones a trial has asked for since
+        self.stats["ahead"] = 0
 
     def _new_worker(self) -> Any:
         r = self.res
@@ -128,6 +135,39 @@ class Coordinator:
         await asyncio.gather(*(w.pid.remote() for w in self.workers))
         return n
 
+    async def compute_ahead(self, step_dicts: list[dict[str, Any]]) -> None:
+        """Steps every pending trial will need (the driver sends its trials' backdoored models, in trial
+        order): computed on workers that would otherwise idle, e.g. while the first attack's model gates all
+        running trials, or while Tune starts its trials. Work is only reordered, never added."""
+        self.ahead.extend(Step.from_dict(d) for d in step_dicts)
+        if self._ahead_task is None:
+            self._ahead_task = asyncio.ensure_future(self._compute_ahead())
+
+    async def _compute_ahead(self) -> None:
+        await self.start()
+        assert self.free is not None
+        while self.ahead:
+            await asyncio.sleep(AHEAD_POLL_S)
+            # One step ahead at a time that no trial has asked for yet, and only on a worker no request waits
+            # for: requests never queue behind more than that one step. A step ahead that a trial then asks
+            # for is that trial's work, and the next one may start.
+            if self.free.qsize() == 0 or self.wanted > 0 or any(k not in self.joined for k in self.ahead_running):
+                continue
+            step = self.ahead.popleft()
+            if step.key in self.inflight or self.store.has_step(step.kind, step.key):
+                continue
+            self.stats["ahead"] += 1
+            task = asyncio.ensure_future(self._get(step))
+            self.ahead_running[step.key] = task
+            task.add_done_callback(self._ahead_done)
+
+    def _ahead_done(self, task: asyncio.Future) -> None:
+        for key, t in list(self.ahead_running.items()):
+            if t is task:
+                del self.ahead_running[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: a failure is reported by the trial that needs the step (it retries)
+
     async def get_stats(self) -> dict[str, Any]:
         return {**self.stats, "inflight": len(self.inflight), "workers": len(self.workers),
                 "waiting": len(self.waiting)}
@@ -148,6 +188,8 @@ class Coordinator:
         fut = self.inflight.get(step.key)
         if fut is not None:
             self.stats["reused"] += 1
+            if step.key in self.ahead_running:
+                self.joined.add(step.key)
             return await asyncio.shield(fut)
         if self.store.has_step(step.kind, step.key) and await self._intact(step):
             self.stats["reused"] += 1
@@ -155,6 +197,8 @@ class Coordinator:
         fut = self.inflight.get(step.key)  # another request may have started it while this one checked
         if fut is not None:
             self.stats["reused"] += 1
+            if step.key in self.ahead_running:
+                self.joined.add(step.key)
             return await asyncio.shield(fut)
         fut = asyncio.get_running_loop().create_future()
         self.inflight[step.key] = fut
@@ -243,7 +287,11 @@ class Coordinator:
         assert self.free is not None
         attempts = 1 + int(self.res["step_retries"])
         for attempt in range(attempts):
-            idx = await self.free.get()
+            self.wanted += 1
+            try:
+                idx = await self.free.get()
+            finally:
+                self.wanted -= 1
             try:
                 self.stats["dispatched"] += 1
                 ref = self.workers[idx].run.remote(step.to_dict())
@@ -262,6 +310,9 @@ class Coordinator:
             finally:
                 self.free.put_nowait(idx)
         raise RuntimeError("unreachable")
+
+
+AHEAD_POLL_S = 1.0  # how often idle workers are looked for, to compute steps ahead
 
 
 def coordinator_name(sweep_id: str) -> str:
