@@ -259,6 +259,7 @@ def test_ctrl_c_releases_the_drivers_step_leases(tmp_path):
         driver.kill()
     assert leases() == [], log.read_text()
     assert "run the same command again to resume" in log.read_text()  # not "finished"
+    assert driver.returncode == 130  # a stop, as the shell reports Ctrl-C (1 means trials errored)
 
 
 def test_idle_workers_compute_later_trials_backdoored_models_ahead(tmp_path):

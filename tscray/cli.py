@@ -412,7 +412,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     summary = run_sweep(spec, args.storage, args.address,
                         fault_kill_at=int(os.environ.get("TSCRAY_FAULT_KILL_WORKER_AT_STEP", "0")))
-    return 0 if summary["done"] == summary["trials"] else 1
+    if summary["done"] == summary["trials"]:
+        return 0
+    return 1 if summary.get("errors") else 130  # trials errored, or the sweep was stopped (Ctrl-C) before them
 
 
 def _open_store(location: str):
