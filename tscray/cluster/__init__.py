@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import math
 import os
 import socket
@@ -159,12 +160,11 @@ class Coordinator:
             self.stats["ahead"] += 1
             task = asyncio.ensure_future(self._get(step))
             self.ahead_running[step.key] = task
-            task.add_done_callback(self._ahead_done)
+            task.add_done_callback(functools.partial(self._ahead_done, step.key))
 
-    def _ahead_done(self, task: asyncio.Future) -> None:
-        for key, t in list(self.ahead_running.items()):
-            if t is task:
-                del self.ahead_running[key]
+    def _ahead_done(self, key: str, task: asyncio.Future) -> None:
+        self.ahead_running.pop(key, None)
+        self.joined.discard(key)
         if not task.cancelled():
             task.exception()  # retrieved: a failure is reported by the trial that needs the step (it retries)
 
@@ -184,22 +184,23 @@ class Coordinator:
         step = Step.from_dict(step_dict)
         return await self._get(step)
 
+    async def _join(self, step: Step, fut: asyncio.Future) -> dict[str, Any]:
+        """Wait for a step another request is computing (one computed ahead is then this trial's work)."""
+        self.stats["reused"] += 1
+        if step.key in self.ahead_running:
+            self.joined.add(step.key)
+        return await asyncio.shield(fut)
+
     async def _get(self, step: Step) -> dict[str, Any]:
         fut = self.inflight.get(step.key)
         if fut is not None:
-            self.stats["reused"] += 1
-            if step.key in self.ahead_running:
-                self.joined.add(step.key)
-            return await asyncio.shield(fut)
+            return await self._join(step, fut)
         if self.store.has_step(step.kind, step.key) and await self._intact(step):
             self.stats["reused"] += 1
             return self.store.manifest(step.kind, step.key)
         fut = self.inflight.get(step.key)  # another request may have started it while this one checked
         if fut is not None:
-            self.stats["reused"] += 1
-            if step.key in self.ahead_running:
-                self.joined.add(step.key)
-            return await asyncio.shield(fut)
+            return await self._join(step, fut)
         fut = asyncio.get_running_loop().create_future()
         self.inflight[step.key] = fut
         try:
