@@ -234,3 +234,94 @@ def test_a_defense_added_in_one_place_is_validated_planned_computed_and_reported
     results.write_trial(ctx.store, trial.id, rows)
     table = results.read(ctx.store)
     assert "zh_scaled" in table.column_names and table.num_rows == len(rows)
+
+
+def _reference_points(spec):
+    """Grid points the plain way: the whole product of each block, irrelevant axes dropped, the first
+    occurrence of each point kept (a set of every point seen)."""
+    import itertools
+
+    from tscray.config import DEFENSE_AXES, GRID_AXES
+    from tscray.defenses import DEFENSES
+    from tscray.plan import _applies
+
+    seen, out = set(), []
+    for g in spec.grids or (spec.grid,):
+        names = (*GRID_AXES, *(p for p, _ in g.field_axes))
+        for combo in itertools.product(*[getattr(g, a) for a in GRID_AXES], *[vs for _, vs in g.field_axes]):
+            d = combo[names.index("defense")]
+            used = DEFENSES.get(d).axes if d != "none" else ()
+            kept = tuple((a, v) for a, v in zip(names, combo)
+                         if not ((a in DEFENSE_AXES and a not in used) or ("." in a and not _applies(a, d))))
+            if kept not in seen:
+                seen.add(kept)
+                out.append(dict(kept))
+    return out
+
+
+SHAPES = {
+    "field axes": {"grid": {"attack": ["badnets", "lc"], "defense": ["none", "tsc", "mcr", "fp", "finetune"],
+                            "rounds": [1, 2], "t": [0.3, 0.5], "seed": [0, 1], "defense.clean_ratio": [0.05, 0.1],
+                            "train.epochs": [2, 3], "defense.tsc.curve_epochs": [3, 4]}},
+    "overlapping blocks": {"grid": [
+        {"attack": ["badnets"], "defense": ["none", "tsc"], "rounds": [1], "t": [0.5], "train.epochs": [2, 3]},
+        {"attack": ["badnets"], "defense": ["none", "fp"], "train.epochs": [3, 4], "defense.clean_ratio": [0.05, 0.1]},
+        {"attack": ["badnets", "blended"], "defense": ["fp", "tsc"], "defense.clean_ratio": [0.05, 0.1],
+         "rounds": [1, 2], "t": [0.5, 0.3]}]},
+    "figure 5": {"grid": {"attack": ["badnets", "blended"], "defense": ["tsc"], "rounds": [1, 2, 3],
+                          "t": [0.1, 0.3, 0.5], "seed": [0, 1, 2]}},
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_points_skip_collapsed_and_repeated_points_without_keeping_them(shape):
+    spec = validate({"name": "s", **SHAPES[shape]}, check_data=False)
+    from tscray.plan import grid_points, iter_points
+
+    assert grid_points(spec) == _reference_points(spec)
+    assert sorted(map(repr, iter_points(spec, root_major=True))) == sorted(map(repr, grid_points(spec)))
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_the_streaming_dry_run_counts_what_the_full_plan_holds(shape):
+    """`--dry-run` plans trial by trial, dropping its caches between backdoored models: its counts must
+    equal the materialised plan's (distinct steps by key, naive per-trial steps, finished trials)."""
+    from tscray.plan import summarize
+    from tscray.sweep import describe_plan
+
+    spec = validate({"name": "s", **SHAPES[shape]}, check_data=False)
+    plan = make_plan(spec)
+    done = {t.id for t in plan.trials[::3]} | {"not-a-trial"}
+    assert summarize(spec, done) == plan.summary(done)
+    assert summarize(spec).finished is None
+    assert describe_plan(summarize(spec, done)) == describe_plan(plan, done)
+    assert summarize(spec).counts == plan.count_by_kind() and sum(plan.count_by_kind().values()) == len(plan.steps)
+
+
+def test_a_trials_settings_are_its_resolved_defense_config():
+    import json
+
+    spec = validate({"name": "s", **SHAPES["field axes"]}, check_data=False)
+    for trial in make_plan(spec).trials:
+        p = trial.params
+        if p["defense"] == "none":
+            continue
+        cfg = spec.with_fields({k: v for k, v in p.items() if "." in k}).defense.config(
+            p["defense"], seed=p["seed"], **{a: p[a] for a in defenses.get(p["defense"]).axes})
+        from tscray.defenses.base import config_to_dict
+        assert json.loads(trial.settings) == json.loads(json.dumps(config_to_dict(cfg)))
+
+
+@pytest.mark.parametrize("sweep,digest", [("quickstart", "a7878e510e3249ed"), ("table1_small", "32c28b3137250622"),
+                                          ("ablation", "d0f8e793be3ca2ce")])
+def test_shipped_sweeps_keep_their_step_keys_and_trial_ids(sweep, digest):
+    """Keys and ids are how a store is resumed: a planning change that alters them silently recomputes every
+    user's finished work. Changing them on purpose means bumping STEP_VERSION and these digests."""
+    import hashlib
+    from pathlib import Path
+
+    from tscray.config import load_spec
+
+    plan = make_plan(load_spec(str(Path(__file__).parents[1] / "sweeps" / f"{sweep}.yaml"), check_data=False))
+    text = "\n".join(sorted(plan.steps)) + "|" + "\n".join(sorted(t.id for t in plan.trials))
+    assert hashlib.sha256(text.encode()).hexdigest()[:16] == digest

@@ -392,7 +392,7 @@ def cmd_backdoor(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from tscray.config import load_spec
-    from tscray.plan import make_plan
+    from tscray.plan import summarize
     from tscray.sweep import describe_plan, run_sweep
 
     spec = load_spec(args.spec)
@@ -407,7 +407,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         uri = spec.storage_path(args.storage)
         store = Store(uri)
         done = results.done_trials(store) if store.exists("sweep.json") else set()
-        print(describe_plan(make_plan(spec), done))
+        print(describe_plan(summarize(spec, done)))
         print(f"storage: {uri}")
         return 0
     summary = run_sweep(spec, args.storage, args.address,

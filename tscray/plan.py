@@ -7,8 +7,13 @@ model shares it. The plan is pure data; :mod:`tscray.steps` computes steps and
 :mod:`tscray.cluster` schedules them.
 
 Planning is linear in trials: while :func:`make_plan` runs, equal steps are one object (their key is
-hashed once), stages and backdoor steps are shared, resolved defense configs are reused, and a nested
-dict already serialised (a defense's config) is not serialised again (:func:`memo`).
+hashed once), stages and backdoor steps are shared, a defense's config is resolved and serialised once
+per (defense, seed) and shared by its steps (``Step.make(..., base=)``), and planners cache per object
+(:func:`memo`, :func:`memo_for`). No set of grid points is kept (:func:`iter_points`).
+
+``--dry-run`` needs only counts: :func:`summarize` plans trial by trial, grouped by backdoored model,
+and drops each group's caches and trials when the group ends, so its memory is one group's steps plus
+the set of distinct step keys (about 0.4 GB for a million trials, where keeping them took 3-4 GB).
 """
 
 from __future__ import annotations
@@ -28,8 +33,12 @@ from tscray.config import SweepSpec, arch_kw_for, attack_kw_for
 STEP_VERSION = 1
 
 
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
+
+
 def _dumps(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    """Canonical JSON: ``json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)``."""
+    return _ENCODER.encode(obj)
 
 
 class _Memo:
@@ -53,6 +62,20 @@ def memo(key: Any, make: Any) -> Any:
     except KeyError:
         value = m.values[key] = make()
         return value
+
+
+def memo_for(objs: tuple[Any, ...], tag: str, make: Any) -> Any:
+    """``make()``, computed once per tuple of objects ``objs`` (by identity) while a plan is being made.
+    The cache keeps the objects alive, so their ids are not reused while it lives."""
+    m = _ACTIVE
+    if m is None:
+        return make()
+    key = (tag, *map(id, objs))
+    try:
+        return m.values[key][1]
+    except KeyError:
+        hit = m.values[key] = (objs, make())
+        return hit[1]
 
 
 def _canon(obj: Any) -> str:
@@ -94,6 +117,49 @@ def _scalar(v: Any) -> str:
     return _dumps(v)
 
 
+class _lazy:
+    """A cached attribute without :class:`functools.cached_property`'s per-instance lock (planning reads
+    millions of them once each)."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn, self.name = fn, fn.__name__
+        self.__doc__ = fn.__doc__
+
+    def __get__(self, obj: Any, cls: Any = None) -> Any:
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.fn(obj)
+        return value
+
+
+def _fragment(k: str, v: Any) -> tuple[str, str]:
+    """``(k, '"k":json(v)')``: one piece of a dict's canonical JSON."""
+    t = type(v)
+    if t is str:
+        return k, f"{_STR(k)}:{_STR(v)}"
+    if t is int:
+        return k, f"{_STR(k)}:{int.__repr__(v)}"
+    if t is dict:
+        return k, f"{_STR(k)}:{_canon(v)}"
+    return k, f"{_STR(k)}:{_scalar(v) if t is not list and t is not tuple else _dumps(v)}"
+
+
+def _canon_over(base: dict[str, Any], own: dict[str, Any]) -> str:
+    """``_canon({**base, **own})``, with ``base``'s pieces made once per object while planning."""
+    frags = memo_for((base,), "fragments", lambda: sorted(_fragment(k, v) for k, v in base.items())
+                     if all(type(k) is str for k in base) else None)
+    if frags is None:
+        return _canon({**base, **own})
+    if own:
+        try:
+            extra = [_fragment(k, v) for k, v in own.items()]
+        except TypeError:  # a key that is not a string
+            return _canon({**base, **own})
+        frags = [f for f in frags if f[0] not in own] + extra
+        frags.sort()
+    return "{" + ",".join([f for _, f in frags]) + "}"
+
+
 @dataclass(frozen=True)
 class Step:
     """One unit of work: ``kind`` with JSON-able ``params`` applied to the outputs of ``inputs``."""
@@ -103,16 +169,21 @@ class Step:
     inputs: tuple["Step", ...] = ()
 
     @staticmethod
-    def make(kind: str, params: dict[str, Any], inputs: tuple["Step", ...] = ()) -> "Step":
-        """The step; while planning, an equal step made before is returned (one object per key)."""
-        params_json = _canon(params)
+    def make(kind: str, params: dict[str, Any], inputs: tuple["Step", ...] = (),
+             base: dict[str, Any] | None = None) -> "Step":
+        """The step with ``params`` (over ``base``'s: parameters many steps share, one dict object, such as a
+        defense's config; while planning its JSON is made once). While planning, an equal step made before
+        is returned (one object per key)."""
+        params_json = _canon_over(base, params) if base else _canon(params)
         if _ACTIVE is None:
             return Step(kind, params_json, inputs)
-        return memo(("step", kind, params_json, tuple(i.key for i in inputs)), lambda: Step(kind, params_json, inputs))
+        return memo(("step", kind, params_json, *[i.key for i in inputs]), lambda: Step(kind, params_json, inputs))
 
-    @cached_property
+    @_lazy
     def ancestors(self) -> tuple["Step", ...]:
         """This step and all its ancestors, inputs first, each once (computed once per step)."""
+        if len(self.inputs) == 1:
+            return (*self.inputs[0].ancestors, self)
         seen: dict[str, Step] = {}
         for i in self.inputs:
             for a in i.ancestors:
@@ -120,14 +191,16 @@ class Step:
         seen.setdefault(self.key, self)
         return tuple(seen.values())
 
-    @cached_property
+    @_lazy
     def params(self) -> dict[str, Any]:
         return json.loads(self.params_json)
 
-    @cached_property
+    @_lazy
     def key(self) -> str:
-        h = hashlib.sha256(_canon([STEP_VERSION, self.kind, self.params_json, [i.key for i in self.inputs]]).encode())
-        return h.hexdigest()[:24]
+        # sha256 of the canonical JSON of [STEP_VERSION, kind, params_json, input keys], written out
+        text = (f"[{STEP_VERSION},{_STR(self.kind)},{_STR(self.params_json)},["
+                + ",".join(_STR(i.key) for i in self.inputs) + "]]")
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
 
     def walk(self) -> Iterator["Step"]:
         """This step and all its ancestors, inputs first, each once."""
@@ -161,19 +234,33 @@ class Final:
     stages: tuple[str, ...] = ("final",)
 
 
+Settings = tuple[dict[str, Any], tuple[tuple[str, Any], ...]]
+
+
 @dataclass(frozen=True)
 class Trial:
     """One grid point: its parameters, its chain of steps, its output model, and the defense's resolved
-    settings (JSON; recorded in every result row, not part of the id)."""
+    config: JSON, or (the config without grid axes as a dict, the axes' values), serialised only when
+    :attr:`settings` is read (a million trials must not hold a million copies of it)."""
 
     params: dict[str, Any]
     chain: tuple[Stage, ...]
     final: Final = Final("", "")
-    settings: str = "{}"
+    config: str | Settings = "{}"
 
-    @cached_property
+    @_lazy
     def id(self) -> str:
         return hashlib.sha256(_canon(self.params).encode()).hexdigest()[:12]
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Trial) and (self.params, self.chain, self.final, self.settings)
+                == (other.params, other.chain, other.final, other.settings))
+
+    @_lazy
+    def settings(self) -> str:
+        """The defense's resolved config as JSON (recorded in every result row, not part of the id)."""
+        c = self.config
+        return c if isinstance(c, str) else _canon({**c[0], **dict(c[1])})
 
     @property
     def steps(self) -> list[Step]:
@@ -231,42 +318,80 @@ def relevant(point: dict[str, Any]) -> dict[str, Any]:
             if ("." in k and _applies(k, name)) or ("." not in k and (k not in DEFENSE_AXES or k in used))}
 
 
-def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
-    """Distinct grid points (irrelevant axes dropped), in grid order; field axes (``defense.clean_ratio``)
-    follow the named axes, under their dotted paths."""
-    from tscray.config import DEFENSE_AXES, GRID_AXES
-    from tscray.defenses import DEFENSES
+class _Block:
+    """One grid block's axes, and for each defense which of them apply (the others collapse)."""
+
+    def __init__(self, g: Any) -> None:
+        from tscray.config import DEFENSE_AXES, GRID_AXES
+        from tscray.defenses import DEFENSES
+
+        self.names = (*GRID_AXES, *(path for path, _ in g.field_axes))
+        self.values = (*(tuple(getattr(g, a)) for a in GRID_AXES), *(tuple(vs) for _, vs in g.field_axes))
+        self.dropped: dict[str, tuple[int, ...]] = {}  # defense -> positions of the axes that do not apply
+        for d in g.defense:
+            used = DEFENSES.get(d).axes if d != "none" else ()
+            self.dropped[d] = tuple(i for i, a in enumerate(self.names)
+                                    if (a in DEFENSE_AXES and a not in used) or ("." in a and not _applies(a, d)))
+
+    def holds(self, point: dict[str, Any]) -> bool:
+        """Whether this block has a point equal to ``point`` (an earlier block's duplicate is skipped)."""
+        gone = self.dropped.get(point["defense"])
+        if gone is None:
+            return False
+        kept = [i for i in range(len(self.names)) if i not in gone]
+        return (len(kept) == len(point) and all(self.names[i] in point for i in kept)
+                and all(point[self.names[i]] in self.values[i] for i in kept))
+
+
+def iter_points(spec: SweepSpec, root_major: bool = False) -> Iterator[dict[str, Any]]:
+    """Distinct grid points (see :func:`_points`)."""
+    return (p for p, _ in _points(spec, root_major))
+
+
+def _points(spec: SweepSpec, root_major: bool = False) -> Iterator[tuple[dict[str, Any], bool]]:
+    """Distinct grid points (irrelevant axes dropped); field axes (``defense.clean_ratio``) follow the named
+    axes, under their dotted paths. In grid order, or with ``root_major`` grouped by backdoored model (the
+    axes that change it vary slowest), as a streaming summary wants; each with whether it starts a new
+    group of points with equal backdoor-model axes (in root-major order, a group never recurs in a block).
+
+    No set of seen points is kept: within a block a point whose dropped axes are not at their first value
+    repeats an earlier one, and a later block's point is skipped when an earlier block holds it (axis
+    values are distinct: validation refuses duplicates).
+    """
+    import operator
 
     method = spec.train.method
-    seen: set[Any] = set()
-    out = []
-    for g in spec.grids or (spec.grid,):
-        names = (*GRID_AXES, *(path for path, _ in g.field_axes))
+    blocks = [_Block(g) for g in (spec.grids or (spec.grid,))]
+    for b, block in enumerate(blocks):
+        names, values, earlier = block.names, block.values, blocks[:b]
         di = names.index("defense")
-        drop: dict[str, tuple[int, ...]] = {}  # defense -> positions of the axes that do not apply to it
-        for combo in itertools.product(*[getattr(g, a) for a in GRID_AXES], *[vs for _, vs in g.field_axes]):
-            d = combo[di]
-            if d not in drop:
-                used = DEFENSES.get(d).axes if d != "none" else ()
-                drop[d] = tuple(i for i, a in enumerate(names) if (a in DEFENSE_AXES and a not in used)
-                                or ("." in a and not _applies(a, d)))
-            gone = drop[d]
-            kept = tuple((a, v) for i, (a, v) in enumerate(zip(names, combo)) if i not in gone)
-            k: Any = kept
-            try:
-                if k in seen:
-                    continue
-                seen.add(k)
-            except TypeError:  # an unhashable value (a dataset or a field axis given as a mapping)
-                k = _dumps(kept)
-                if k in seen:
-                    continue
-                seen.add(k)
-            p = dict(kept)
+        firsts = tuple(vs[0] if vs else None for vs in values)
+        order = tuple(range(len(names)))
+        if root_major:
+            inner = {"defense", "rounds", "t"}
+            order = (tuple(i for i, a in enumerate(names) if a not in inner and not a.startswith("defense."))
+                     + tuple(i for i, a in enumerate(names) if a in inner or a.startswith("defense.")))
+        back = operator.itemgetter(*sorted(range(len(order)), key=order.__getitem__))
+        n_outer = len(order) - 3 - sum(a.startswith("defense.") for a in names) if root_major else len(order)
+        last: Any = None
+        for c in itertools.product(*[values[i] for i in order]):
+            outer = c[:n_outer]
+            new, last = outer != last, outer
+            combo = back(c) if root_major else c
+            gone = block.dropped[combo[di]]
+            if any(combo[i] is not firsts[i] for i in gone):
+                continue  # repeats the point with these axes at their first value
+            p = {a: v for i, (a, v) in enumerate(zip(names, combo)) if i not in gone} if gone else dict(zip(names, combo))
+            if earlier and any(e.holds(p) for e in earlier):
+                continue
             if method != "supervised":  # (supervised trials keep the ids they always had)
                 p["method"] = method
-            out.append(p)
-    return out
+            yield p, new
+
+
+def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
+    """Distinct grid points, in grid order (see :func:`iter_points`)."""
+    return list(iter_points(spec))
 
 
 def _with_data_kw(spec: SweepSpec, params: dict[str, Any]) -> dict[str, Any]:
@@ -343,40 +468,38 @@ def plan_trial(spec: SweepSpec, p: dict[str, Any]) -> Trial:
     from tscray.defenses import DEFENSES
     from tscray.defenses.base import config_to_dict
 
-    fields = {k: v for k, v in p.items() if "." in k}
-    variant = _dumps(fields) if fields else ""  # the point's field axes: its own spec, its own caches
-    if fields:
+    variant = ""
+    if any("." in k for k in p):  # the point's field axes: its own spec, its own caches
+        fields = {k: v for k, v in p.items() if "." in k}
+        variant = _dumps(fields)
         whole = spec
         spec = memo(("spec", variant), lambda: whole.with_fields(fields))
-    root = tuple(p.get(a) for a in ("dataset", "arch", "attack", "poison_rate", "seed", "method"))
-    try:
-        bd = memo(("backdoor", root, variant), lambda: backdoor_step(spec, p))
-    except TypeError:  # an unhashable dataset entry: no sharing, same result
+
+    def root() -> tuple[Step, Stage, Final]:
         bd = backdoor_step(spec, p)
-    first = memo(("stage0", bd.key), lambda: Stage(bd, 0, ("backdoored",)))
+        return bd, Stage(bd, 0, ("backdoored",)), Final(bd.key, "model", ("backdoored",))
+    try:
+        bd, first, backdoored = memo(("backdoor", p["dataset"], p["arch"], p["attack"], p["poison_rate"], p["seed"],
+                                      p.get("method"), variant), root)
+    except TypeError:  # an unhashable dataset entry: no sharing, same result
+        bd, first, backdoored = root()
     name = p["defense"]
     if name == "none":
-        return Trial(p, (first,), memo(("final0", bd.key), lambda: Final(bd.key, "model", ("backdoored",))))
-    d = DEFENSES.get(name)
-    axes = {a: p[a] for a in d.axes}
+        return Trial(p, (first,), backdoored)
 
-    def resolve() -> tuple[Any, dict[str, Any], str]:
-        # the grid axes are top-level scalar fields: resolve once per (defense, seed), then replace them
-        base, base_dict = memo(("config", name, p["seed"], variant), lambda: (
-            lambda c: (c, config_to_dict(c)))(spec.defense.config(name, seed=p["seed"])))
-        cfg = dataclasses.replace(base, **axes) if axes else base
-        as_dict = {**base_dict, **axes}
-        return cfg, as_dict, _canon(as_dict)
-    cfg, cfg_dict, settings = memo(("config", name, p["seed"], tuple(axes.items()), variant), resolve)
+    def defense() -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
+        cfg = spec.defense.config(name, seed=p["seed"])
+        return DEFENSES.get(name), cfg, config_to_dict(cfg), {**_clean(spec), "curve_ts": list(spec.eval.curve_ts)}
+    # resolved once per (defense, seed, variant); the trial's grid axes override its fields
+    d, base, base_dict, common = memo(("defense", name, p["seed"], variant), defense)
+    axes = tuple([(a, p[a]) for a in d.axes])
     if d.plan is not None:
-        common = memo(("common", variant), lambda: {**_clean(spec), "curve_ts": list(spec.eval.curve_ts)})
-        stages, final = d.plan.plan(cfg, bd, dict(common))
+        stages, final = d.plan.plan(base, dict(axes), bd, common)
     else:
+        cfg_dict = memo(("config-dict", id(base_dict), axes), lambda: {**base_dict, **dict(axes)}) if axes else base_dict
         step = Step.make("defense", {"defense": name, "config": cfg_dict, **_clean(spec)}, (bd,))
         stages, final = [Stage(step, 1, ("final",))], Final(step.key, "model", ("final",))
-    chain = (first, *(memo(("stage", s.step.key, s.round, s.report), lambda s=s: s) for s in stages))
-    final = memo(("final", final.key, final.artifact, final.stages), lambda: final)
-    return Trial(p, chain, final, settings)
+    return Trial(p, (first, *stages), final, (base_dict, axes))
 
 
 @dataclass
@@ -425,6 +548,15 @@ class Plan:
                 counts[kind] = counts.get(kind, 0) + n
         return counts
 
+    def summary(self, done: set[str] | None = None) -> PlanSummary:
+        """The counts :func:`summarize` streams, from the planned trials."""
+        by_defense: dict[str, int] = {}
+        for t in self.trials:
+            by_defense[t.params["defense"]] = by_defense.get(t.params["defense"], 0) + 1
+        finished = len(done & {t.id for t in self.trials}) if done is not None else None
+        return PlanSummary(self.spec.name, len(self.trials), self.count_by_kind(), self.naive_count_by_kind(),
+                           by_defense, finished)
+
     @staticmethod
     def curve_fits(counts: dict[str, int]) -> int:
         """Curve fits among step counts: the step kinds that defenses declare as fitting one curve each."""
@@ -432,6 +564,88 @@ class Plan:
 
         kinds = {k for d in DEFENSES.values() if d.plan is not None for k in d.plan.curve_kinds}
         return sum(n for k, n in counts.items() if k in kinds)
+
+
+@dataclass
+class PlanSummary:
+    """What ``--dry-run`` prints: trials, distinct steps by kind, what a per-trial run without reuse would
+    execute, trials by defense, and (given the finished trial ids) how many are finished."""
+
+    name: str
+    trials: int
+    counts: dict[str, int]
+    naive: dict[str, int]
+    by_defense: dict[str, int]
+    finished: int | None = None
+
+
+def _add_kinds(out: dict[str, int], steps: Any, n: int = 1) -> None:
+    for a in steps:
+        out[a.kind] = out.get(a.kind, 0) + n
+
+
+def summarize(spec: SweepSpec, done: set[str] | None = None) -> PlanSummary:
+    """Plan the sweep trial by trial without keeping the trials: the counts :class:`Plan` gives, in memory
+    bounded by one backdoored model's steps plus the distinct step keys (a million-trial dry run).
+
+    Points come grouped by backdoored model; the planning caches are dropped between groups (a later
+    group cannot share an earlier one's defense steps, whose keys derive from the backdoor step's; a
+    recurring step is still counted once, by key)."""
+    global _ACTIVE
+    keys: set[str] = set()
+    counts: dict[str, int] = {}
+    naive: dict[str, int] = {}
+    by_defense: dict[str, int] = {}
+    trials = finished = 0
+    seen: dict[int, Stage] = {}  # stages already counted in this group (kept alive: ids not reused)
+    # trials whose last step needs every other step of their chain (the usual case) compute what that step
+    # and its ancestors are: count such trials per last step, and fold the counts in once per group
+    closed: dict[int, list[Any]] = {}  # id(last step) -> [the step, trials, ids of its ancestors]
+
+    def fold() -> None:
+        for step, n, _ in closed.values():
+            if n:
+                _add_kinds(naive, step.ancestors, n)
+        closed.clear()
+        seen.clear()
+
+    outer = _ACTIVE
+    collect = gc.isenabled()
+    gc.disable()
+    try:
+        for p, new_group in _points(spec, root_major=True):
+            if new_group:
+                fold()
+                _ACTIVE = _Memo()
+                gc.collect(0)  # the last group's steps (a step's ancestors hold the step: a cycle)
+            trial = plan_trial(spec, p)
+            trials += 1
+            d = p["defense"]
+            by_defense[d] = by_defense.get(d, 0) + 1
+            if done and trial.id in done:
+                finished += 1
+            chain = trial.chain
+            for stage in chain:
+                if id(stage) not in seen:
+                    seen[id(stage)] = stage
+                    for a in stage.step.ancestors:
+                        if a.key not in keys:
+                            keys.add(a.key)
+                            counts[a.kind] = counts.get(a.kind, 0) + 1
+            last = chain[-1].step
+            entry = closed.get(id(last))
+            if entry is None:
+                entry = closed[id(last)] = [last, 0, frozenset(map(id, last.ancestors))]
+            if all(id(s.step) in entry[2] for s in chain):
+                entry[1] += 1
+            else:
+                _add_kinds(naive, {a.key: a for s in chain for a in s.step.ancestors}.values())
+        fold()
+    finally:
+        _ACTIVE = outer
+        if collect:
+            gc.enable()
+    return PlanSummary(spec.name, trials, counts, naive, by_defense, finished if done is not None else None)
 
 
 def make_plan(spec: SweepSpec) -> Plan:

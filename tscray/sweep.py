@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from tscray.config import SweepSpec
-from tscray.plan import Plan, Trial, make_plan
+from tscray.plan import Plan, PlanSummary, Trial, make_plan
 from tscray.store import Store
 
 Print = Callable[[str], None]
@@ -29,21 +29,18 @@ def sweep_id(storage: str) -> str:
     return hashlib.sha256(storage.encode()).hexdigest()[:12]
 
 
-def describe_plan(plan: Plan, done: set[str] | None = None) -> str:
+def describe_plan(plan: Plan | PlanSummary, done: set[str] | None = None) -> str:
     """The --dry-run text: trials, distinct steps by kind, and what a naive per-trial run would execute."""
-    counts, naive = plan.count_by_kind(), plan.naive_count_by_kind()
-    lines = [f"sweep {plan.spec.name}: {len(plan.trials)} trials"
-             + (f" ({len(done & {t.id for t in plan.trials})} already finished)" if done is not None else ""),
+    s = plan.summary(done) if isinstance(plan, Plan) else plan
+    counts, naive = s.counts, s.naive
+    lines = [f"sweep {s.name}: {s.trials} trials" + (f" ({s.finished} already finished)" if s.finished is not None else ""),
              f"{'step kind':<16}{'distinct':>10}{'naive':>10}"]
     order = {k: i for i, k in enumerate(("attack_resource", "ssl_pretrain", "backdoor"))}
     for kind in sorted(naive, key=lambda k: (order.get(k, len(order)), k)):
         lines.append(f"{kind:<16}{counts.get(kind, 0):>10}{naive[kind]:>10}")
     lines.append(f"{'all steps':<16}{sum(counts.values()):>10}{sum(naive.values()):>10}")
     lines.append(f"{'curve fits':<16}{Plan.curve_fits(counts):>10}{Plan.curve_fits(naive):>10}")
-    by_defense: dict[str, int] = {}
-    for t in plan.trials:
-        by_defense[t.params["defense"]] = by_defense.get(t.params["defense"], 0) + 1
-    lines.append("trials by defense: " + ", ".join(f"{k} {v}" for k, v in sorted(by_defense.items())))
+    lines.append("trials by defense: " + ", ".join(f"{k} {v}" for k, v in sorted(s.by_defense.items())))
     return "\n".join(lines)
 
 

@@ -251,10 +251,13 @@ def config_from_dict(cls: type, d: Mapping[str, Any]) -> Any:
 class Planner:
     """How a defense splits into sweep steps, when one ``defense`` step would lose reuse.
 
-    ``plan(cfg, backdoor, common)`` returns ``(stages, final)``: the chain of
+    ``plan(base, axes, backdoor, common)`` returns ``(stages, final)``: the chain of
     :class:`tscray.plan.Stage` after the backdoor step and the :class:`tscray.plan.Final` output.
-    ``common`` holds the clean-set keys every step carries (``clean_ratio``, ``clean_seed``,
-    ``curve_ts``). ``kinds`` maps each step kind it plans to ``fn(step, ctx) -> (tensors, records)``;
+    ``base`` is the resolved config without the trial's grid axes, ``axes`` their values (they override
+    ``base``'s fields: ``dataclasses.replace(base, **axes)`` is the trial's config); ``common`` holds the
+    clean-set keys every step carries (``clean_ratio``, ``clean_seed``, ``curve_ts``), read-only. Both
+    ``base`` and ``common`` are one object for many trials, so a planner can cache per object
+    (:func:`tscray.plan.memo_for`); a sweep of a million trials is planned in seconds only that way. ``kinds`` maps each step kind it plans to ``fn(step, ctx) -> (tensors, records)``;
     ``curve_kinds`` are the kinds that fit one curve each (for the plan's curve-fit count).
     """
 

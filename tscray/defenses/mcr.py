@@ -74,14 +74,15 @@ def run(model: nn.Module, clean: CleanData, method: Method, cfg: MCRConfig,
 # ------------------------------------------------------------------ sweep steps
 # The curve does not depend on t (``mcr_curve``); each t is a cheap ``mcr_point`` on it.
 
-def _plan(cfg: MCRConfig, backdoor: Any, common: dict[str, Any]) -> tuple[list[Any], Any]:
+def _plan(base: MCRConfig, axes: dict[str, Any], backdoor: Any, common: dict[str, Any]) -> tuple[list[Any], Any]:
     from tscray.defenses.base import config_to_dict
-    from tscray.plan import Final, Stage, Step
+    from tscray.plan import Final, Stage, Step, memo_for
 
-    config = {k: v for k, v in config_to_dict(cfg).items() if k not in ("t", "eval_ts")}
+    config = memo_for((base,), "mcr-config",
+                      lambda: {k: v for k, v in config_to_dict(base).items() if k not in ("t", "eval_ts")})
     clean = {k: common[k] for k in ("clean_ratio", "clean_seed")}
     curve = Step.make("mcr_curve", {"config": config, **common}, (backdoor,))
-    point = Step.make("mcr_point", {"t": cfg.t, **clean}, (curve,))
+    point = Step.make("mcr_point", {"t": axes.get("t", base.t), **clean}, (curve,))
     return [Stage(curve, 1), Stage(point, 1, ("final",))], Final(point.key, "model", ("final",))
 
 

@@ -9,8 +9,6 @@ is exactly what a run with E_TSC = r returns, so one run with E = 3 yields E = 1
 
 from __future__ import annotations
 
-import dataclasses
-
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -179,23 +177,30 @@ def run(model: nn.Module, clean: CleanData, method: Method, cfg: TSCConfig,
 _PLAN_DROP = ("t", "rounds", "eval_ts")
 
 
-def _plan(cfg: TSCConfig, backdoor: Any, common: dict[str, Any]) -> tuple[list[Any], Any]:
+def _plan(base: TSCConfig, axes: dict[str, Any], backdoor: Any, common: dict[str, Any]) -> tuple[list[Any], Any]:
     from tscray.defenses.base import config_to_dict
-    from tscray.plan import Final, Stage, Step, memo
+    from tscray.plan import Final, Stage, Step, memo, memo_for
 
-    # one dict per config that differs in more than t and rounds: planning serialises it once
-    config = memo(("tsc-config", dataclasses.replace(cfg, t=0.5, rounds=1)),
-                  lambda: {k: v for k, v in config_to_dict(cfg).items() if k not in _PLAN_DROP})
-    shared = {"config": config, **common}
-    current, artifact, stages = backdoor, "model", []
-    for r in range(1, cfg.rounds + 1):
-        s1 = Step.make("tsc_stage1", {**shared, "round": r, "input": artifact}, (current,))
-        rd = Step.make("tsc_round", {**shared, "round": r, "input": artifact, "t": cfg.t}, (current, s1))
-        stages += [Stage(s1, r), Stage(rd, r, ("finetune", "stage2"))]
-        current, artifact = rd, "next"
-    if cfg.finetune_last:
-        return stages, Final(current.key, "next", ("finetune", "stage2"))
-    return stages, Final(current.key, "point", ("stage2",))
+    t, rounds = axes.get("t", base.t), axes.get("rounds", base.rounds)
+    # one params dict per config: every step shares it, and planning serialises it once
+    shared = memo_for((base, common), "tsc-params", lambda: {
+        "config": {k: v for k, v in config_to_dict(base).items() if k not in _PLAN_DROP}, **common})
+
+    def round_(current: Any, r: int) -> tuple[Any, Any, Any]:
+        inp = "model" if r == 1 else "next"
+        s1 = memo(("tsc-stage1", id(shared), id(current), r), lambda: Stage(
+            Step.make("tsc_stage1", {"round": r, "input": inp}, (current,), base=shared), r))
+        rd = Step.make("tsc_round", {"round": r, "input": inp, "t": t}, (current, s1.step), base=shared)
+        final = (Final(rd.key, "next", ("finetune", "stage2")) if base.finetune_last
+                 else Final(rd.key, "point", ("stage2",)))
+        return s1, Stage(rd, r, ("finetune", "stage2")), final
+
+    current, stages, final = backdoor, list[Any](), None
+    for r in range(1, rounds + 1):
+        s1, rd, final = memo(("tsc-round", id(shared), id(current), r, t), lambda c=current, r=r: round_(c, r))
+        stages += (s1, rd)
+        current = rd.step
+    return stages, final
 
 
 def _step_config(p: dict[str, Any], t: float = 0.5) -> TSCConfig:
