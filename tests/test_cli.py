@@ -167,3 +167,23 @@ def test_backdoor_refuses_a_target_the_data_lacks(tmp_path, capsys, target):
     assert main(["backdoor", "--target", target, "--epochs", "1", "--out", str(out)]) == 2
     assert "is not a class of fashion-mnist-embedded (its classes are 0..9)" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("argv", [["defenses"], ["defenses", "tsc"], ["sweep", "QUICKSTART", "--dry-run"]])
+def test_a_reader_that_stops_early_ends_the_command_quietly(argv):
+    """`tscray status DIR | head`: the reader closes the pipe before the output is written. Without the fix
+    Python printed a BrokenPipeError traceback (and, at exit, 'Exception ignored ... BrokenPipeError').
+    (argparse's --help already ignores a closed pipe.)"""
+    import os
+
+    from pathlib import Path
+
+    argv = [str(Path(__file__).parents[1] / "sweeps" / "quickstart.yaml") if a == "QUICKSTART" else a for a in argv]
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before anything is written
+    try:
+        proc = subprocess.run([sys.executable, "-m", "tscray.cli", *argv], stdout=w, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(w)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert proc.returncode == 141

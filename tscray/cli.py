@@ -577,6 +577,18 @@ COMMANDS = {"purify": cmd_purify, "backdoor": cmd_backdoor, "sweep": cmd_sweep, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; a reader that stops early (``tscray status DIR | head``) ends it quietly."""
+    try:
+        rc = _main(argv)
+        sys.stdout.flush()  # (a pipe's buffer is written here: a closed reader shows up now, not at exit)
+        return rc
+    except BrokenPipeError:
+        # nothing more can reach the reader; point stdout at devnull so the exit flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a writer whose reader went away
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
