@@ -282,19 +282,26 @@ def test_points_skip_collapsed_and_repeated_points_without_keeping_them(shape):
     assert sorted(map(repr, iter_points(spec, root_major=True))) == sorted(map(repr, grid_points(spec)))
 
 
+SHAPES["shared resources"] = {  # LC's resource is shared by poison rates and seeds: above several backdoor steps
+    "grid": {"attack": ["lc", "narcissus", "badnets"], "poison_rate": [0.05, 0.1], "seed": [0, 1, 2],
+             "defense": ["none", "tsc", "nc"], "rounds": [1, 2], "t": [0.3, 0.5], "train.epochs": [2, 3]}}
+
+
+@pytest.mark.parametrize("workers", [1, 3])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_the_streaming_dry_run_counts_what_the_full_plan_holds(shape):
-    """`--dry-run` plans trial by trial, dropping its caches between backdoored models: its counts must
-    equal the materialised plan's (distinct steps by key, naive per-trial steps, finished trials)."""
+def test_the_streaming_dry_run_counts_what_the_full_plan_holds(shape, workers):
+    """`--dry-run` plans trial by trial, dropping its caches between backdoored models, split over forked
+    workers by backdoor step: its counts must equal the materialised plan's (distinct steps by key, naive
+    per-trial steps, finished trials)."""
     from tscray.plan import summarize
     from tscray.sweep import describe_plan
 
     spec = validate({"name": "s", **SHAPES[shape]}, check_data=False)
     plan = make_plan(spec)
     done = {t.id for t in plan.trials[::3]} | {"not-a-trial"}
-    assert summarize(spec, done) == plan.summary(done)
-    assert summarize(spec).finished is None
-    assert describe_plan(summarize(spec, done)) == describe_plan(plan, done)
+    assert summarize(spec, done, workers=workers) == plan.summary(done)
+    assert summarize(spec, workers=workers).finished is None
+    assert describe_plan(summarize(spec, done, workers=workers)) == describe_plan(plan, done)
     assert summarize(spec).counts == plan.count_by_kind() and sum(plan.count_by_kind().values()) == len(plan.steps)
 
 

@@ -462,27 +462,35 @@ def _clean(spec: SweepSpec) -> dict[str, Any]:
     return out
 
 
+def _variant(spec: SweepSpec, p: dict[str, Any]) -> tuple[SweepSpec, str]:
+    """The spec with the point's field axes set, and their JSON (its caches' key; "" without any)."""
+    if not any("." in k for k in p):
+        return spec, ""
+    fields = {k: v for k, v in p.items() if "." in k}
+    variant = _dumps(fields)
+    return memo(("spec", variant), lambda: spec.with_fields(fields)), variant
+
+
+def _root(spec: SweepSpec, variant: str, p: dict[str, Any]) -> tuple[Step, Stage, Final]:
+    """The point's backdoor step, its stage and its output (for an undefended trial), once per model."""
+    def make() -> tuple[Step, Stage, Final]:
+        bd = backdoor_step(spec, p)
+        return bd, Stage(bd, 0, ("backdoored",)), Final(bd.key, "model", ("backdoored",))
+    try:
+        return memo(("backdoor", p["dataset"], p["arch"], p["attack"], p["poison_rate"], p["seed"], p.get("method"),
+                     variant), make)
+    except TypeError:  # an unhashable dataset entry: no sharing, same result
+        return make()
+
+
 def plan_trial(spec: SweepSpec, p: dict[str, Any]) -> Trial:
     """The chain of steps one grid point needs: the backdoored model, then its defense's steps (one
     ``defense`` step running the whole defense, or the finer steps its :class:`Planner` declares)."""
     from tscray.defenses import DEFENSES
     from tscray.defenses.base import config_to_dict
 
-    variant = ""
-    if any("." in k for k in p):  # the point's field axes: its own spec, its own caches
-        fields = {k: v for k, v in p.items() if "." in k}
-        variant = _dumps(fields)
-        whole = spec
-        spec = memo(("spec", variant), lambda: whole.with_fields(fields))
-
-    def root() -> tuple[Step, Stage, Final]:
-        bd = backdoor_step(spec, p)
-        return bd, Stage(bd, 0, ("backdoored",)), Final(bd.key, "model", ("backdoored",))
-    try:
-        bd, first, backdoored = memo(("backdoor", p["dataset"], p["arch"], p["attack"], p["poison_rate"], p["seed"],
-                                      p.get("method"), variant), root)
-    except TypeError:  # an unhashable dataset entry: no sharing, same result
-        bd, first, backdoored = root()
+    spec, variant = _variant(spec, p)
+    bd, first, backdoored = _root(spec, variant, p)
     name = p["defense"]
     if name == "none":
         return Trial(p, (first,), backdoored)
@@ -584,15 +592,31 @@ def _add_kinds(out: dict[str, int], steps: Any, n: int = 1) -> None:
         out[a.kind] = out.get(a.kind, 0) + n
 
 
-def summarize(spec: SweepSpec, done: set[str] | None = None) -> PlanSummary:
-    """Plan the sweep trial by trial without keeping the trials: the counts :class:`Plan` gives, in memory
-    bounded by one backdoored model's steps plus the distinct step keys (a million-trial dry run).
+@dataclass
+class _Part:
+    """One worker's share of a summary: its trials' counts, the counts of the steps it owns (those below
+    exactly one backdoor step, whose groups all came to it), and the keys of the others by kind."""
 
-    Points come grouped by backdoored model; the planning caches are dropped between groups (a later
-    group cannot share an earlier one's defense steps, whose keys derive from the backdoor step's; a
-    recurring step is still counted once, by key)."""
+    summary: PlanSummary
+    shared: dict[str, set[str]]
+
+
+def _owner(step: Step) -> Step | None:
+    """The one backdoor step at or above ``step`` (None: none, or more than one)."""
+    found = None
+    for a in step.ancestors:
+        if a.kind == "backdoor":
+            if found is not None:
+                return None
+            found = a
+    return found
+
+
+def _summarize_part(spec: SweepSpec, done: set[str] | None, part: int, parts: int) -> _Part:
+    """Count the groups whose backdoor step's key falls to ``part`` of ``parts``."""
     global _ACTIVE
     keys: set[str] = set()
+    shared: dict[str, set[str]] = {}
     counts: dict[str, int] = {}
     naive: dict[str, int] = {}
     by_defense: dict[str, int] = {}
@@ -612,12 +636,17 @@ def summarize(spec: SweepSpec, done: set[str] | None = None) -> PlanSummary:
     outer = _ACTIVE
     collect = gc.isenabled()
     gc.disable()
+    mine = True
     try:
         for p, new_group in _points(spec, root_major=True):
             if new_group:
                 fold()
                 _ACTIVE = _Memo()
                 gc.collect(0)  # the last group's steps (a step's ancestors hold the step: a cycle)
+                if parts > 1:
+                    mine = int(_root(*_variant(spec, p), p)[0].key, 16) % parts == part
+            if not mine:
+                continue
             trial = plan_trial(spec, p)
             trials += 1
             d = p["defense"]
@@ -629,9 +658,13 @@ def summarize(spec: SweepSpec, done: set[str] | None = None) -> PlanSummary:
                 if id(stage) not in seen:
                     seen[id(stage)] = stage
                     for a in stage.step.ancestors:
-                        if a.key not in keys:
-                            keys.add(a.key)
+                        if a.key in keys:
+                            continue
+                        keys.add(a.key)
+                        if parts == 1 or _owner(a) is not None:
                             counts[a.kind] = counts.get(a.kind, 0) + 1
+                        else:
+                            shared.setdefault(a.kind, set()).add(a.key)
             last = chain[-1].step
             entry = closed.get(id(last))
             if entry is None:
@@ -645,7 +678,57 @@ def summarize(spec: SweepSpec, done: set[str] | None = None) -> PlanSummary:
         _ACTIVE = outer
         if collect:
             gc.enable()
-    return PlanSummary(spec.name, trials, counts, naive, by_defense, finished if done is not None else None)
+    return _Part(PlanSummary(spec.name, trials, counts, naive, by_defense, finished), shared)
+
+
+def _workers(spec: SweepSpec) -> int:
+    """Processes for a summary: one per CPU (up to 8) for grids of 50,000 points or more, forked (Linux)."""
+    import math
+    import os
+    import sys
+
+    size = sum(math.prod(len(getattr(g, a)) for a in ("dataset", "arch", "attack", "poison_rate", "seed", "defense",
+                                                      "rounds", "t")) * math.prod(len(v) for _, v in g.field_axes)
+               for g in (spec.grids or (spec.grid,)))
+    if size < 50_000 or not sys.platform.startswith("linux"):
+        return 1
+    return max(1, min(8, len(os.sched_getaffinity(0))))
+
+
+def summarize(spec: SweepSpec, done: set[str] | None = None, workers: int | None = None) -> PlanSummary:
+    """Plan the sweep trial by trial without keeping the trials: the counts :class:`Plan` gives, in memory
+    bounded by one backdoored model's steps plus the distinct step keys (a million-trial dry run).
+
+    Points come grouped by backdoored model; the planning caches are dropped between groups (a later
+    group cannot share an earlier one's defense steps, whose keys derive from the backdoor step's; a
+    recurring step is still counted once, by key). Large grids are split over ``workers`` forked
+    processes by backdoor step: a worker owns every step below its backdoor steps, and the parent merges
+    the keys of the steps above them (attack resources, clean encoders), which several may share."""
+    parts = _workers(spec) if workers is None else workers
+    if parts <= 1:
+        out = _summarize_part(spec, done, 0, 1).summary
+    else:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(parts) as pool:
+            results = pool.starmap(_summarize_part, [(spec, done, i, parts) for i in range(parts)])
+        out = PlanSummary(spec.name, 0, {}, {}, {}, 0)
+        shared: dict[str, set[str]] = {}
+        for r in results:
+            s = r.summary
+            out.trials += s.trials
+            out.finished = (out.finished or 0) + (s.finished or 0)
+            for total, add in ((out.counts, s.counts), (out.naive, s.naive), (out.by_defense, s.by_defense)):
+                for k, n in add.items():
+                    total[k] = total.get(k, 0) + n
+            for kind, ks in r.shared.items():
+                shared.setdefault(kind, set()).update(ks)
+        for kind, ks in shared.items():
+            out.counts[kind] = out.counts.get(kind, 0) + len(ks)
+        out.by_defense = dict(sorted(out.by_defense.items()))
+    if done is None:
+        out.finished = None
+    return out
 
 
 def make_plan(spec: SweepSpec) -> Plan:
