@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-torch.set_num_threads(int(os.environ.get("TSCRAY_TEST_THREADS", "2")))
+# Two threads on CI's two cores; one each when pytest-xdist runs two tests at once (the README's `-n 2`).
+torch.set_num_threads(int(os.environ.get("TSCRAY_TEST_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -144,12 +145,24 @@ def badnets_reduced(reduced):
 
 
 @pytest.fixture
-def say(capsys):
-    """Print past pytest's capture, so CI logs show the measured numbers."""
+def say(capsys, request):
+    """Show a measured number in the CI log: printed past pytest's capture in a serial run, and listed at
+    the end of the run in every run (an xdist worker's output does not reach the log)."""
     def emit(msg: str) -> None:
-        with capsys.disabled():
-            print(msg, flush=True)
+        request.node.user_properties.append(("measured", msg))
+        if not os.environ.get("PYTEST_XDIST_WORKER"):
+            with capsys.disabled():
+                print(msg, flush=True)
     return emit
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    lines = [f"{r.nodeid}: {msg.strip()}" for key in ("passed", "failed") for r in terminalreporter.stats.get(key, [])
+             if getattr(r, "when", "") == "call" for name, msg in getattr(r, "user_properties", ()) if name == "measured"]
+    if lines:
+        terminalreporter.section("measured")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 # --- shared by the defenses' tests ------------------------------------------------------------------------
