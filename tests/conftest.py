@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-from torch import nn
+# Idle OpenMP threads sleep instead of spinning: with two tests at once (xdist), a spinning thread steals the
+# other test's core (a 2 s spec verification took 170 s). Set before torch loads; subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 # Two threads on CI's two cores; one each when pytest-xdist runs two tests at once (the README's `-n 2`).
 torch.set_num_threads(int(os.environ.get("TSCRAY_TEST_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")))
