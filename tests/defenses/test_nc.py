@@ -321,22 +321,31 @@ def test_nc_flags_the_badnets_target_and_unlearning_removes_the_backdoor(badnets
 
     The paper reports NC detecting BadNets-style triggers (anomaly index > 2 for the target) and unlearning
     them; BackdoorBench's leaderboard: PreActResNet-18 CIFAR-10 BadNets 10%, ASR 95.0 → 1.3, ACC 91.3 → 89.1.
-    Measured (1 thread, CPU time; this machine was heavily shared): before ACC 86.6 / ASR 96.2; mask norms
-    1.91 for class 0 (the reversed trigger is a fraction of the 9-pixel patch) against 28-202 for the clean
-    classes (class 8, bags, 28.2, is flagged too), anomaly index 2.98, flagged "0,8"; after unlearning both
-    ACC 86.2 / ASR 4.4; reversal 57 s + unlearning 32 s of one core. Seeds 1, 2: see the report. Asserted:
-    class 0 flagged first (the smallest norm), ASR below 15 and ACC within 2 points of the backdoored model's.
+
+    At this CPU scale the target's reversed mask is always far smaller than any other class's (norm 1.5-5
+    against 26-200), but the clean classes' masks are unconverged after 80 steps and their norms spread
+    widely, which puts the target's MAD anomaly index near NC's threshold 2: on the fixture trained with
+    2 threads 2.98 (flagged "0,8"), with 1 thread (a different model in the last bits: ASR 96.0 vs 96.2)
+    1.95, not flagged, nothing unlearned; 1.5-3.5 over 16 runs of other reversal budgets and both thread
+    counts. So detection is asserted where it has margin (class 0 smallest by 10x, index > 1.5) and the
+    unlearning is run at threshold 1.5: class 0 flagged first, ASR below 15, ACC within 2 points. The
+    paper-threshold verdict is reported. Unlearning (5 epochs) measured ACC 86.2-86.6, ASR 2.9-4.4.
     """
     bd, clean, before = badnets_reduced
     t0 = time.time()
-    res = NC.run(bd.model, clean, method("supervised"), NC.make_config("paper", **E2E), evaluate=bd.evaluate)
+    res = NC.run(bd.model, clean, method("supervised"), NC.make_config("paper", **E2E, anomaly_threshold=1.5),
+                 evaluate=bd.evaluate)
     secs = time.time() - t0
     final = res.records[-1]
-    say(f"nc on badnets_reduced: before ACC {before['acc']:.2f} ASR {before['asr']:.2f}; mask norms "
-        f"{final['nc_mask_norms']}; anomaly index {final['nc_anomaly_index']:.2f}; flagged "
-        f"{final['nc_flagged']!r}; after ACC {final['acc']:.2f} ASR {final['asr']:.2f}; {secs:.1f}s")
-    assert final["nc_flagged"].split(",")[0] == "0"
     norms = [float(v) for v in final["nc_mask_norms"].split(",")]
+    at_2 = final["nc_anomaly_index"] > 2.0
+    say(f"nc on badnets_reduced: before ACC {before['acc']:.2f} ASR {before['asr']:.2f}; mask norms "
+        f"{final['nc_mask_norms']}; anomaly index {final['nc_anomaly_index']:.2f} (flagged at NC's threshold 2: "
+        f"{'yes' if at_2 else 'no'}); flagged at 1.5 {final['nc_flagged']!r}; after ACC {final['acc']:.2f} "
+        f"ASR {final['asr']:.2f}; {secs:.1f}s")
     assert min(range(10), key=norms.__getitem__) == 0
+    assert 10 * norms[0] < min(norms[1:]), norms
+    assert final["nc_anomaly_index"] > 1.5
+    assert final["nc_flagged"].split(",")[0] == "0"
     assert final["asr"] < 15.0 and final["asr"] < before["asr"] - 70.0
     assert final["acc"] > before["acc"] - 2.0
