@@ -282,6 +282,9 @@ def test_points_skip_collapsed_and_repeated_points_without_keeping_them(shape):
     assert sorted(map(repr, iter_points(spec, root_major=True))) == sorted(map(repr, grid_points(spec)))
 
 
+SHAPES["a group's first point in an earlier block"] = {  # (a group must start at its first point kept)
+    "grid": [{"defense": ["none", "tsc"], "seed": [0, 1, 2, 3], "rounds": [1], "t": [0.5]},
+             {"defense": ["none", "fp"], "seed": [0, 1, 2, 3]}]}
 SHAPES["shared resources"] = {  # LC's resource is shared by poison rates and seeds: above several backdoor steps
     "grid": {"attack": ["lc", "narcissus", "badnets"], "poison_rate": [0.05, 0.1], "seed": [0, 1, 2],
              "defense": ["none", "tsc", "nc"], "rounds": [1, 2], "t": [0.3, 0.5], "train.epochs": [2, 3]}}

@@ -373,10 +373,8 @@ def _points(spec: SweepSpec, root_major: bool = False) -> Iterator[tuple[dict[st
                      + tuple(i for i, a in enumerate(names) if a in inner or a.startswith("defense.")))
         back = operator.itemgetter(*sorted(range(len(order)), key=order.__getitem__))
         n_outer = len(order) - 3 - sum(a.startswith("defense.") for a in names) if root_major else len(order)
-        last: Any = None
+        last: Any = None  # the outer axes of the last point yielded: a group starts where they change
         for c in itertools.product(*[values[i] for i in order]):
-            outer = c[:n_outer]
-            new, last = outer != last, outer
             combo = back(c) if root_major else c
             gone = block.dropped[combo[di]]
             if any(combo[i] is not firsts[i] for i in gone):
@@ -386,6 +384,8 @@ def _points(spec: SweepSpec, root_major: bool = False) -> Iterator[tuple[dict[st
                 continue
             if method != "supervised":  # (supervised trials keep the ids they always had)
                 p["method"] = method
+            outer = c[:n_outer]
+            new, last = outer != last, outer
             yield p, new
 
 
