@@ -187,3 +187,20 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(argv):
         os.close(w)
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
     assert proc.returncode == 141
+
+
+def test_a_broken_pipe_that_is_not_our_output_is_not_hidden(monkeypatch):
+    """Only a write of tscray's own output to a closed reader ends quietly: a broken socket or subprocess
+    pipe inside a command is a real error and keeps its traceback."""
+    import socket
+
+    from tscray import cli
+
+    def command(args):
+        a, b = socket.socketpair()
+        b.close()
+        a.sendall(b"x" * 1_000_000)  # the peer is gone: BrokenPipeError, raised outside tscray
+
+    monkeypatch.setitem(cli.COMMANDS, "defenses", command)
+    with pytest.raises(BrokenPipeError):
+        main(["defenses"])

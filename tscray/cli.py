@@ -582,10 +582,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc = _main(argv)
         sys.stdout.flush()  # (a pipe's buffer is written here: a closed reader shows up now, not at exit)
         return rc
-    except BrokenPipeError:
+    except BrokenPipeError as err:
+        if not _from_our_output(err):
+            raise  # (a socket or a subprocess's pipe inside the command: a real error)
         # nothing more can reach the reader; point stdout at devnull so the exit flush cannot fail again
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # (stdout is not a file descriptor)
+            pass
         return 141  # 128 + SIGPIPE, as a shell reports a writer whose reader went away
+
+
+def _from_our_output(err: BaseException) -> bool:
+    """Whether the error was raised writing tscray's own output: its innermost Python frame is in tscray
+    (``print`` and ``flush`` are C, so a write to a closed stdout surfaces in the tscray line that made it)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(Path(__file__).parent)
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
