@@ -19,15 +19,6 @@ from tscray.optim import OptimConfig
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def say(capsys):
-    """Print past pytest's capture, so CI logs show the measured numbers."""
-    def emit(msg: str) -> None:
-        with capsys.disabled():
-            print(msg, flush=True)
-    return emit
-
-
 @pytest.fixture(scope="module")
 def backdoored():
     ds = data.load("fashion-mnist-embedded")

@@ -27,14 +27,6 @@ pytestmark = pytest.mark.slow
 TARGET = 0
 
 
-@pytest.fixture
-def say(capsys):
-    def emit(msg: str) -> None:
-        with capsys.disabled():
-            print(msg, flush=True)
-    return emit
-
-
 def per_class(y: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return torch.cat([torch.nonzero(y == c).flatten()[lo:hi] for c in range(10)]).sort().values
 
