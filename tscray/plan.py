@@ -13,11 +13,13 @@ per (defense, seed) and shared by its steps (``Step.make(..., base=)``), and pla
 
 ``--dry-run`` needs only counts: :func:`summarize` plans trial by trial, grouped by backdoored model,
 and drops each group's caches and trials when the group ends, so its memory is one group's steps plus
-the set of distinct step keys (about 0.4 GB for a million trials, where keeping them took 3-4 GB).
+the set of distinct step keys (0.3 GB for a million trials over 2 forked workers, where keeping them
+took 3-4 GB; benchmarks/plan_scale.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import hashlib
@@ -587,6 +589,22 @@ class PlanSummary:
     finished: int | None = None
 
 
+@contextlib.contextmanager
+def _planning() -> Iterator[None]:
+    """Planning caches (:func:`memo`) for the block, and no cyclic GC: planning allocates millions of
+    acyclic objects, and generational passes over them made it superlinear."""
+    global _ACTIVE
+    outer, _ACTIVE = _ACTIVE, _Memo()
+    collect = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        _ACTIVE = outer
+        if collect:
+            gc.enable()
+
+
 def _add_kinds(out: dict[str, int], steps: Any, n: int = 1) -> None:
     for a in steps:
         out[a.kind] = out.get(a.kind, 0) + n
@@ -633,11 +651,8 @@ def _summarize_part(spec: SweepSpec, done: set[str] | None, part: int, parts: in
         closed.clear()
         seen.clear()
 
-    outer = _ACTIVE
-    collect = gc.isenabled()
-    gc.disable()
     mine = True
-    try:
+    with _planning():
         for p, new_group in _points(spec, root_major=True):
             if new_group:
                 fold()
@@ -674,10 +689,6 @@ def _summarize_part(spec: SweepSpec, done: set[str] | None, part: int, parts: in
             else:
                 _add_kinds(naive, {a.key: a for s in chain for a in s.step.ancestors}.values())
         fold()
-    finally:
-        _ACTIVE = outer
-        if collect:
-            gc.enable()
     return _Part(PlanSummary(spec.name, trials, counts, naive, by_defense, finished), shared)
 
 
@@ -687,8 +698,9 @@ def _workers(spec: SweepSpec) -> int:
     import os
     import sys
 
-    size = sum(math.prod(len(getattr(g, a)) for a in ("dataset", "arch", "attack", "poison_rate", "seed", "defense",
-                                                      "rounds", "t")) * math.prod(len(v) for _, v in g.field_axes)
+    from tscray.config import GRID_AXES
+
+    size = sum(math.prod(len(getattr(g, a)) for a in GRID_AXES) * math.prod(len(v) for _, v in g.field_axes)
                for g in (spec.grids or (spec.grid,)))
     if size < 50_000 or not sys.platform.startswith("linux"):
         return 1
@@ -733,13 +745,5 @@ def summarize(spec: SweepSpec, done: set[str] | None = None, workers: int | None
 
 def make_plan(spec: SweepSpec) -> Plan:
     """Plan every grid point of the sweep (linear in trials: see the module docstring)."""
-    global _ACTIVE
-    outer, _ACTIVE = _ACTIVE, _Memo()
-    collect = gc.isenabled()
-    gc.disable()  # planning allocates millions of acyclic objects: generational passes made it superlinear
-    try:
+    with _planning():
         return Plan(spec, [plan_trial(spec, p) for p in grid_points(spec)])
-    finally:
-        _ACTIVE = outer
-        if collect:
-            gc.enable()

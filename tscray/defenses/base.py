@@ -257,8 +257,9 @@ class Planner:
     ``base``'s fields: ``dataclasses.replace(base, **axes)`` is the trial's config); ``common`` holds the
     clean-set keys every step carries (``clean_ratio``, ``clean_seed``, ``curve_ts``), read-only. Both
     ``base`` and ``common`` are one object for many trials, so a planner can cache per object
-    (:func:`tscray.plan.memo_for`); a sweep of a million trials is planned in seconds only that way. ``kinds`` maps each step kind it plans to ``fn(step, ctx) -> (tensors, records)``;
-    ``curve_kinds`` are the kinds that fit one curve each (for the plan's curve-fit count).
+    (:func:`tscray.plan.memo_for`), as large grids need. ``kinds`` maps each step kind it plans to
+    ``fn(step, ctx) -> (tensors, records)``; ``curve_kinds`` are the kinds that fit one curve each (for the
+    plan's curve-fit count).
     """
 
     plan: Callable[..., Any]
