@@ -45,3 +45,13 @@ def test_plan_scale_prints_the_dry_run_beside_make_plan():
     assert [r[0] for r in rows] == ["600", "60000"], out.stdout
     assert [r[3] for r in rows] == ["1", str(min(8, len(os.sched_getaffinity(0))))], out.stdout  # workers
     assert "failed" not in out.stdout
+
+
+def test_bn_refresh_benchmark_prints_both_methods_and_ours_is_exact():
+    out = subprocess.run([sys.executable, "benchmarks/bn_refresh.py", "--quick"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (row,) = [line.split() for line in out.stdout.splitlines() if line.startswith("cnn")]
+    released_s, ours_s, _, released_err, ours_err = (float(v.rstrip("x")) for v in row[1:])
+    assert released_s > 0 and ours_s > 0
+    assert ours_err < 1e-4, out.stdout  # float64 moments, up to float32 per-batch rounding

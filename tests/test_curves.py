@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -64,10 +66,47 @@ def test_point_recomputes_batchnorm_statistics_exactly(embedded):
     ch = acts.transpose(0, 1).reshape(acts.shape[1], -1)
     torch.testing.assert_close(pt.bns[0].running_mean, ch.mean(1).float(), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(pt.bns[0].running_var, ch.var(1, unbiased=True).float(), atol=1e-6, rtol=1e-5)
-    # batch size must not matter for the exact statistics (it would for a moving average)
-    again = update_bn(pt, Loader(embedded.train, embedded.prep, batch_size=256))
-    for bn_a, bn_b in zip(pt.bns, again.bns):
-        torch.testing.assert_close(bn_a.running_mean, bn_b.running_mean)
+    # the batch size must not matter for the first BatchNorm's exact statistics (it would for a moving average;
+    # deeper ones see activations normalised with each batch's own statistics, which do depend on it)
+    again = update_bn(copy.deepcopy(pt), Loader(embedded.train, embedded.prep, batch_size=256)).bns[0]
+    torch.testing.assert_close(again.running_mean, pt.bns[0].running_mean, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(again.running_var, pt.bns[0].running_var, atol=1e-6, rtol=1e-5)
+
+
+def _exact_bn_inputs(model, loader):
+    """Each BatchNorm's inputs over the loader in a train-mode forward, in float64, channel-major."""
+    seen = {m: [] for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    hooks = [m.register_forward_pre_hook(lambda m, inp: seen[m].append(inp[0].detach().double())) for m in seen]
+    model.train()
+    with torch.no_grad():
+        for x, _ in loader:
+            model(x)
+    for h in hooks:
+        h.remove()
+    return {m: torch.cat(v).transpose(0, 1).reshape(v[0].shape[1], -1) for m, v in seen.items()}
+
+
+def test_update_bn_gives_every_batchnorm_the_exact_moments_of_the_whole_loader(embedded):
+    a, b = _pair()
+    # t = 0.5 of two random models: batch means that differ between batches are what an average of per-batch
+    # variances would drop
+    loader = Loader(embedded.train, embedded.prep, batch_size=128)  # an uneven last batch
+    pt = BezierCurve(a, b).point(0.5, loader)
+    ref = BezierCurve(a, b).point(0.5, loader)
+    for m in ref.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 0.3
+    update_bn(ref, loader)
+    for m in ref.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert m.momentum == 0.3 and m.num_batches_tracked.item() == 0  # restored; counter reset
+    exact = _exact_bn_inputs(copy.deepcopy(pt), loader)  # the refreshed buffers do not change a train forward
+    for m, bn in zip(exact, pt.bns):
+        ch = exact[m]
+        torch.testing.assert_close(bn.running_mean, ch.mean(1).float(), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(bn.running_var, ch.var(1).float(), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="two values"):
+        update_bn(copy.deepcopy(pt), [])
 
 
 def test_interior_point_of_batchnorm_model_needs_a_loader():

@@ -117,20 +117,35 @@ def has_batchnorm(model: nn.Module) -> bool:
 @torch.no_grad()
 def update_bn(model: nn.Module, loader: Iterable) -> nn.Module:
     """Reset and recompute every BatchNorm's running mean/variance as the exact statistics of its
-    inputs over the whole loader (train-mode forward, float64 sums, unbiased variance)."""
+    inputs over the whole loader (train-mode forward, unbiased variance).
+
+    Each BatchNorm runs at momentum 1, so its own kernel leaves the batch's mean and unbiased variance in
+    its buffers at no extra pass over the activations; a forward hook merges them across batches in
+    float64 (Chan et al.'s pairwise update), which keeps the whole-loader moments exact where an average of
+    per-batch variances (the released code's cumulative momentum) drops the spread between batch means."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return model
-    sums: dict[nn.Module, list] = {m: [0, 0.0, 0.0] for m in bns}
+    moments: dict[nn.Module, tuple[int, torch.Tensor, torch.Tensor]] = {}
 
-    def hook(m: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
-        x = inp[0].detach().double().transpose(0, 1).reshape(inp[0].shape[1], -1)
-        s = sums[m]
-        s[0] += x.shape[1]
-        s[1] = s[1] + x.sum(1)
-        s[2] = s[2] + (x * x).sum(1)
+    def merge(m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        k = inp[0].numel() // inp[0].shape[1]
+        batch_mean, batch_var = m.running_mean, m.running_var
+        assert isinstance(batch_mean, torch.Tensor) and isinstance(batch_var, torch.Tensor)
+        mean, m2 = batch_mean.double(), batch_var.double() * (k - 1)
+        if m not in moments:
+            moments[m] = (k, mean, m2)
+            return
+        n, mu, acc = moments[m]
+        total = n + k
+        delta = mean - mu
+        moments[m] = (total, mu + delta * (k / total), acc + m2 + delta * delta * (n * k / total))
 
-    handles = [m.register_forward_pre_hook(hook) for m in bns]
+    momenta = {m: m.momentum for m in bns}
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = 1.0
+    handles = [m.register_forward_hook(merge) for m in bns]
     was_training = model.training
     model.train()
     device = next(model.parameters()).device
@@ -140,17 +155,17 @@ def update_bn(model: nn.Module, loader: Iterable) -> nn.Module:
     finally:
         for h in handles:
             h.remove()
+        for m, momentum in momenta.items():
+            m.momentum = momentum
         model.train(was_training)
     for m in bns:
-        n, s1, s2 = sums[m]
-        if n < 2:
+        n, mean, m2 = moments.get(m, (0, None, None))
+        if n < 2 or mean is None or m2 is None:
             raise ValueError("update_bn needs at least two values per channel")
-        mean = s1 / n
-        var = (s2 - n * mean * mean).clamp_min(0) / (n - 1)
         # (the buffers exist: only BatchNorms with track_running_stats are in bns)
         assert m.running_mean is not None and m.running_var is not None and m.num_batches_tracked is not None
         m.running_mean.copy_(mean.to(m.running_mean.dtype))
-        m.running_var.copy_(var.to(m.running_var.dtype))
+        m.running_var.copy_((m2 / (n - 1)).to(m.running_var.dtype))
         m.num_batches_tracked.zero_()
     return model
 
