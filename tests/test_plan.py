@@ -322,11 +322,12 @@ def test_a_trials_settings_are_its_resolved_defense_config():
         assert json.loads(trial.settings) == json.loads(json.dumps(config_to_dict(cfg)))
 
 
-@pytest.mark.parametrize("sweep,digest", [("quickstart", "a7878e510e3249ed"), ("table1_small", "32c28b3137250622"),
-                                          ("ablation", "d0f8e793be3ca2ce")])
+@pytest.mark.parametrize("sweep,digest", [("quickstart", "cee7c05aa4357c12"), ("table1_small", "d13715efc745baca"),
+                                          ("ablation", "e795041bea38a28c")])
 def test_shipped_sweeps_keep_their_step_keys_and_trial_ids(sweep, digest):
     """Keys and ids are how a store is resumed: a planning change that alters them silently recomputes every
-    user's finished work. Changing them on purpose means bumping STEP_VERSION and these digests."""
+    user's finished work. Changing them on purpose means bumping STEP_VERSION (every step) or a defense's or
+    attack's ``version`` (its steps and what depends on them), and these digests."""
     import hashlib
     from pathlib import Path
 
@@ -335,3 +336,33 @@ def test_shipped_sweeps_keep_their_step_keys_and_trial_ids(sweep, digest):
     plan = make_plan(load_spec(str(Path(__file__).parents[1] / "sweeps" / f"{sweep}.yaml"), check_data=False))
     text = "\n".join(sorted(plan.steps)) + "|" + "\n".join(sorted(t.id for t in plan.trials))
     assert hashlib.sha256(text.encode()).hexdigest()[:16] == digest
+
+
+def _keys_by_kind(plan):
+    out = {}
+    for k, step in plan.steps.items():
+        out.setdefault(step.kind, set()).add(k)
+    return out
+
+
+def test_a_plugin_version_recomputes_its_own_steps_and_what_depends_on_them_only(monkeypatch):
+    """A defense's or attack's ``version`` above 1 enters its steps' keys: a store upgraded across a change
+    of what TSC computes recomputes TSC's steps, not the backdoored models or the other defenses'."""
+    import dataclasses
+    from pathlib import Path
+
+    from tscray import attacks
+    from tscray.config import load_spec
+
+    spec = load_spec(str(Path(__file__).parents[1] / "sweeps" / "quickstart.yaml"), check_data=False)
+    before = _keys_by_kind(make_plan(spec))
+    tsc = defenses.DEFENSES.get("tsc")
+    monkeypatch.setitem(defenses.DEFENSES._items, "tsc", dataclasses.replace(tsc, version=tsc.version + 1))
+    after = _keys_by_kind(make_plan(spec))
+    assert after["backdoor"] == before["backdoor"] and after["mcr_curve"] == before["mcr_curve"]
+    assert after["mcr_point"] == before["mcr_point"]
+    for kind in ("tsc_stage1", "tsc_round"):
+        assert len(after[kind]) == len(before[kind]) and not after[kind] & before[kind], kind
+    monkeypatch.setattr(attacks.ATTACKS.get("badnets"), "version", 2)
+    bumped = _keys_by_kind(make_plan(spec))
+    assert all(not bumped[k] & after[k] for k in after), "every step sits on the backdoored model"

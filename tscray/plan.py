@@ -448,8 +448,11 @@ def backdoor_step(spec: SweepSpec, p: dict[str, Any]) -> Step:
     tr = spec.train
     if tr.method != "supervised":
         return ssl_backdoor_step(spec, p)
+    from tscray import attacks
+
     res = resource_step(spec, p)
-    return Step.make("backdoor", _with_data_kw(spec, {
+    version = _version(attacks.ATTACKS.get(p["attack"]))
+    return Step.make("backdoor", _with_data_kw(spec, {**version,
         "dataset": p["dataset"], "arch": p["arch"], "arch_kw": arch_kw_for(tr, p["arch"]), "attack": p["attack"],
         "attack_kw": attack_kw_for(tr, p["attack"]), "poison_rate": p["poison_rate"], "target": tr.target,
         "seed": p["seed"],
@@ -485,6 +488,13 @@ def _root(spec: SweepSpec, variant: str, p: dict[str, Any]) -> tuple[Step, Stage
         return make()
 
 
+def _version(plugin: Any) -> dict[str, int]:
+    """A defense's or attack's computation version, in its steps' params once it is above 1 (steps planned
+    before versions existed keep their keys)."""
+    v = getattr(plugin, "version", 1)
+    return {"version": v} if v != 1 else {}
+
+
 def plan_trial(spec: SweepSpec, p: dict[str, Any]) -> Trial:
     """The chain of steps one grid point needs: the backdoored model, then its defense's steps (one
     ``defense`` step running the whole defense, or the finer steps its :class:`Planner` declares)."""
@@ -499,7 +509,8 @@ def plan_trial(spec: SweepSpec, p: dict[str, Any]) -> Trial:
 
     def defense() -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
         cfg = spec.defense.config(name, seed=p["seed"])
-        return DEFENSES.get(name), cfg, config_to_dict(cfg), {**_clean(spec), "curve_ts": list(spec.eval.curve_ts)}
+        d = DEFENSES.get(name)
+        return d, cfg, config_to_dict(cfg), {**_clean(spec), "curve_ts": list(spec.eval.curve_ts), **_version(d)}
     # resolved once per (defense, seed, variant); the trial's grid axes override its fields
     d, base, base_dict, common = memo(("defense", name, p["seed"], variant), defense)
     axes = tuple([(a, p[a]) for a in d.axes])
@@ -507,7 +518,7 @@ def plan_trial(spec: SweepSpec, p: dict[str, Any]) -> Trial:
         stages, final = d.plan.plan(base, dict(axes), bd, common)
     else:
         cfg_dict = memo(("config-dict", id(base_dict), axes), lambda: {**base_dict, **dict(axes)}) if axes else base_dict
-        step = Step.make("defense", {"defense": name, "config": cfg_dict, **_clean(spec)}, (bd,))
+        step = Step.make("defense", {"defense": name, "config": cfg_dict, **_clean(spec), **_version(d)}, (bd,))
         stages, final = [Stage(step, 1, ("final",))], Final(step.key, "model", ("final",))
     return Trial(p, (first, *stages), final, (base_dict, axes))
 

@@ -86,6 +86,7 @@ def fit_subspace(curve: SubspaceCurve, loader: Loader, epochs: int, optim: Optim
 @ATTACKS.register("adaptive")
 class Adaptive(Attack):
     name = "adaptive"
+    version = 2  # 2: the curve start's BN refresh merges per-batch moments (curves.update_bn)
 
     def __init__(self, trigger: str = "badnets", trigger_kw: dict[str, Any] | None = None, curve_share: float = 0.5,
                  curve_epochs: int | None = None, curve_lr_scale: float = 1.0,

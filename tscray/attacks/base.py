@@ -43,6 +43,9 @@ class Attack:
 
     name: str = "attack"
     clean_label: bool = False
+    # bumped when a change alters what the attack computes; above 1 it is part of its backdoored models'
+    # step params, so stores retrain those models, and only those
+    version: int = 1
 
     # ------------------------------------------------------------------ trigger
     def apply(self, x: torch.Tensor) -> torch.Tensor:

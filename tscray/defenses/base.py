@@ -80,6 +80,8 @@ class Defense:
       cannot handle, before any compute.
     - ``methods``: training methods F it supports (``supervised``, ``simclr``).
     - ``plan``: finer sweep steps (TSC's rounds, MCR's t-independent curve); None: one ``defense`` step.
+    - ``version``: bumped when a change alters what the defense computes. Above 1 it is part of its steps'
+      params, so stores recompute those steps, and only those (the backdoored models stay).
     """
 
     name: str
@@ -91,6 +93,7 @@ class Defense:
     methods: tuple[str, ...] = ("supervised",)
     plan: "Planner | None" = None
     summary: str = ""
+    version: int = 1
 
     def make_config(self, preset: str = "paper", **overrides: Any) -> Any:
         """The config of ``preset`` with ``overrides``; unknown fields raise naming the field."""

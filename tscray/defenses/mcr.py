@@ -115,4 +115,5 @@ def step_point(step: Any, ctx: Any) -> tuple[dict[str, Any], list[dict[str, Any]
 DEFENSES.register("mcr")(Defense("mcr", MCRConfig, run, axes=("t",), methods=("supervised", "simclr"),
                                  plan=Planner(_plan, {"mcr_curve": step_curve, "mcr_point": step_point},
                                               curve_kinds=("mcr_curve",)),
-                                 summary="mode connectivity repair: a curve to a fine-tuned copy"))
+                                 summary="mode connectivity repair: a curve to a fine-tuned copy",
+                                 version=2))  # 2: BN refresh merges per-batch moments (curves.update_bn)

@@ -237,4 +237,5 @@ def step_round(step: Any, ctx: Any) -> tuple[dict[str, Any], list[dict[str, Any]
 PLANNER = Planner(_plan, {"tsc_stage1": step_stage1, "tsc_round": step_round},
                   curve_kinds=("tsc_stage1", "tsc_round"))
 DEFENSES.register("tsc")(Defense("tsc", TSCConfig, run, axes=("rounds", "t"), methods=("supervised", "simclr"),
-                                 plan=PLANNER, summary="two-stage symmetry connectivity (Algorithm 1)"))
+                                 plan=PLANNER, summary="two-stage symmetry connectivity (Algorithm 1)",
+                                 version=2))  # 2: BN refresh merges per-batch moments (curves.update_bn)
