@@ -16,6 +16,15 @@ from torch import nn  # noqa: E402
 torch.set_num_threads(int(os.environ.get("TSCRAY_TEST_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")))
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A test that lowers torch's thread count (to pin a result) gives the next test the configured count back."""
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--device", default="cpu",
                      help="torch device for the device-sensitive tests (marked `device`): cpu (default) or cuda[:N]; "
