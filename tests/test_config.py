@@ -45,6 +45,13 @@ def test_good_spec_and_shipped_sweeps_validate():
     ({"name": "x", "defense": {"tsc": {"t": 0.3}}}, "defense.tsc.t: set through the grid"),
     ({"name": "x", "resources": {"gpus_per_step": -1}}, "resources.gpus_per_step: -1 is outside [0, ∞)"),
     ({"name": "x", "eval": {"curve_ts": [2]}}, "eval.curve_ts[0]: 2 is outside [0, 1]"),
+    ({"name": "x", "resources": {"step_threads": {"backdor": 2}}},
+     "resources.step_threads: unknown step kind 'backdor'; allowed: attack_resource, backdoor, defense"),
+    ({"name": "x", "resources": {"step_threads": {"backdoor": 0}}},
+     "resources.step_threads: backdoor: 0 is not an integer >= 1"),
+    ({"name": "x", "resources": {"step_threads": [2]}}, "resources.step_threads: [2] is not a mapping"),
+    ({"name": "x", "resources": {"channels_last": "sideways"}},
+     "resources.channels_last: unknown channels_last 'sideways'; allowed: auto, on, off"),
     ({"name": "a b"}, "name: 'a b' must be"),
     ({"grid": {}}, "name: None must be"),
     ({"name": "x", "grid": {"dataset": ["cifar10"]}, "data_root": "/nonexistent/data"}, "data_root: /nonexistent/data does not exist"),
@@ -142,3 +149,16 @@ def test_a_target_class_the_data_lacks_is_refused_before_compute():
     assert problems({"name": "x", "grid": {"train.target": [3, 12]}}) == \
         "grid.train.target[1]: 12 is not a class of fashion-mnist-embedded (its classes are 0..9)"
     validate({"name": "x", "train": {"target": 9}})
+
+
+def test_channels_last_is_auto_by_default_and_true_false_mean_on_off(tmp_path):
+    from tscray.steps import Context
+    from tscray.store import Store
+
+    assert validate(GOOD).resources.channels_last == "auto"
+    for raw, want in ((True, "on"), (False, "off"), ("on", "on"), ("auto", "auto")):
+        assert validate({**GOOD, "resources": {"channels_last": raw}}).resources.channels_last == want
+    store = Store(str(tmp_path))
+    assert Context(store, "cpu", channels_last="auto").channels_last is False  # CUDA only
+    assert Context(store, "cpu", channels_last="on").channels_last is True
+    assert Context(store, "cpu", channels_last="off").channels_last is False

@@ -162,11 +162,14 @@ class Resources:
     workers: int = 0
     max_concurrent_trials: int = 8
     precision: str = "auto"
-    channels_last: bool = True
+    channels_last: str = "auto"  # auto: on CUDA only; on: also on CPU (faster there for small conv nets); off
     max_failures: int = 2
     step_retries: int = 2
     memory_gb_per_step: float = 2.0  # what Ray reserves per shard worker (0: declare nothing)
     memory_gb_per_trial: float = 0.25  # per light Tune trial
+    # torch threads per step kind (e.g. {backdoor: 2}: the model every trial waits for gets the cores); such a
+    # step holds ceil(n / threads) workers of the pool while it runs, so no core is oversubscribed
+    step_threads: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -295,6 +298,19 @@ def _check_scalar(path: str, value: Any, default: Any, problems: list[str]) -> A
         if not isinstance(value, dict):
             problems.append(f"{path}: {_short(value)} is not a mapping")
     return value
+
+
+def _step_threads(v: Any) -> str | None:
+    """``resources.step_threads``: known step kinds mapped to thread counts >= 1."""
+    from tscray.steps import kinds
+
+    known = sorted(kinds())
+    for kind, n in v.items():
+        if kind not in known:
+            return f"unknown step kind {_short(kind)}; allowed: {', '.join(known)}"
+        if not _is_int(n) or n < 1:
+            return f"{kind}: {_short(n)} is not an integer >= 1"
+    return None
 
 
 def _section(cls: type, raw: Any, path: str, problems: list[str],
@@ -616,13 +632,18 @@ def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> S
         "knn_k": _range(1, math.inf, False, True, integer=True)})
     defense = _defense_section(raw.get("defense"), grid, problems)
     ev = _section(EvalSpec, raw.get("eval"), "eval", problems, {"curve_ts": _range(0, 1, False, False)})
-    res = _section(Resources, raw.get("resources"), "resources", problems, {
+    raw_res = raw.get("resources")
+    if isinstance(raw_res, dict) and isinstance(raw_res.get("channels_last"), bool):  # YAML's true/false
+        raw_res = {**raw_res, "channels_last": "on" if raw_res["channels_last"] else "off"}
+    res = _section(Resources, raw_res, "resources", problems, {
         "gpus_per_step": _range(0, math.inf, False, True), "cpus_per_step": _range(1, math.inf, False, True, True),
         "threads": _range(1, math.inf, False, True, True), "workers": _range(0, math.inf, False, True, True),
         "max_concurrent_trials": _range(1, math.inf, False, True, True),
         "precision": _names(lambda: ["auto", "fp32", "bf16"], "precision"),
+        "channels_last": _names(lambda: ["auto", "on", "off"], "channels_last"),
         "max_failures": _range(0, math.inf, False, True, True), "step_retries": _range(0, math.inf, False, True, True),
-        "memory_gb_per_step": _range(0, math.inf, False, True), "memory_gb_per_trial": _range(0, math.inf, False, True)})
+        "memory_gb_per_step": _range(0, math.inf, False, True), "memory_gb_per_trial": _range(0, math.inf, False, True),
+        "step_threads": _step_threads})
     scalars = {}
     for key in ("storage", "mlflow_uri", "data_root"):
         if key in raw and raw[key] is not None and not isinstance(raw[key], str):

@@ -27,12 +27,13 @@ class Context:
     """What a worker keeps resident between steps: datasets, evaluators, clean subsets, device."""
 
     def __init__(self, store: Store, device: str = "cpu", data_root: str | None = None,
-                 precision: str = "auto", channels_last: bool = True, eval_batch: int = 512) -> None:
+                 precision: str = "auto", channels_last: bool | str = "auto", eval_batch: int = 512) -> None:
         self.store, self.device, self.data_root = store, device, data_root
         self.eval_batch = eval_batch
         cuda = device.startswith("cuda")
         self.precision = ("bf16" if cuda else "fp32") if precision == "auto" else precision
-        self.channels_last = channels_last and cuda
+        # auto: CUDA only; True/"on": CPU too (mkldnn's NHWC kernels: 1.3x the cnn's training step here)
+        self.channels_last = cuda if channels_last == "auto" else channels_last in (True, "on")
         self._cache: dict[Any, Any] = {}
 
     def _cached(self, key: Any, make: Callable[[], Any]) -> Any:
@@ -205,7 +206,7 @@ def step_backdoor(step: Step, ctx: Context) -> Result:
     recipe = attacks.TrainRecipe(p["epochs"], p["batch_size"],
                                  OptimConfig(lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"]))
     bd = attacks.train_backdoored(ds, p["arch"], atk, p["poison_rate"], p["target"], p["seed"], recipe,
-                                  ctx.device, p["arch_kw"])
+                                  ctx.device, p["arch_kw"], channels_last=ctx.channels_last)
     ev = ctx.evaluator(step)
     return {"model": _state(bd.model)}, [{"stage": "backdoored", "t_curve": None, **ev(bd.model)}]
 
@@ -256,7 +257,7 @@ def compute(step: Step, ctx: Context) -> dict[str, Any]:
     with ctx.autocast():
         tensors, records = kinds()[step.kind](step, ctx)
     seconds = time.time() - t0
-    manifest = {"records": _records(records), "seconds": seconds, "device": ctx.device,
+    manifest = {"records": _records(records), "seconds": seconds, "device": ctx.device, "threads": torch.get_num_threads(),
                 "precision": ctx.precision, "channels_last": ctx.channels_last, "params": step.params, "inputs": [i.key for i in step.inputs]}
     manifest = ctx.store.put_step(step.kind, step.key, tensors, manifest)
     ctx.store.log_computation(step.kind, step.key, seconds, ctx.device)

@@ -55,18 +55,22 @@ def evaluator(dataset: Dataset, attack: Attack | None, target: int | None = None
 
 def train_backdoored(dataset: Dataset, arch: str, attack: Attack, rate: float, target: int = 0, seed: int = 0,
                      recipe: TrainRecipe = TrainRecipe(), device: torch.device | str = "cpu",
-                     arch_kw: dict[str, Any] | None = None, progress: Progress | None = None) -> Backdoored:
+                     arch_kw: dict[str, Any] | None = None, progress: Progress | None = None,
+                     channels_last: bool = False) -> Backdoored:
     """Poison ``rate`` of the training set with ``attack`` towards class ``target`` and train ``arch`` on it
     from a seeded init. The result carries ``target`` and ``rate``, and its evaluator measures ASR against it.
 
     An attack that needs a resource (a surrogate, a generator...) and has none loaded computes it
-    first (:meth:`Attack.prepare`); the sweep instead loads it from its own cached step.
+    first (:meth:`Attack.prepare`); the sweep instead loads it from its own cached step. ``channels_last``
+    trains in NHWC (the sweep's ``resources.channels_last``).
     """
     attack.prepare(dataset, rate, target, seed, device)
     poisoned = poison_train(dataset.train, attack, rate, target, seed)
     torch.manual_seed(seed)
     model = build_model(arch, dataset.num_classes, dataset.in_channels, input_hw=dataset.input_hw,
                         **(arch_kw or {})).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs omit memory_format
     attack.train_model(model, poisoned.data, dataset, target, seed, recipe.epochs, recipe.batch_size, recipe.optim,
                        device, progress)
     return Backdoored(model, poisoned, evaluator(dataset, attack, target))
