@@ -282,6 +282,31 @@ def test_idle_workers_compute_later_trials_backdoored_models_ahead(tmp_path):
     check_complete(tmp_path / "run", raw)
 
 
+def test_a_step_kind_given_more_threads_holds_that_many_workers_and_records_its_threads(tmp_path):
+    """Issue 13, the critical path on CPU: ``step_threads: {backdoor: 2}`` trains each backdoored model with
+    two torch threads while it holds both workers (no other step runs beside it, so no core is shared), and
+    every manifest records the threads its step ran with (a result never depends on what else ran)."""
+    from tscray.sweep import run_sweep
+
+    raw = tiny(tmp_path / "run", epochs=2, attack=["badnets", "blended"])
+    raw["grid"].update({"defense": ["tsc"], "rounds": [1], "t": [0.5]})
+    raw["resources"] = {"workers": 2, "threads": 1, "step_threads": {"backdoor": 2}}
+    summary = run_sweep(validate(raw))
+    assert summary["done"] == summary["trials"] == 2
+    store = Store(str(tmp_path / "run"))
+    events = [store.read_json(f"events/{n}") for n in store.listdir("events") if n.endswith(".json")]
+    spans = {e["key"]: (e["at"] - e["seconds"], e["at"]) for e in events}
+    backdoors = [e["key"] for e in events if e["kind"] == "backdoor"]
+    assert len(backdoors) == 2
+    for key, (start, end) in spans.items():
+        threads = store.manifest(next(e["kind"] for e in events if e["key"] == key), key)["threads"]
+        assert threads == (2 if key in backdoors else 1), key
+        for bd in backdoors:  # nothing overlapped a backdoor training, not even the other one
+            if key != bd:
+                assert end <= spans[bd][0] + 0.05 or start >= spans[bd][1] - 0.05, (key, bd, spans)
+    check_complete(tmp_path / "run", raw)
+
+
 def test_a_sweep_survives_losing_a_node_mid_step(tmp_path):
     """Issue 14: a preempted spot node. A real multi-node Ray cluster on this machine (a head and two
     worker nodes, each its own raylet); shard workers cannot fit on the head, so steps run on the worker

@@ -254,10 +254,12 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
             "gpus_per_step": res.gpus_per_step, "cpus_per_step": res.cpus_per_step, "threads": res.threads,
             "workers": res.workers, "precision": res.precision, "channels_last": res.channels_last,
             "step_retries": res.step_retries, "memory_gb_per_step": res.memory_gb_per_step,
+            "step_threads": dict(res.step_threads),
             "lease_owner": owner}, spec.data_root, spec.eval.batch_size, fault_kill_at, fault_die_at,
             str(local_dir / "logs" / "fault-coordinator-died") if fault_die_at else "")
         print(f"{n_workers} shard worker(s), {res.threads} thread(s) each"
-              + (f", {res.gpus_per_step} GPU each" if res.gpus_per_step else ""), file=out, flush=True)
+              + (f", {res.gpus_per_step} GPU each" if res.gpus_per_step else "")
+              + "".join(f"; {k} steps {n} threads" for k, n in sorted(res.step_threads.items())), file=out, flush=True)
         # idle workers compute the pending trials' backdoored models ahead, in trial order, instead of
         # waiting for Tune to start those trials (the first attack's model otherwise gates every early trial)
         roots = {t.chain[0].step.key: t.chain[0].step for t in pending}

@@ -36,7 +36,7 @@ class ShardWorker:
     """Owns a device and a torch thread budget; computes steps with resident data."""
 
     def __init__(self, store_uri: str, threads: int, use_gpu: bool, data_root: str | None, precision: str,
-                 channels_last: bool, eval_batch: int) -> None:
+                 channels_last: bool | str, eval_batch: int) -> None:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         import torch
 
@@ -47,10 +47,20 @@ class ShardWorker:
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.ctx = Context(Store(store_uri), device, data_root, precision, channels_last, eval_batch)
 
-    def run(self, step: dict[str, Any]) -> dict[str, Any]:
+    def run(self, step: dict[str, Any], threads: int = 0) -> dict[str, Any]:
+        """Compute ``step``, with ``threads`` torch threads when given (the worker's own count otherwise)."""
+        import torch
+
         from tscray.steps import compute
 
-        return compute(Step.from_dict(step), self.ctx)
+        own = torch.get_num_threads()
+        if threads and threads != own:
+            torch.set_num_threads(threads)
+        try:
+            return compute(Step.from_dict(step), self.ctx)
+        finally:
+            if torch.get_num_threads() != own:
+                torch.set_num_threads(own)
 
     def pid(self) -> int:
         return os.getpid()
@@ -90,6 +100,7 @@ class Coordinator:
         self.workers: list[Any] = []
         self.free: asyncio.Queue | None = None
         self._pool_lock = asyncio.Lock()
+        self._wide_lock = asyncio.Lock()  # one step that needs several workers gathers them at a time
         self.wanted = 0  # dispatches waiting for a free worker
         self.ahead: collections.deque[Step] = collections.deque()  # steps to compute when a worker idles
         self._ahead_task: asyncio.Future | None = None
@@ -287,15 +298,17 @@ class Coordinator:
             await self.start()
         assert self.free is not None
         attempts = 1 + int(self.res["step_retries"])
+        threads, width = self._threads(step)
         for attempt in range(attempts):
             self.wanted += 1
             try:
-                idx = await self.free.get()
+                slots = await self._slots(width)
             finally:
                 self.wanted -= 1
+            idx = slots[0]
             try:
                 self.stats["dispatched"] += 1
-                ref = self.workers[idx].run.remote(step.to_dict())
+                ref = self.workers[idx].run.remote(step.to_dict(), threads)
                 if self.fault_kill_at and self.stats["dispatched"] == self.fault_kill_at:
                     asyncio.get_running_loop().call_later(1.0, ray.kill, self.workers[idx])
                 if self.fault_die_at and self.stats["dispatched"] == self.fault_die_at:
@@ -309,8 +322,36 @@ class Coordinator:
                 if attempt == attempts - 1:
                     raise
             finally:
-                self.free.put_nowait(idx)
+                for i in slots:
+                    self.free.put_nowait(i)
         raise RuntimeError("unreachable")
+
+    def _threads(self, step: Step) -> tuple[int, int]:
+        """The step's torch threads (``step_threads`` of its kind, else 0: the worker's own) and how many
+        workers of the pool it holds while it runs, so its threads have cores no other step uses."""
+        own = int(self.res["threads"])
+        n = int(self.res.get("step_threads", {}).get(step.kind, 0))
+        if not n or n == own:
+            return 0, 1
+        return n, max(1, min(len(self.workers), math.ceil(n / own)))
+
+    async def _slots(self, width: int) -> list[int]:
+        """``width`` free workers. A wide step gathers its workers one at a time under a lock, so two wide steps
+        never each hold part of what the other waits for; the queue serves waiters in order, so it is not
+        overtaken by narrow steps that ask after it."""
+        assert self.free is not None
+        if width == 1:
+            return [await self.free.get()]
+        async with self._wide_lock:
+            slots: list[int] = []
+            try:
+                while len(slots) < width:
+                    slots.append(await self.free.get())
+            except BaseException:
+                for i in slots:
+                    self.free.put_nowait(i)
+                raise
+            return slots
 
 
 AHEAD_POLL_S = 1.0  # how often idle workers are looked for, to compute steps ahead
