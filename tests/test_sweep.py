@@ -307,6 +307,30 @@ def test_a_step_kind_given_more_threads_holds_that_many_workers_and_records_its_
     check_complete(tmp_path / "run", raw)
 
 
+def test_a_finished_trial_whose_settings_changed_runs_again_instead_of_keeping_its_old_numbers(tmp_path, capsys):
+    """A trial id names a grid point; its settings live in its steps' keys. Rerunning a storage with another
+    ``train.epochs`` used to count every trial as finished (its results file exists) and report the old
+    model's numbers under the new spec. Now a trial is finished only if its file holds its planned final step."""
+    import pandas as pd
+
+    from tscray.sweep import run_sweep
+
+    raw = tiny(tmp_path / "run", epochs=1, attack=["badnets"])
+    raw["grid"].update({"defense": ["none"]})
+    raw["resources"] = {"workers": 1}
+    first = run_sweep(validate(raw))
+    assert first["ran"] == first["trials"] == 1
+    raw["train"]["epochs"] = 2
+    (trial,) = make_plan(validate(raw)).trials
+    second = run_sweep(validate(raw))
+    assert second["ran"] == 1, "the trial trained with 1 epoch passed for the 2-epoch spec's"
+    assert "1 finished trial(s) ran with other settings" in capsys.readouterr().out
+    table = pd.read_parquet(tmp_path / "run" / "results")
+    assert set(table.step_key) == {trial.final.key}  # its file was rewritten, not added to
+    third = run_sweep(validate(raw))
+    assert third["ran"] == 0  # and now it is finished
+
+
 def test_a_sweep_survives_losing_a_node_mid_step(tmp_path):
     """Issue 14: a preempted spot node. A real multi-node Ray cluster on this machine (a head and two
     worker nodes, each its own raylet); shard workers cannot fit on the head, so steps run on the worker

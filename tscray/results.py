@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import time
-from typing import Any
+from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -141,6 +141,26 @@ def done_trials(store: Store, check: bool = False) -> set[str]:
         bad = set(damaged(store))
         names = [n for n in names if f"results/{n}" not in bad]
     return {_trial_id(n) for n in names}
+
+
+def current_trials(store: Store, trials: Iterable[Any]) -> set[str]:
+    """Ids of ``trials`` (planned :class:`~tscray.plan.Trial`) whose result file holds rows of their planned
+    final step: finished with these settings. A file written under other settings (the same grid point with
+    another ``curve_epochs``, say, so another final step) does not count: the trial runs again and its file is
+    rewritten, instead of the old numbers passing for the new spec's."""
+    names = set(_names(store))
+    out: set[str] = set()
+    for t in trials:
+        name = f"trial-{t.id}.parquet"
+        if name not in names:
+            continue
+        try:
+            keys = pq.read_table(io.BytesIO(store.read_bytes(f"results/{name}")), columns=["step_key"])
+        except (OSError, ValueError, KeyError, pa.ArrowException):
+            continue  # unreadable: set aside and rebuilt by the damaged-file path
+        if t.final.key in set(keys.column("step_key").to_pylist()):
+            out.add(t.id)
+    return out
 
 
 def damaged(store: Store) -> list[str]:
