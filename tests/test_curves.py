@@ -139,3 +139,24 @@ def test_fitting_lowers_the_loss_in_the_middle_of_the_curve(embedded):
     before = mid_loss()
     fit(curve, loader, sup, 3, OptimConfig(lr=0.05), seed=0)
     assert mid_loss() < 0.8 * before
+
+
+def test_update_bn_skips_empty_batches_and_a_failed_refresh_leaves_the_statistics_as_they_were():
+    torch.manual_seed(0)
+    bn = torch.nn.Sequential(torch.nn.BatchNorm2d(3))
+    x = torch.randn(8, 3, 4, 4) * 2 + 1
+    update_bn(bn, [x[:4], x[4:]])
+    want = bn[0].running_mean.clone(), bn[0].running_var.clone()
+    update_bn(bn, [x[:4], x[:0], x[4:]])  # an empty batch between (it used to subtract a variance)
+    torch.testing.assert_close((bn[0].running_mean, bn[0].running_var), want)
+    torch.testing.assert_close(bn[0].running_var, x.transpose(0, 1).reshape(3, -1).var(1))
+
+    def broken():
+        yield x[:4]
+        raise OSError("the loader failed")
+
+    for loader, err in ((broken(), OSError), ([], ValueError)):
+        with pytest.raises(err):
+            update_bn(bn, loader)
+        torch.testing.assert_close((bn[0].running_mean, bn[0].running_var), want)
+        assert bn[0].momentum == 0.1

@@ -130,6 +130,8 @@ def update_bn(model: nn.Module, loader: Iterable) -> nn.Module:
 
     def merge(m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         k = inp[0].numel() // inp[0].shape[1]
+        if k == 0:  # an empty batch: BatchNorm leaves its buffers as they were
+            return
         batch_mean, batch_var = m.running_mean, m.running_var
         assert isinstance(batch_mean, torch.Tensor) and isinstance(batch_var, torch.Tensor)
         mean, m2 = batch_mean.double(), batch_var.double() * (k - 1)
@@ -142,6 +144,7 @@ def update_bn(model: nn.Module, loader: Iterable) -> nn.Module:
         moments[m] = (total, mu + delta * (k / total), acc + m2 + delta * delta * (n * k / total))
 
     momenta = {m: m.momentum for m in bns}
+    saved = [(b, b.detach().clone()) for m in bns for b in m.buffers(recurse=False)]
     for m in bns:
         m.reset_running_stats()
         m.momentum = 1.0
@@ -152,6 +155,12 @@ def update_bn(model: nn.Module, loader: Iterable) -> nn.Module:
     try:
         for batch in loader:
             model(batch_inputs(batch).to(device))
+        if any(moments.get(m, (0,))[0] < 2 for m in bns):
+            raise ValueError("update_bn needs at least two values per channel")
+    except BaseException:
+        for b, v in saved:  # a failed refresh leaves the statistics as they were
+            b.copy_(v)
+        raise
     finally:
         for h in handles:
             h.remove()
@@ -159,9 +168,7 @@ def update_bn(model: nn.Module, loader: Iterable) -> nn.Module:
             m.momentum = momentum
         model.train(was_training)
     for m in bns:
-        n, mean, m2 = moments.get(m, (0, None, None))
-        if n < 2 or mean is None or m2 is None:
-            raise ValueError("update_bn needs at least two values per channel")
+        n, mean, m2 = moments[m]
         # (the buffers exist: only BatchNorms with track_running_stats are in bns)
         assert m.running_mean is not None and m.running_var is not None and m.num_batches_tracked is not None
         m.running_mean.copy_(mean.to(m.running_mean.dtype))
