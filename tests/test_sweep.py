@@ -325,6 +325,7 @@ def test_a_finished_trial_whose_settings_changed_runs_again_instead_of_keeping_i
     second = run_sweep(validate(raw))
     assert second["ran"] == 1, "the trial trained with 1 epoch passed for the 2-epoch spec's"
     assert "1 finished trial(s) ran with other settings" in capsys.readouterr().out
+    assert len(os.listdir(tmp_path / "run" / "results-stale")) == 1  # the old numbers, kept aside
     table = pd.read_parquet(tmp_path / "run" / "results")
     assert set(table.step_key) == {trial.final.key}  # its file was rewritten, not added to
     third = run_sweep(validate(raw))

@@ -197,6 +197,26 @@ def set_aside_damaged(store: Store) -> list[str]:
     return moved
 
 
+STALE_DIR = "results-stale"
+
+
+def set_aside_stale(store: Store, trials: Iterable[Any]) -> list[str]:
+    """Move the result files of finished ``trials`` that ran with other settings (no row of their planned final
+    step, see :func:`current_trials`) to ``results-stale/``: until they run again nothing reports their old
+    numbers as this spec's, even if the sweep stops first. Returns the trial ids moved."""
+    trials = list(trials)
+    current = current_trials(store, trials)
+    moved = []
+    for t in trials:
+        if t.id in current or not store.exists(f"results/trial-{t.id}.parquet"):
+            continue
+        store.fs.create_dir(store.path(STALE_DIR), recursive=True)
+        store.fs.move(store.path(f"results/trial-{t.id}.parquet"),
+                      store.path(f"{STALE_DIR}/trial-{t.id}.parquet.{time.strftime('%Y%m%d-%H%M%S')}"))
+        moved.append(t.id)
+    return moved
+
+
 def _conform(table: pa.Table) -> pa.Table:
     """Files written by an older tscray may lack newer columns: add them as nulls, in schema order."""
     target = pa.schema(list(schema()) + [f for f in table.schema if "." in f.name])  # + its field axes

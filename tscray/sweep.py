@@ -227,11 +227,11 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
         print(f"set aside {len(moved)} unreadable result file(s) in {uri}/{results.DAMAGED_DIR}: their trials "
               f"run again from the stored steps", file=out, flush=True)
     written = results.done_trials(store)
-    done = results.current_trials(store, [t for t in plan.trials if t.id in written])
-    stale = sum(1 for t in plan.trials if t.id in written and t.id not in done)
+    stale = results.set_aside_stale(store, [t for t in plan.trials if t.id in written])
     if stale:
-        print(f"{stale} finished trial(s) ran with other settings (their final step differs from this spec's): "
-              f"they run again and their results are replaced", file=out, flush=True)
+        print(f"{len(stale)} finished trial(s) ran with other settings (their final step differs from this "
+              f"spec's): their results moved to {uri}/{results.STALE_DIR}; they run again", file=out, flush=True)
+    done = results.done_trials(store)
     pending = [t for t in plan.trials if t.id not in done]
     local_dir = Path(uri) if "://" not in uri else Path.cwd() / f".tscray-{sid}"
     ray_log = _quiet_ray_logging(local_dir / "logs")
