@@ -151,14 +151,15 @@ def test_a_target_class_the_data_lacks_is_refused_before_compute():
     validate({"name": "x", "train": {"target": 9}})
 
 
-def test_channels_last_is_auto_by_default_and_true_false_mean_on_off(tmp_path):
+def test_channels_last_is_auto_by_default_and_true_false_keep_their_old_meaning(tmp_path):
     from tscray.steps import Context
     from tscray.store import Store
 
     assert validate(GOOD).resources.channels_last == "auto"
-    for raw, want in ((True, "on"), (False, "off"), ("on", "on"), ("auto", "auto")):
+    for raw, want in ((True, "auto"), (False, "off"), ("on", "on"), ("auto", "auto")):
         assert validate({**GOOD, "resources": {"channels_last": raw}}).resources.channels_last == want
     store = Store(str(tmp_path))
     assert Context(store, "cpu", channels_last="auto").channels_last is False  # CUDA only
     assert Context(store, "cpu", channels_last="on").channels_last is True
     assert Context(store, "cpu", channels_last="off").channels_last is False
+    assert load_spec("sweeps/quickstart.yaml").resources.channels_last == "on"  # quoted: YAML reads on as true

@@ -633,8 +633,10 @@ def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> S
     defense = _defense_section(raw.get("defense"), grid, problems)
     ev = _section(EvalSpec, raw.get("eval"), "eval", problems, {"curve_ts": _range(0, 1, False, False)})
     raw_res = raw.get("resources")
-    if isinstance(raw_res, dict) and isinstance(raw_res.get("channels_last"), bool):  # YAML's true/false
-        raw_res = {**raw_res, "channels_last": "on" if raw_res["channels_last"] else "off"}
+    if isinstance(raw_res, dict) and isinstance(raw_res.get("channels_last"), bool):
+        # true/false, its old values (true was the default: NHWC on CUDA only). YAML 1.1 also reads an unquoted
+        # on/off as true/false, so "on" must be quoted
+        raw_res = {**raw_res, "channels_last": "auto" if raw_res["channels_last"] else "off"}
     res = _section(Resources, raw_res, "resources", problems, {
         "gpus_per_step": _range(0, math.inf, False, True), "cpus_per_step": _range(1, math.inf, False, True, True),
         "threads": _range(1, math.inf, False, True, True), "workers": _range(0, math.inf, False, True, True),

@@ -165,6 +165,8 @@ class Coordinator:
             # for is that trial's work, and the next one may start.
             if self.free.qsize() == 0 or self.wanted > 0 or any(k not in self.joined for k in self.ahead_running):
                 continue
+            if self.free.qsize() < self._threads(self.ahead[0])[1]:
+                continue  # a wide step starts ahead only when its workers are all idle: it never holds one waiting
             step = self.ahead.popleft()
             if step.key in self.inflight or self.store.has_step(step.kind, step.key):
                 continue
