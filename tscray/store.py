@@ -9,6 +9,7 @@ Layout under the sweep storage (a local directory or any ``pyarrow.fs`` URI such
     leases/<key>.json                           a driver computing the step (renewed while it runs)
     events/<key>.<uuid>.json                    one file per computation (to count them)
     results/trial-<id>.parquet                  one file per trial, rewritten whole
+    results-stale/trial-<id>.parquet.<time>     a trial's results under settings the spec no longer has
 
 Local writes go to a temporary name and are renamed into place; on object stores each object
 is written whole and the manifest last, so a reader never sees a half-written step.
