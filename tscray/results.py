@@ -143,26 +143,6 @@ def done_trials(store: Store, check: bool = False) -> set[str]:
     return {_trial_id(n) for n in names}
 
 
-def current_trials(store: Store, trials: Iterable[Any]) -> set[str]:
-    """Ids of ``trials`` (planned :class:`~tscray.plan.Trial`) whose result file holds rows of their planned
-    final step: finished with these settings. A file written under other settings (the same grid point with
-    another ``curve_epochs``, say, so another final step) does not count: the trial runs again and its file is
-    rewritten, instead of the old numbers passing for the new spec's."""
-    names = set(_names(store))
-    out: set[str] = set()
-    for t in trials:
-        name = f"trial-{t.id}.parquet"
-        if name not in names:
-            continue
-        try:
-            keys = pq.read_table(io.BytesIO(store.read_bytes(f"results/{name}")), columns=["step_key"])
-        except (OSError, ValueError, KeyError, pa.ArrowException):
-            continue  # unreadable: set aside and rebuilt by the damaged-file path
-        if t.final.key in set(keys.column("step_key").to_pylist()):
-            out.add(t.id)
-    return out
-
-
 def damaged(store: Store) -> list[str]:
     """Result files that cannot be read as this sweep's rows."""
     bad: list[str] = []
@@ -191,29 +171,38 @@ def set_aside_damaged(store: Store) -> list[str]:
     moved = []
     for rel in damaged(store):
         name = rel.split("/", 1)[1]
-        store.fs.create_dir(store.path(DAMAGED_DIR), recursive=True)
-        store.fs.move(store.path(rel), store.path(f"{DAMAGED_DIR}/{name}.{time.strftime('%Y%m%d-%H%M%S')}"))
+        _move_aside(store, name, DAMAGED_DIR)
         moved.append(_trial_id(name))
     return moved
+
+
+def _move_aside(store: Store, name: str, folder: str) -> None:
+    """Move ``results/name`` into ``folder``, time-stamped."""
+    store.fs.create_dir(store.path(folder), recursive=True)
+    store.fs.move(store.path(f"results/{name}"), store.path(f"{folder}/{name}.{time.strftime('%Y%m%d-%H%M%S')}"))
 
 
 STALE_DIR = "results-stale"
 
 
 def set_aside_stale(store: Store, trials: Iterable[Any]) -> list[str]:
-    """Move the result files of finished ``trials`` that ran with other settings (no row of their planned final
-    step, see :func:`current_trials`) to ``results-stale/``: until they run again nothing reports their old
-    numbers as this spec's, even if the sweep stops first. Returns the trial ids moved."""
-    trials = list(trials)
-    current = current_trials(store, trials)
+    """Move the result files of ``trials`` (planned :class:`~tscray.plan.Trial`) that ran with other settings to
+    ``results-stale/``; returns their ids. Trial ids name grid points only: a file without a row of the trial's
+    planned final step (the same point with another ``curve_epochs``, say) holds another spec's numbers. Moved
+    before the sweep starts, they never pass for this spec's, even if it stops before the trial runs again."""
+    names = set(_names(store))
     moved = []
     for t in trials:
-        if t.id in current or not store.exists(f"results/trial-{t.id}.parquet"):
+        name = f"trial-{t.id}.parquet"
+        if name not in names:
             continue
-        store.fs.create_dir(store.path(STALE_DIR), recursive=True)
-        store.fs.move(store.path(f"results/trial-{t.id}.parquet"),
-                      store.path(f"{STALE_DIR}/trial-{t.id}.parquet.{time.strftime('%Y%m%d-%H%M%S')}"))
-        moved.append(t.id)
+        try:
+            keys = pq.read_table(io.BytesIO(store.read_bytes(f"results/{name}")), columns=["step_key"])
+        except (OSError, ValueError, KeyError, pa.ArrowException):
+            continue  # unreadable: set_aside_damaged's business
+        if t.final.key not in set(keys.column("step_key").to_pylist()):
+            _move_aside(store, name, STALE_DIR)
+            moved.append(t.id)
     return moved
 
 

@@ -226,8 +226,7 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
     if moved:
         print(f"set aside {len(moved)} unreadable result file(s) in {uri}/{results.DAMAGED_DIR}: their trials "
               f"run again from the stored steps", file=out, flush=True)
-    written = results.done_trials(store)
-    stale = results.set_aside_stale(store, [t for t in plan.trials if t.id in written])
+    stale = results.set_aside_stale(store, plan.trials)
     if stale:
         print(f"{len(stale)} finished trial(s) ran with other settings (their final step differs from this "
               f"spec's): their results moved to {uri}/{results.STALE_DIR}; they run again", file=out, flush=True)
