@@ -48,6 +48,28 @@ def test_gradients_reach_only_the_bend():
     assert all(p.grad is None for p in a.parameters()) and all(p.grad is None for p in b.parameters())
 
 
+def test_a_channels_last_curve_keeps_every_weights_strides_and_its_gradients():
+    """A binary op on two channels-last weights of a 1-channel conv comes out NCHW-strided; the curve
+    must hand the conv the model's own strides, or every activation after it falls back to NCHW."""
+    a, b = _pair()
+    ref = BezierCurve(a, b).train()
+    a, b = (m.to(memory_format=torch.channels_last) for m in (a, b))
+    curve = BezierCurve(a, b).train()
+    base = dict(curve.base.named_parameters())
+    assert base["convs.0.weight"].shape[1] == 1  # the ambiguous layout this guards
+    for t in (0.0, 0.3, 1.0):
+        for k, w in curve.weights(t).items():
+            assert w.stride() == base[k].stride(), (t, k)
+    assert all(p.stride() == base[k].stride() for k, p in zip(curve.names, curve.bend))
+    x = torch.randn(8, 1, 28, 28)
+    for c in (ref, curve):
+        c(x, 0.3).square().mean().backward()
+    torch.testing.assert_close(curve(x, 0.3), ref(x, 0.3), atol=1e-5, rtol=1e-5)
+    for p, q in zip(curve.bend, ref.bend):
+        assert p.grad is not None and q.grad is not None
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("t", [0.1, 0.25, 0.5, 0.9])
 def test_midpoint_bend_is_linear_interpolation(t):
     a, b = _pair()

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from tscray.attacks.base import ATTACKS, Attack
-from tscray.curves import BezierCurve, coefficients, fit_epochs
+from tscray.curves import BezierCurve, coefficients, fit_epochs, strided_like
 from tscray.data.tensors import ImageData, Loader
 from tscray.methods.supervised import Supervised
 from tscray.symmetry import match, permute
@@ -69,7 +69,8 @@ class SubspaceCurve(BezierCurve):
     def weights(self, t: float) -> dict[str, torch.Tensor]:
         """Parameters at t, differentiable with respect to both endpoints and the bend."""
         c0, c1, c2 = coefficients(float(t))
-        return {k: c0 * a + c1 * m + c2 * b
+        base = dict(self.base.named_parameters())
+        return {k: strided_like(c0 * a + c1 * m + c2 * b, base[k])
                 for k, a, m, b in zip(self.names, self.endpoint("start"), self.bend, self.endpoint("end"))}
 
     def trainable(self) -> list[nn.Parameter]:
