@@ -58,6 +58,31 @@ def test_records_cover_stages_and_curve_points(setting, embedded):
     assert out["acc"] == ev(res.model)["acc"]
 
 
+@pytest.mark.parametrize("finetune_last", [True, False])
+def test_a_round_evaluates_each_distinct_model_once(setting, embedded, finetune_last):
+    """The output is the stage-2 point or its fine-tuned successor: its row reuses that evaluation."""
+    model, clean = setting
+    tsc = defenses.get("tsc")
+    from tscray.attacks import build as attack, evaluator
+    ev = evaluator(embedded, attack("badnets"), 0)
+    seen: list[int] = []
+
+    def counting(m):
+        seen.append(id(m))
+        return ev(m)
+
+    cfg = tsc.make_config("paper", rounds=2, finetune_last=finetune_last, **TINY)
+    res = tsc.run(model, clean, method("supervised"), cfg, counting)
+    assert len(seen) == len(set(seen))
+    by = {(r["round"], r["stage"]): r for r in res.records}
+    for rnd in (1, 2):
+        tuned = finetune_last or rnd < 2
+        assert (rnd, "finetune") in by if tuned else (rnd, "finetune") not in by
+        same = by[(rnd, "finetune" if tuned and finetune_last else "stage2")]
+        assert by[(rnd, "output")]["acc"] == same["acc"] and by[(rnd, "output")]["asr"] == same["asr"]
+    assert len(seen) == 2 * 3 - (0 if finetune_last else 1)
+
+
 @pytest.mark.parametrize("name", ["mcr", "finetune"])
 def test_baselines_run_and_return_a_model(setting, name):
     model, clean = setting

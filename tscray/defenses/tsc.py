@@ -134,14 +134,21 @@ def tsc_round(model: nn.Module, clean: CleanData, method: Method, cfg: TSCConfig
                             stage_seed(cfg, round_index, 4)) if tune else point)
     output = tuned if cfg.finetune_last else point
     if evaluate is not None:
-        records.append({**tags, "stage": "stage1", "t_curve": cfg.t, **evaluate(theta_t)})
-        records.append({**tags, "stage": "stage2", "t_curve": cfg.t, **evaluate(point)})
+        seen: dict[int, dict[str, float]] = {}
+
+        def once(m: nn.Module) -> dict[str, float]:  # the output is the stage-2 point or its fine-tuned successor
+            if id(m) not in seen:
+                seen[id(m)] = evaluate(m)
+            return seen[id(m)]
+
+        records.append({**tags, "stage": "stage1", "t_curve": cfg.t, **once(theta_t)})
+        records.append({**tags, "stage": "stage2", "t_curve": cfg.t, **once(point)})
         if tune:
-            records.append({**tags, "stage": "finetune", "t_curve": None, **evaluate(tuned)})
+            records.append({**tags, "stage": "finetune", "t_curve": None, **once(tuned)})
         if cfg.eval_ts:
             records += evaluate_curve(c1, cfg.eval_ts, bn, evaluate, **tags, stage="curve1")
             records += evaluate_curve(c2, cfg.eval_ts, bn, evaluate, **tags, stage="curve2")
-        records.append({**tags, "stage": "output", "t_curve": None, **evaluate(output)})
+        records.append({**tags, "stage": "output", "t_curve": None, **once(output)})
         if log:
             r = records[-1]
             log(f"round {round_index}: " + ", ".join(f"{k} {r[k]:.2f}" for k in ("acc", "asr") if k in r))
