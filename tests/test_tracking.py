@@ -13,3 +13,20 @@ def test_experiment_is_tagged_for_the_model_training_view(tmp_path):
     again = Tracker(uri, "s", "abc", str(tmp_path), {"name": "s"})
     assert again.exp_id == t.exp_id and again.parent == t.parent
     assert again.client.get_experiment(t.exp_id).tags[EXPERIMENT_KIND] == "custom_model_development"
+
+
+def test_params_and_round_metrics_land_on_the_runs(tmp_path):
+    """Logged in batches (MLflow's limit is 100 params a batch): every param and every round's metric."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = {"name": "s", "grid": {f"axis{i}": [i, i + 1] for i in range(150)}, "long": "x" * 900}
+    t = Tracker(uri, "s", "abc", str(tmp_path), spec)
+    params = t.client.get_run(t.parent).data.params
+    assert len(params) == 152 and params["grid.axis149"] == "[149, 150]" and params["long"] == "x" * 500
+    trial = {"attack": "badnets", "t": 0.4, "rounds": None}
+    for step, asr in ((1, 50.0), (2, 7.5)):
+        t.log_round("trial-1", trial, {"acc": 90.0 - step, "asr": asr}, step)
+    run = t.client.get_run(t.children["trial-1"])
+    assert run.data.params == {"attack": "badnets", "t": "0.4", "rounds": ""}
+    history = t.client.get_metric_history(run.info.run_id, "asr")
+    assert [(m.step, m.value) for m in history] == [(1, 50.0), (2, 7.5)]
+    assert run.data.metrics == {"acc": 88.0, "asr": 7.5}

@@ -8,6 +8,7 @@ fresh SQLite file race on schema creation, so only the driver writes.
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -93,8 +94,7 @@ class Tracker:
             self.parent = self._one(f"tags.tscray_sweep_id = '{sweep_id}' and tags.tscray_kind = 'sweep'", mine)
             if self.parent == mine:
                 flat = _flatten(spec)
-                for k, v in list(flat.items())[:400]:
-                    self.client.log_param(self.parent, k, str(v)[:500])
+                self._log_params(self.parent, {k: str(v)[:500] for k, v in list(flat.items())[:400]})
         self.children: dict[str, str] = {}
         for r in self.client.search_runs([self.exp_id], f"tags.tscray_parent = '{self.parent}'", max_results=50000):
             self.children[r.data.tags["tscray_trial_id"]] = r.info.run_id
@@ -123,14 +123,24 @@ class Tracker:
                 "tscray_kind": "trial"})
             self.children[trial_id] = self._one(query, run.info.run_id)
             if self.children[trial_id] == run.info.run_id:
-                for k, v in params.items():
-                    self.client.log_param(run.info.run_id, k, "" if v is None else str(v))
+                self._log_params(run.info.run_id, {k: "" if v is None else str(v) for k, v in params.items()})
         return self.children[trial_id]
 
     def log_round(self, trial_id: str, params: dict[str, Any], metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
         run = self.child(trial_id, params)
-        for k, v in metrics.items():
-            self.client.log_metric(run, k, float(v), step=step)
+        now = int(time.time() * 1000)
+        self.client.log_batch(run, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def _log_params(self, run: str, params: dict[str, str]) -> None:
+        """Params in batches of MLflow's limit (100): one transaction each, where one per param took 50 ms
+        on a local SQLite store (the quickstart's 52 spec params: 2.8 s before its first step)."""
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run, params=items[i:i + 100])
 
     def finish(self, trial_id: str, params: dict[str, Any], status: str) -> None:
         self.client.set_terminated(self.child(trial_id, params), status)
