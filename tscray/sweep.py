@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
@@ -237,14 +238,18 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
     print(f"sweep {spec.name} ({sid}) at {uri}: {len(plan.trials)} trials, {len(pending)} to run, "
           f"{len(plan.steps)} distinct steps; Ray log: {ray_log}", file=out, flush=True)
     mlflow_uri = spec.mlflow_uri or default_uri(uri)
-    tracker = Tracker(mlflow_uri, spec.name, sid, uri, spec.to_dict())
     summary: dict[str, Any] = {"storage": uri, "results": f"{uri}/results", "mlflow_uri": mlflow_uri,
                                "trials": len(plan.trials), "ran": len(pending), "sweep_id": sid}
     if not pending:
         print("every trial is already finished; nothing to run", file=out)
-        _finish(tracker, uri, store, summary, out)
+        _finish(Tracker(mlflow_uri, spec.name, sid, uri, spec.to_dict()), uri, store, summary, out)
         return summary
 
+    # MLflow's store (a new SQLite schema alone takes ~3 s) is set up while Ray starts and the workers
+    # begin the backdoored models; Tune, which logs to it, starts once both are ready
+    pool = ThreadPoolExecutor(1, thread_name_prefix="tscray-mlflow")
+    tracking = pool.submit(Tracker, mlflow_uri, spec.name, sid, uri, spec.to_dict())
+    pool.shutdown(wait=False)
     ray.init(address=address, namespace=cluster.NAMESPACE, log_to_driver=False, include_dashboard=False,
              logging_level=logging.WARNING, configure_logging=False,
              runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}})
@@ -268,6 +273,7 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
         # waiting for Tune to start those trials (the first attack's model otherwise gates every early trial)
         roots = {t.chain[0].step.key: t.chain[0].step for t in pending}
         coord.compute_ahead.remote([s.to_dict() for s in roots.values() if not store.has_step(s.kind, s.key)])
+        tracker = tracking.result()
         progress = TrialCounts(total=len(pending))
         to_compute = sum(1 for s in plan.steps.values() if not store.has_step(s.kind, s.key))
         ticker = threading.Thread(target=_ticker, args=(progress, coord, to_compute, out, stop), daemon=True)
