@@ -322,7 +322,7 @@ def test_a_trials_settings_are_its_resolved_defense_config():
         assert json.loads(trial.settings) == json.loads(json.dumps(config_to_dict(cfg)))
 
 
-@pytest.mark.parametrize("sweep,digest", [("quickstart", "701d11480b11a7fc"), ("table1_small", "d13715efc745baca"),
+@pytest.mark.parametrize("sweep,digest", [("quickstart", "1afd26b2a735ccdb"), ("table1_small", "d13715efc745baca"),
                                           ("ablation", "e795041bea38a28c")])
 def test_shipped_sweeps_keep_their_step_keys_and_trial_ids(sweep, digest):
     """Keys and ids are how a store is resumed: a planning change that alters them silently recomputes every
