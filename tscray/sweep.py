@@ -246,7 +246,12 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
         return summary
 
     # MLflow's store (a new SQLite schema alone takes ~3 s) is set up while Ray starts and the workers
-    # begin the backdoored models; Tune, which logs to it, starts once both are ready
+    # begin the backdoored models; Tune, which logs to it, starts once both are ready. (mlflow is imported
+    # here first: two threads importing libraries that share dependencies can see half-made modules.
+    # A failure of the store surfaces at tracking.result(), after Ray has started; nothing is lost.)
+    import mlflow.entities  # noqa: F401
+    import mlflow.tracking  # noqa: F401
+
     pool = ThreadPoolExecutor(1, thread_name_prefix="tscray-mlflow")
     tracking = pool.submit(Tracker, mlflow_uri, spec.name, sid, uri, spec.to_dict())
     pool.shutdown(wait=False)
