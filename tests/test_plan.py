@@ -366,3 +366,35 @@ def test_a_plugin_version_recomputes_its_own_steps_and_what_depends_on_them_only
     monkeypatch.setattr(attacks.ATTACKS.get("badnets"), "version", 2)
     bumped = _keys_by_kind(make_plan(spec))
     assert all(not bumped[k] & after[k] for k in after), "every step sits on the backdoored model"
+
+
+def test_the_dry_run_counts_a_trial_finished_only_with_its_planned_final_step(tmp_path, capsys):
+    """A results file written under other settings (same grid point, other curve_epochs) is not finished for
+    this spec: ``--dry-run`` said so before the sweep set it aside, and counted it finished."""
+    import yaml
+
+    from tscray import results
+    from tscray.cli import main
+    from tscray.config import load_spec
+
+    raw = {"name": "t", "storage": str(tmp_path / "s"), "grid": {"defense": ["tsc", "none"], "rounds": [1], "t": [0.4]},
+           "defense": {"tsc": {"curve_epochs": 2}}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    plan = make_plan(load_spec(str(path), check_data=False))
+    store = Store(str(tmp_path / "s"))
+    store.write_json("sweep.json", {"spec": raw, "sweep_id": "x", "trials": 2, "steps": 3})
+    for t in plan.trials:
+        results.write_trial(store, t.id, [{"trial_id": t.id, "step_key": t.final.key, "stage": "final"}])
+
+    def finished() -> str:
+        assert main(["sweep", str(path), "--dry-run"]) == 0
+        return capsys.readouterr().out.splitlines()[0]
+
+    assert finished() == "sweep t: 2 trials (2 already finished)"
+    raw["defense"]["tsc"]["curve_epochs"] = 3  # TSC's trial now plans other steps; the undefended one is unchanged
+    path.write_text(yaml.safe_dump(raw))
+    assert finished() == "sweep t: 2 trials (1 already finished)"
+    fresh = make_plan(load_spec(str(path), check_data=False))
+    assert sum(results.is_finished(results.finished_steps(store), t) for t in fresh.trials) == 1
+    assert sum(results.is_finished(results.done_trials(store), t) for t in fresh.trials) == 2  # by id alone

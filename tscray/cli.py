@@ -406,7 +406,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
         uri = spec.storage_path(args.storage)
         store = Store(uri)
-        done = results.done_trials(store) if store.exists("sweep.json") else set()
+        # finished: a results file holding the planned final step's rows (not one written under other settings)
+        done = results.finished_steps(store) if store.exists("sweep.json") else {}
         print(describe_plan(summarize(spec, done)))
         print(f"storage: {uri}")
         return 0

@@ -27,7 +27,7 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator, Mapping
 
 from tscray.config import SweepSpec, arch_kw_for, attack_kw_for
 
@@ -237,6 +237,8 @@ class Final:
 
 
 Settings = tuple[dict[str, Any], tuple[tuple[str, Any], ...]]
+# finished trials: their ids, or their ids mapped to their result rows' step keys (results.finished_steps)
+Done = Mapping[str, Collection[str]] | Collection[str]
 
 
 @dataclass(frozen=True)
@@ -569,12 +571,14 @@ class Plan:
                 counts[kind] = counts.get(kind, 0) + n
         return counts
 
-    def summary(self, done: set[str] | None = None) -> PlanSummary:
+    def summary(self, done: Done | None = None) -> PlanSummary:
         """The counts :func:`summarize` streams, from the planned trials."""
+        from tscray.results import is_finished
+
         by_defense: dict[str, int] = {}
         for t in self.trials:
             by_defense[t.params["defense"]] = by_defense.get(t.params["defense"], 0) + 1
-        finished = len(done & {t.id for t in self.trials}) if done is not None else None
+        finished = sum(1 for t in self.trials if is_finished(done, t)) if done is not None else None
         return PlanSummary(self.spec.name, len(self.trials), self.count_by_kind(), self.naive_count_by_kind(),
                            by_defense, finished)
 
@@ -641,9 +645,11 @@ def _owner(step: Step) -> Step | None:
     return found
 
 
-def _summarize_part(spec: SweepSpec, done: set[str] | None, part: int, parts: int) -> _Part:
+def _summarize_part(spec: SweepSpec, done: Done | None, part: int, parts: int) -> _Part:
     """Count the groups whose backdoor step's key falls to ``part`` of ``parts``."""
     global _ACTIVE
+    from tscray.results import is_finished
+
     keys: set[str] = set()
     shared: dict[str, set[str]] = {}
     counts: dict[str, int] = {}
@@ -677,7 +683,7 @@ def _summarize_part(spec: SweepSpec, done: set[str] | None, part: int, parts: in
             trials += 1
             d = p["defense"]
             by_defense[d] = by_defense.get(d, 0) + 1
-            if done and trial.id in done:
+            if done and is_finished(done, trial):
                 finished += 1
             chain = trial.chain
             for stage in chain:
@@ -718,7 +724,7 @@ def _workers(spec: SweepSpec) -> int:
     return max(1, min(8, len(os.sched_getaffinity(0))))
 
 
-def summarize(spec: SweepSpec, done: set[str] | None = None, workers: int | None = None) -> PlanSummary:
+def summarize(spec: SweepSpec, done: Done | None = None, workers: int | None = None) -> PlanSummary:
     """Plan the sweep trial by trial without keeping the trials: the counts :class:`Plan` gives, in memory
     bounded by one backdoored model's steps plus the distinct step keys (a million-trial dry run).
 

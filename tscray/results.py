@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import time
-from typing import Any, Iterable
+from typing import Any, Collection, Iterable, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -141,6 +141,29 @@ def done_trials(store: Store, check: bool = False) -> set[str]:
         bad = set(damaged(store))
         names = [n for n in names if f"results/{n}" not in bad]
     return {_trial_id(n) for n in names}
+
+
+def finished_steps(store: Store) -> dict[str, frozenset[str]]:
+    """For each trial with a readable results file, the step keys its rows came from. A trial is finished
+    for a plan only if its planned final step is among them (:func:`is_finished`): trial ids name grid
+    points, and a file written under other settings holds another spec's numbers."""
+    out: dict[str, frozenset[str]] = {}
+    for name in _names(store):
+        try:
+            keys = pq.read_table(io.BytesIO(store.read_bytes(f"results/{name}")), columns=["step_key"])
+        except (OSError, ValueError, KeyError, pa.ArrowException):
+            continue  # unreadable: not finished (set_aside_damaged's business)
+        out[_trial_id(name)] = frozenset(keys.column("step_key").to_pylist())
+    return out
+
+
+def is_finished(done: Mapping[str, Collection[str]] | Collection[str], trial: Any) -> bool:
+    """Whether planned ``trial`` is finished: by id when ``done`` is a set of ids (:func:`done_trials`), and
+    by id and final step when it maps ids to their rows' step keys (:func:`finished_steps`)."""
+    if isinstance(done, Mapping):
+        keys = done.get(trial.id)
+        return keys is not None and trial.final.key in keys
+    return trial.id in done
 
 
 def damaged(store: Store) -> list[str]:

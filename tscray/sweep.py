@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from tscray.config import SweepSpec
-from tscray.plan import Plan, PlanSummary, Trial, make_plan
+from tscray.plan import Done, Plan, PlanSummary, Trial, make_plan
 from tscray.store import Store
 
 Print = Callable[[str], None]
@@ -30,7 +30,7 @@ def sweep_id(storage: str) -> str:
     return hashlib.sha256(storage.encode()).hexdigest()[:12]
 
 
-def describe_plan(plan: Plan | PlanSummary, done: set[str] | None = None) -> str:
+def describe_plan(plan: Plan | PlanSummary, done: Done | None = None) -> str:
     """The --dry-run text: trials, distinct steps by kind, and what a naive per-trial run would execute."""
     s = plan.summary(done) if isinstance(plan, Plan) else plan
     counts, naive = s.counts, s.naive
