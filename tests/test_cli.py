@@ -50,6 +50,8 @@ def test_purify_errors_are_clear_and_write_nothing(tmp_path, capsys):
     assert "unknown defense 'magic'; known: " in capsys.readouterr().err
     assert main(["purify", "--model", str(good), "--arch", "cnn", "--set", "curve_lrr=0.1"]) == 2
     assert "unknown tsc setting(s) ['curve_lrr']" in capsys.readouterr().err
+    assert main(["purify", "--model", str(good), "--arch", "cnn", "--set", "probes=post"]) == 2
+    assert "probes must be one of auto, raw, relu" in capsys.readouterr().err
     assert main(["purify", "--model", str(good), "--arch", "mlp", "--defense", "anp"]) == 2
     assert "needs BatchNorm layers; MLP has none" in capsys.readouterr().err
     assert main(["purify", "--model", str(good), "--arch", "cnn", "--defense", "finetune", "--t", "0.3"]) == 2
@@ -57,12 +59,13 @@ def test_purify_errors_are_clear_and_write_nothing(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "m.safetensors"]
 
 
-def test_purify_runs_end_to_end_on_a_tiny_setting(tmp_path, capsys):
+@pytest.mark.parametrize("extra", [[], ["--set", "probes=raw"]], ids=["spec probes", "raw probes"])
+def test_purify_runs_end_to_end_on_a_tiny_setting(tmp_path, capsys, extra):
     torch.manual_seed(0)
     path = save_model(build("cnn", 10, in_channels=1, widths=(8, 8, 8, 8)), tmp_path / "m.safetensors",
                       arch="cnn", arch_kw={"widths": [8, 8, 8, 8]}, data="fashion-mnist-embedded")
     code = main(["purify", "--model", str(path), "--attack", "badnets", "--rounds", "1", "--curve-epochs", "1",
-                 "--finetune-epochs", "1", "--clean-ratio", "0.01", "--batch-size", "50"])
+                 "--finetune-epochs", "1", "--clean-ratio", "0.01", "--batch-size", "50", *extra])
     assert code == 0
     out = capsys.readouterr().out
     assert "before" in out and "after" in out and "ASR" in out

@@ -43,6 +43,7 @@ def test_good_spec_and_shipped_sweeps_validate():
     ({"name": "x", "defense": {"preset": "fast"}}, "unknown preset 'fast'"),
     ({"name": "x", "defense": {"tsc": {"curve_epoch": 3}}}, "defense.tsc: unknown tsc setting(s) ['curve_epoch']"),
     ({"name": "x", "defense": {"tsc": {"t": 0.3}}}, "defense.tsc.t: set through the grid"),
+    ({"name": "x", "defense": {"tsc": {"probes": "post"}}}, "defense.tsc: probes must be one of auto, raw, relu"),
     ({"name": "x", "resources": {"gpus_per_step": -1}}, "resources.gpus_per_step: -1 is outside [0, ∞)"),
     ({"name": "x", "eval": {"curve_ts": [2]}}, "eval.curve_ts[0]: 2 is outside [0, 1]"),
     ({"name": "x", "resources": {"step_threads": {"backdor": 2}}},

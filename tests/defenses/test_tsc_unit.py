@@ -94,7 +94,10 @@ def test_baselines_run_and_return_a_model(setting, name):
 
 
 @pytest.mark.parametrize("field,value,msg", [("t", 1.0, "strictly between"), ("t", 0.0, "strictly between"),
-                                             ("rounds", 0, ">= 1"), ("bogus", 1, "unknown tsc setting")])
+                                             ("rounds", 0, ">= 1"), ("bogus", 1, "unknown tsc setting"),
+                                             ("probes", "post", "probes must be one of auto, raw, relu"),
+                                             ("probes", 3, "probes must be one of"),
+                                             ("probes", {"c0": [{"module": "convs.0"}]}, "probes must be one of")])
 def test_bad_settings_are_refused_naming_the_field(field, value, msg):
     with pytest.raises(ValueError, match=msg):
         defenses.get("tsc").make_config("paper", **{field: value})

@@ -64,3 +64,43 @@ def test_bad_objective_is_refused():
     a = build("mlp", 10, in_channels=1)
     with pytest.raises(ValueError, match="align"):
         match(a, a, _loader((1, 28, 28), 1), "MAX")
+
+
+PROBE_CASES = [("mlp", (1, 28, 28), {"in_channels": 1}), ("cnn", (1, 28, 28), {"in_channels": 1}),
+               ("preactresnet18", (3, 32, 32), {}), ("vgg19_bn", (3, 32, 32), {})]
+
+
+@pytest.mark.parametrize("arch,shape,kw", PROBE_CASES, ids=[c[0] for c in PROBE_CASES])
+def test_a_probe_rule_places_probes_on_the_models_own_groups(arch, shape, kw):
+    """``auto`` and ``relu`` find the hand-written probes (DESIGN.md's rule); ``raw`` reads each group's
+    producing conv/linear outputs, on the same groups."""
+    from tscray.symmetry import spec_of
+    from tscray.symmetry.derive import probes_by_rule
+
+    model = build(arch, 10, **kw)
+    x = torch.randn(2, *shape)
+    own = {g: set(p) for g, p in spec_of(model).probes.items()}
+    assert {g: set(p) for g, p in probes_by_rule(model, x, "auto").items()} == own
+    raw = probes_by_rule(model, x, "raw")
+    assert raw.keys() == own.keys()
+    modules = dict(model.named_modules())
+    for plist in raw.values():
+        assert all(p.post == "raw" and isinstance(modules[p.module], (torch.nn.Conv2d, torch.nn.Linear)) for p in plist)
+    relu = probes_by_rule(model, x, "relu")
+    if "resnet" not in arch:
+        assert {g: set(p) for g, p in relu.items()} == own
+
+
+@pytest.mark.parametrize("rule", ["raw", "relu"])
+def test_align_recovers_a_permutation_with_probes_placed_by_a_rule(rule):
+    torch.manual_seed(0)
+    a = randomize(build("cnn", 10, in_channels=1)).eval()
+    p = random_permutation(a, torch.Generator().manual_seed(1))
+    data = _loader((1, 28, 28))
+    q = match(a, permute(a, p), iter(data), "align", probes=rule)  # a one-shot iterator: the first batch is kept
+    live = {g: c.diagonal() != 0 for g, c in correlations(a, a, data, probes=rule).items()}
+    for g in p:
+        assert live[g].sum() > len(live[g]) // 2
+        assert torch.equal(q[g][live[g]], invert(p)[g][live[g]]), g
+    with pytest.raises(ValueError, match="probes must be a mapping or one of auto, raw, relu"):
+        match(a, a, data, probes="post")

@@ -21,6 +21,7 @@ from tscray.defenses.finetune import finetune_model
 from tscray.methods.base import Method
 from tscray.optim import OptimConfig
 from tscray.symmetry import Probe, match, permute
+from tscray.symmetry.derive import PROBE_RULES
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,9 @@ class TSCConfig:
                                                                             weight_decay=5e-4))
     finetune_last: bool = True
     match_batches: int | None = None
-    probes: Mapping[str, Sequence[Probe]] | None = None
+    # where matching reads activations: None, the spec's own; a rule, auto|raw|relu (placed on the model's
+    # graph: tscray.symmetry.derive.probes_by_rule); or a mapping group -> probes (library use)
+    probes: Mapping[str, Sequence[Probe]] | str | None = None
     eval_ts: tuple[float, ...] = ()
     seed: int = 0
 
@@ -50,6 +53,12 @@ class TSCConfig:
         for t in self.eval_ts:
             if not 0.0 <= t <= 1.0:
                 raise ValueError(f"eval_ts must lie in [0, 1], got {t}")
+        p = self.probes
+        if p is not None and not (isinstance(p, str) and p in PROBE_RULES) and not (
+                isinstance(p, Mapping) and all(isinstance(v, Sequence) and not isinstance(v, str)
+                                               and all(isinstance(q, Probe) for q in v) for v in p.values())):
+            raise ValueError(f"probes must be one of {', '.join(PROBE_RULES)} (or unset: the spec's own), "
+                             f"got {p!r}")
 
     @classmethod
     def preset(cls, name: str = "paper") -> "TSCConfig":

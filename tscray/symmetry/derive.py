@@ -45,6 +45,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from tscray.symmetry.spec import AxisGroup, Expand, PermSpec, Probe
 
 ProbeRule = Literal["auto", "raw", "relu"]
+PROBE_RULES: tuple[str, ...] = ("auto", "raw", "relu")
 
 
 class DeriveError(ValueError):
@@ -662,6 +663,37 @@ def derive(model: nn.Module, example_input: torch.Tensor, probes: ProbeRule = "a
     if check:
         verify(model, spec, example_input)
     return spec
+
+
+def probes_by_rule(model: nn.Module, example_input: torch.Tensor, rule: ProbeRule) -> dict[str, list[Probe]]:
+    """Matching probes for ``model``'s own spec (hand-written or derived), placed by ``rule``: ``raw`` reads
+    each group's producers (conv/linear outputs), ``relu`` their BatchNorm + ReLU where those follow,
+    ``auto`` raw for residual nets and relu otherwise (DESIGN.md's rule). The graph is derived with that
+    rule and its groups are renamed onto the spec's by the parameter axes both permute."""
+    from tscray.symmetry.permute import spec_of
+
+    own = spec_of(model)
+    derived = derivation(model, example_input, rule).spec
+
+    def name(ax: AxisGroup) -> str | None:
+        return ax.group if isinstance(ax, Expand) else ax
+
+    rename: dict[str, str] = {}
+    for key, axes in derived.axes.items():
+        mine = own.axes.get(key, ())
+        for dim, ax in enumerate(axes):
+            d, o = name(ax), name(mine[dim]) if dim < len(mine) else None
+            if d is not None and o is not None:
+                rename.setdefault(d, o)
+    out: dict[str, list[Probe]] = {}
+    for group, plist in derived.probes.items():
+        if group in rename:
+            out.setdefault(rename[group], []).extend(p for p in plist if p not in out.get(rename[group], []))
+    missing = [g for g in own.groups() if g not in out]
+    if missing:
+        raise DeriveError(f"probes {rule!r}: no activations found for group(s) {missing} of "
+                          f"{type(model).__name__}'s permutation spec")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ never changes its function, so every group is solved independently with the Hung
 
 from __future__ import annotations
 
+import itertools
 from contextlib import contextmanager
 from typing import Iterable, Iterator, Literal, Mapping, Sequence
 
@@ -45,9 +46,24 @@ def _capture(model: nn.Module, probes: Mapping[str, Sequence[Probe]]) -> Iterato
 
 @torch.no_grad()
 def correlations(reference: nn.Module, model: nn.Module, loader: Iterable,
-                 probes: Mapping[str, Sequence[Probe]] | None = None,
+                 probes: Mapping[str, Sequence[Probe]] | str | None = None,
                  max_batches: int | None = None) -> dict[str, torch.Tensor]:
-    """Per group, the summed probe correlation matrix (reference units × model units)."""
+    """Per group, the summed probe correlation matrix (reference units × model units). ``probes``: where to
+    read activations per group; None: the spec's own; a rule (``auto``/``raw``/``relu``): placed by
+    :func:`tscray.symmetry.derive.probes_by_rule` on the loader's first batch."""
+    if isinstance(probes, str):
+        from tscray.symmetry.derive import PROBE_RULES, probes_by_rule
+
+        if probes not in PROBE_RULES:
+            raise ValueError(f"probes must be a mapping or one of {', '.join(PROBE_RULES)}, got {probes!r}")
+
+        batches = iter(loader)
+        first = next(batches, None)
+        if first is None:
+            raise ValueError("matching needs at least one batch")
+        loader = itertools.chain([first], batches)
+        device = next(model.parameters()).device
+        probes = probes_by_rule(model, batch_inputs(first)[:2].to(device), probes)  # type: ignore[arg-type]
     probes = dict(probes if probes is not None else spec_of(model).probes)
     stats = {(g, i): CrossCorrelation() for g, pl in probes.items() for i in range(len(pl))}
     device = next(model.parameters()).device
@@ -90,7 +106,7 @@ def solve(corr: torch.Tensor, objective: Objective) -> torch.Tensor:
 
 
 def match(reference: nn.Module, model: nn.Module, loader: Iterable, objective: Objective = "align",
-          probes: Mapping[str, Sequence[Probe]] | None = None,
+          probes: Mapping[str, Sequence[Probe]] | str | None = None,
           max_batches: int | None = None) -> Permutation:
     """The permutation of ``model`` that aligns/un-aligns it with ``reference`` on ``loader``."""
     if objective not in ("align", "unalign"):
