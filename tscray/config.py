@@ -235,11 +235,11 @@ def _names(known: Callable[[], list[str]], what: str) -> Check:
 def _arch_check(v: Any) -> str | None:
     """A registered architecture, or an importable external builder (``torchvision:NAME``, ``pkg.mod:fn``)."""
     from tscray import models
-    from tscray.models import external
+    from tscray.models import encoder, external
 
     if isinstance(v, str) and external.is_external(v):
         try:
-            external.builder(v)
+            external.builder(encoder.external_backbone(v) or v)
         except external.ArchError as err:
             return str(err)
         return None

@@ -11,7 +11,11 @@ from tscray.symmetry import match, permute, random_permutation, spec_of
 
 CASES = {"simclr-cnn": (dict(in_channels=1, widths=(8, 16, 16, 32)), (4, 1, 28, 28), 5),
          "simclr-resnet18": (dict(in_channels=3), (2, 3, 16, 16), 13),
-         "simclr-mlp": (dict(in_channels=1, image_size=28), (4, 1, 28, 28), 3)}
+         "simclr-mlp": (dict(in_channels=1, image_size=28), (4, 1, 28, 28), 3),
+         # external backbones: their specs are derived from the graph and verified on the data's shape
+         "simclr-torchvision:resnet18": (dict(in_channels=1, input_hw=(28, 28)), (2, 1, 28, 28), 13),
+         "simclr-torchvision:mobilenet_v2": (dict(in_channels=3, input_hw=(16, 16), width_mult=0.25),
+                                             (2, 3, 16, 16), 25)}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -64,3 +68,15 @@ def test_registry_names_and_bad_settings():
         SSLEncoder("cnn", 1, proj_dim=0)
     with pytest.raises(ValueError, match="plain architecture"):
         SSLEncoder("simclr-cnn", 1)
+
+
+def test_an_external_encoder_is_named_validated_and_refused_like_any_architecture():
+    from tscray.config import SpecError, validate
+
+    raw = {"name": "s", "grid": {"arch": ["simclr-torchvision:resnet18"], "attack": ["badencoder"], "defense": ["tsc"]},
+           "train": {"method": "simclr", "epochs": 1}}
+    validate(raw, check_data=False)
+    with pytest.raises(SpecError, match="torchvision has no classification model 'resnet7'"):
+        validate({**raw, "grid": {**raw["grid"], "arch": ["simclr-torchvision:resnet7"]}}, check_data=False)
+    with pytest.raises(SpecError, match="a classifier"):  # an encoder is refused for supervised training
+        validate({**raw, "train": {"epochs": 1}}, check_data=False)

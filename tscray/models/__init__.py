@@ -20,6 +20,9 @@ def build(name: str, num_classes: int, in_channels: int = 3, input_hw: tuple[int
           **kw: object) -> nn.Module:
     """Construct architecture ``name``; ``input_hw`` (the data's image size) is needed only to derive an
     external architecture's spec (registered ones ignore it)."""
+    backbone = encoder.external_backbone(name)
+    if backbone is not None:
+        return encoder.SSLEncoder(backbone, in_channels, num_classes=num_classes, input_hw=input_hw, **kw)  # type: ignore[arg-type]  # backbone options
     if external.is_external(name):
         return external.build(name, num_classes, in_channels, input_hw, **kw)
     return MODELS.get(name)(num_classes=num_classes, in_channels=in_channels, **kw)

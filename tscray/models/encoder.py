@@ -13,14 +13,20 @@ cosine similarities, kNN votes and the best linear probe are unchanged. A backbo
 (flattened) axis is refused (its features would not be one permutable group).
 
 Registered as ``simclr-<backbone>`` for ``cnn``, ``mlp``, ``resnet18``, ``resnet50`` and ``preactresnet18``;
-``num_classes`` is accepted for the registry's signature and ignored (an encoder has no classes).
+``simclr-<external>`` (``simclr-torchvision:resnet34``, ``simclr-mypkg.nets:build``) wraps any external
+architecture, whose spec is derived and verified (:mod:`tscray.models.external`); the dropout right before
+its classifier (torchvision's ``Dropout → Linear`` heads) is removed with it. ``num_classes`` is
+accepted for the registry's signature and ignored (an encoder has no classes).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
+from tscray.models import external
 from tscray.models.registry import MODELS
 from tscray.symmetry.spec import Expand, PermSpec, Probe, bn_entries, linear
 
@@ -36,14 +42,19 @@ class SSLEncoder(nn.Module):
     """Backbone (a registered architecture without its classifier) + SimCLR projection head."""
 
     def __init__(self, backbone: str = "cnn", in_channels: int = 3, proj_dim: int = 128,
-                 num_classes: int | None = None, **backbone_kw: object) -> None:
+                 num_classes: int | None = None, input_hw: tuple[int, int] | None = None,
+                 **backbone_kw: object) -> None:
         super().__init__()
         if proj_dim < 1:
             raise ValueError(f"proj_dim must be >= 1, got {proj_dim}")
         if backbone.startswith("simclr"):
             raise ValueError(f"backbone must be a plain architecture, got {backbone!r}")
         self.backbone_name, self.proj_dim = backbone, proj_dim
-        net = MODELS.get(backbone)(num_classes=2, in_channels=in_channels, **backbone_kw)
+        net: Any
+        if external.is_external(backbone):  # derived spec, verified on the data's shape (input_hw)
+            net = external.build(backbone, 2, in_channels, input_hw, **backbone_kw)
+        else:
+            net = MODELS.get(backbone)(num_classes=2, in_channels=in_channels, **backbone_kw)
         self._head_name = _last_linear(net)
         spec = net.permutation_spec()
         feat_group = spec.axes[f"{self._head_name}.weight"][1]
@@ -52,7 +63,14 @@ class SSLEncoder(nn.Module):
         self._backbone_spec, self.feature_group = spec, feat_group
         d = net.get_submodule(self._head_name).in_features
         parent, _, attr = self._head_name.rpartition(".")
-        setattr(net.get_submodule(parent) if parent else net, attr, nn.Identity())
+        owner = net.get_submodule(parent) if parent else net
+        setattr(owner, attr, nn.Identity())
+        if isinstance(owner, nn.Sequential):  # the classifier's own dropout right before it goes too
+            names = [n for n, _ in owner.named_children()]
+            for name in reversed(names[:names.index(attr)]):  # (torchvision's Dropout + Linear heads)
+                if not isinstance(owner.get_submodule(name), nn.modules.dropout._DropoutNd):
+                    break
+                setattr(owner, name, nn.Identity())
         self.backbone = net
         self.feature_dim = d
         self.head = nn.Sequential(nn.Linear(d, d, bias=False), nn.BatchNorm1d(d), nn.ReLU(), nn.Linear(d, proj_dim))
@@ -77,7 +95,7 @@ class SSLEncoder(nn.Module):
 
 def _register(backbone: str) -> None:
     def factory(num_classes: int | None = None, in_channels: int = 3, proj_dim: int = 128,
-                **kw: object) -> SSLEncoder:
+                **kw: Any) -> SSLEncoder:
         return SSLEncoder(backbone, in_channels, proj_dim, num_classes, **kw)
     factory.__name__ = f"simclr_{backbone}"
     factory.__doc__ = f"SimCLR encoder: {backbone} backbone + projection head."
@@ -86,3 +104,12 @@ def _register(backbone: str) -> None:
 
 for _b in ("cnn", "mlp", "resnet18", "resnet50", "preactresnet18"):
     _register(_b)
+
+PREFIX = "simclr-"
+
+
+def external_backbone(name: str) -> str | None:
+    """The external backbone of an encoder name (``simclr-torchvision:resnet34`` → ``torchvision:resnet34``)."""
+    if isinstance(name, str) and name.startswith(PREFIX) and external.is_external(name[len(PREFIX):]):
+        return name[len(PREFIX):]
+    return None
