@@ -87,7 +87,7 @@ def test_empty_sweep_is_a_clear_message(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name", ["quickstart", "ablation", "ablation_small", "table1", "table1_small", "attacks_small",
-                                  "ablation_ssl", "ablation_ssl_small", "attacks_small_long"])
+                                  "ablation_ssl", "ablation_ssl_small", "attacks_small_long", "architectures_small"])
 def test_shipped_sweeps_dry_run(name, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("TSCRAY_DATA", str(tmp_path))
     assert main(["sweep", f"sweeps/{name}.yaml", "--dry-run", "--storage", str(tmp_path / "s")]) == 0
