@@ -149,12 +149,19 @@ def finished_steps(store: Store) -> dict[str, frozenset[str]]:
     points, and a file written under other settings holds another spec's numbers."""
     out: dict[str, frozenset[str]] = {}
     for name in _names(store):
-        try:
-            keys = pq.read_table(io.BytesIO(store.read_bytes(f"results/{name}")), columns=["step_key"])
-        except (OSError, ValueError, KeyError, pa.ArrowException):
-            continue  # unreadable: not finished (set_aside_damaged's business)
-        out[_trial_id(name)] = frozenset(keys.column("step_key").to_pylist())
+        keys = _step_keys(store, name)
+        if keys is not None:  # (unreadable: not finished; set_aside_damaged's business)
+            out[_trial_id(name)] = keys
     return out
+
+
+def _step_keys(store: Store, name: str) -> frozenset[str] | None:
+    """The step keys of the rows of ``results/name`` (only that column is read); None if unreadable."""
+    try:
+        keys = pq.read_table(io.BytesIO(store.read_bytes(f"results/{name}")), columns=["step_key"])
+    except (OSError, ValueError, KeyError, pa.ArrowException):
+        return None
+    return frozenset(keys.column("step_key").to_pylist())
 
 
 def is_finished(done: Mapping[str, Collection[str]] | Collection[str], trial: Any) -> bool:
@@ -219,11 +226,8 @@ def set_aside_stale(store: Store, trials: Iterable[Any]) -> list[str]:
         name = f"trial-{t.id}.parquet"
         if name not in names:
             continue
-        try:
-            keys = pq.read_table(io.BytesIO(store.read_bytes(f"results/{name}")), columns=["step_key"])
-        except (OSError, ValueError, KeyError, pa.ArrowException):
-            continue  # unreadable: set_aside_damaged's business
-        if t.final.key not in set(keys.column("step_key").to_pylist()):
+        keys = _step_keys(store, name)
+        if keys is not None and t.final.key not in keys:  # (unreadable: set_aside_damaged's business)
             _move_aside(store, name, STALE_DIR)
             moved.append(t.id)
     return moved
