@@ -22,6 +22,38 @@ def test_steps_exist_only_once_their_manifest_is_written(tmp_path, kind):
     assert store.step_keys() == {"backdoor": ["k1"]}
 
 
+def test_a_driver_killed_between_manifest_and_event_still_counts_its_computation(tmp_path, monkeypatch):
+    """CI flake, issue 14's S3 kill test: the kill landed after a step's manifest (the step exists, a resume
+    reuses it) but before its computation event, so `computations()` forgot a computed step."""
+    from tscray import steps
+    from tscray.config import validate
+    from tscray.plan import make_plan
+
+    spec = validate({"name": "k", "grid": {"dataset": ["fashion-mnist-embedded"], "arch": ["mlp"], "defense": ["none"]},
+                     "train": {"epochs": 1, "batch_size": 256, "arch_kw": {"hidden": [16]}}})
+    ctx = steps.Context(Store(str(tmp_path / "s")))
+    step = make_plan(spec).trials[0].steps[0]
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed between the manifest and the event")
+    monkeypatch.setattr(Store, "log_computation", killed)
+    with pytest.raises(KeyboardInterrupt):
+        steps.compute(step, ctx)
+    monkeypatch.undo()
+    assert ctx.store.has_step(step.kind, step.key)
+    assert ctx.store.computations() == {step.key: 1}
+    steps.compute(step, ctx)  # the resume reuses it: still one computation
+    assert ctx.store.computations() == {step.key: 1}
+    # a second computation of the same key (two drivers racing) is counted even when it too is killed early
+    m = ctx.store.manifest(step.kind, step.key)
+    ctx.store.log_computation(step.kind, step.key, 1.0, "cpu", m["computation"])
+    assert ctx.store.computations() == {step.key: 1}
+    ctx.store.put_step(step.kind, step.key, {}, {**m, "computation": "c2"})
+    assert ctx.store.computations() == {step.key: 2}
+    ctx.store.log_computation(step.kind, step.key, 1.0, "cpu", "c2")
+    assert ctx.store.computations() == {step.key: 2}
+
+
 def test_artifacts_without_a_manifest_do_not_count(tmp_path):
     store = Store(str(tmp_path))
     store.write_bytes("steps/tsc_round/k2/point.safetensors", b"partial")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import uuid
 from typing import Any, Callable, Iterator
 
 import torch
@@ -257,10 +258,11 @@ def compute(step: Step, ctx: Context) -> dict[str, Any]:
     with ctx.autocast():
         tensors, records = kinds()[step.kind](step, ctx)
     seconds = time.time() - t0
-    manifest = {"records": _records(records), "seconds": seconds, "device": ctx.device, "threads": torch.get_num_threads(),
+    cid = uuid.uuid4().hex
+    manifest = {"records": _records(records), "computation": cid, "seconds": seconds, "device": ctx.device, "threads": torch.get_num_threads(),
                 "precision": ctx.precision, "channels_last": ctx.channels_last, "params": step.params, "inputs": [i.key for i in step.inputs]}
     manifest = ctx.store.put_step(step.kind, step.key, tensors, manifest)
-    ctx.store.log_computation(step.kind, step.key, seconds, ctx.device)
+    ctx.store.log_computation(step.kind, step.key, seconds, ctx.device, cid)
     return manifest
 
 

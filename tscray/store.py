@@ -265,19 +265,34 @@ class Store:
         return n
 
     # ------------------------------------------------------------ events
-    def log_computation(self, kind: str, key: str, seconds: float, device: str) -> None:
-        self.write_json(f"events/{key}.{uuid.uuid4().hex}.json",
+    def log_computation(self, kind: str, key: str, seconds: float, device: str, computation: str | None = None) -> None:
+        """Record that step ``key`` was computed. ``computation`` is the id its manifest carries, so a kill
+        between the manifest and this event still leaves the computation counted (see ``computations``)."""
+        cid = computation or uuid.uuid4().hex
+        self.write_json(f"events/{key}.{cid}.json",
                         {"kind": kind, "key": key, "seconds": seconds, "device": device, "at": time.time()})
 
     def computations(self) -> dict[str, int]:
-        """How many times each step key was computed (should be 1 for every key)."""
-        counts: dict[str, int] = {}
+        """How many times each step key was computed (should be 1 for every key): its events, plus one for a
+        stored step whose own computation left no event (the driver died between manifest and event)."""
+        events: dict[str, set[str]] = {}
         for name in self.listdir("events"):
             if name.endswith(".json"):
-                key = name.split(".")[0]
-                counts[key] = counts.get(key, 0) + 1
+                key, _, cid = name[: -len(".json")].partition(".")
+                events.setdefault(key, set()).add(cid)
+        counts = {k: len(v) for k, v in events.items()}
+        for kind, keys in self.step_keys().items():
+            for key in keys:
+                if key not in events:
+                    counts[key] = 1
+                    continue
+                try:
+                    cid = self.manifest(kind, key).get("computation")
+                except (FileNotFoundError, ValueError, UnicodeDecodeError, AttributeError):
+                    continue
+                if cid is not None and cid not in events[key]:
+                    counts[key] += 1
         return counts
-
 
 def _blob_problem(blob: bytes, meta: Mapping[str, Any] | None) -> str | None:
     """How ``blob`` differs from its recorded size and SHA-256 (None when it matches or nothing was recorded)."""
