@@ -287,10 +287,10 @@ class Store:
                     counts[key] = 1
                     continue
                 try:
-                    cid = self.manifest(kind, key).get("computation")
+                    made_by = self.manifest(kind, key).get("computation")
                 except (FileNotFoundError, ValueError, UnicodeDecodeError, AttributeError):
                     continue
-                if cid is not None and cid not in events[key]:
+                if made_by is not None and made_by not in events[key]:
                     counts[key] += 1
         return counts
 
