@@ -398,3 +398,41 @@ def test_the_dry_run_counts_a_trial_finished_only_with_its_planned_final_step(tm
     fresh = make_plan(load_spec(str(path), check_data=False))
     assert sum(results.is_finished(results.finished_steps(store), t) for t in fresh.trials) == 1
     assert sum(results.is_finished(results.done_trials(store), t) for t in fresh.trials) == 2  # by id alone
+
+
+# --- planning at scale: the fast paths make what the plain ones make ------------------------------------
+
+def test_steps_over_a_shared_base_have_the_keys_of_their_plain_params():
+    """Step.make over a ``base`` dict (a precomputed template while planning) gives the params JSON and
+    key that serialising ``{**base, **own}`` gives, whatever the own values' types and whichever base
+    keys they override."""
+    import random
+
+    from tscray.plan import Step, _planning
+
+    rng = random.Random(0)
+    values = [0, 1, -7, True, False, None, 0.5, -0.0, 1e-300, float("nan"), float("inf"), "x", 'q"u\\o\u00e9', "",
+              [1, "a"], (2.5,), {"z": 1, "a": [None]}, {}, 10**30]
+    inputs = (Step("backdoor", '{"seed":0}'), Step("attack_resource", "{}"))
+    for _ in range(300):
+        base = {k: rng.choice(values) for k in rng.sample(["a", "config", "m", "round", "zz", "é"], rng.randint(0, 6))}
+        own = {k: rng.choice(values) for k in rng.sample(["a", "b", "input", "round", "t", "zzz"], rng.randint(0, 4))}
+        ins = inputs[: rng.randint(0, 2)]
+        plain = Step("k", Step.make("k", {**base, **own}).params_json, ins)
+        with _planning():
+            fast = Step.make("k", own, ins, base=base)
+            again = Step.make("k", dict(own), ins, base=base)
+        assert fast.params_json == plain.params_json and fast.key == plain.key, (base, own)
+        assert again is fast
+
+
+def test_configs_convert_to_the_dicts_dataclasses_asdict_gives():
+    import dataclasses
+
+    from tscray.defenses import DEFENSES
+    from tscray.defenses.base import config_to_dict
+
+    for name in DEFENSES:
+        cfg = DEFENSES.get(name).make_config("paper")
+        out = config_to_dict(cfg)
+        assert out == dataclasses.asdict(cfg) and repr(out) == repr(dataclasses.asdict(cfg)), name

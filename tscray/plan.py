@@ -44,11 +44,13 @@ def _dumps(obj: Any) -> str:
 
 
 class _Memo:
-    """Caches that live while one plan is made."""
+    """Caches that live while one plan is made. ``lasting``: value-keyed ones a streaming summary keeps
+    when it drops the others between groups of points (see :func:`memo_lasting`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, lasting: dict[Any, Any] | None = None) -> None:
         self.values: dict[Any, Any] = {}
         self.json: dict[int, tuple[Any, str]] = {}  # id(dict) -> (the dict, kept alive; its JSON)
+        self.lasting: dict[Any, Any] = {} if lasting is None else lasting
 
 
 _ACTIVE: _Memo | None = None
@@ -63,6 +65,19 @@ def memo(key: Any, make: Any) -> Any:
         return m.values[key]
     except KeyError:
         value = m.values[key] = make()
+        return value
+
+
+def memo_lasting(key: Any, make: Any) -> Any:
+    """:func:`memo` for small values keyed by value (not identity) that every group of a streaming summary
+    needs again, such as an attack's resource parameters: kept for the whole plan."""
+    m = _ACTIVE
+    if m is None:
+        return make()
+    try:
+        return m.lasting[key]
+    except KeyError:
+        value = m.lasting[key] = make()
         return value
 
 
@@ -101,6 +116,7 @@ def _canon(obj: Any) -> str:
 
 
 _STR = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+_INF = float("inf")
 
 
 def _scalar(v: Any) -> str:
@@ -146,10 +162,16 @@ def _fragment(k: str, v: Any) -> tuple[str, str]:
     return k, f"{_STR(k)}:{_scalar(v) if t is not list and t is not tuple else _dumps(v)}"
 
 
+def _base_fragments(base: dict[str, Any]) -> list[tuple[str, str]] | None:
+    """``base``'s canonical JSON pieces ``(key, '"key":json')`` in key order, made once per object while
+    planning (None when a key is not a string)."""
+    return memo_for((base,), "fragments", lambda: sorted(_fragment(k, v) for k, v in base.items())
+                    if all(type(k) is str for k in base) else None)
+
+
 def _canon_over(base: dict[str, Any], own: dict[str, Any]) -> str:
     """``_canon({**base, **own})``, with ``base``'s pieces made once per object while planning."""
-    frags = memo_for((base,), "fragments", lambda: sorted(_fragment(k, v) for k, v in base.items())
-                     if all(type(k) is str for k in base) else None)
+    frags = _base_fragments(base)
     if frags is None:
         return _canon({**base, **own})
     if own:
@@ -162,6 +184,59 @@ def _canon_over(base: dict[str, Any], own: dict[str, Any]) -> str:
     return "{" + ",".join([f for _, f in frags]) + "}"
 
 
+class _Template:
+    """A step kind's params over one ``base`` dict with a fixed set of own keys, precomputed: the canonical
+    JSON's constant pieces between the own keys' slots, and the key's SHA-256 state after the constant text
+    that leads it. Making such a step then serialises and hashes only the few bytes its own values add
+    (a sweep step's base holds its defense's whole config, about 0.5 KB)."""
+
+    def __init__(self, kind: str, base: list[tuple[str, str]], own: tuple[str, ...]) -> None:
+        frag = dict(base)
+        names = sorted({*frag, *own})
+        self.own = tuple(k for k in names if k in own)  # in the order their slots come
+        self.quoted = tuple(_STR(k) + ":" for k in self.own)
+        self.parts: list[str | None] = []  # constant text, or None for the next own key's fragment
+        run: list[str] = []
+        for k in names:
+            if k in own:
+                if run:
+                    self.parts.append(",".join(run))
+                    run = []
+                self.parts.append(None)
+            else:
+                run.append(frag[k])
+        if run:
+            self.parts.append(",".join(run))
+        lead = self.parts[0] if self.parts and self.parts[0] is not None else ""
+        self.lead = "{" + lead + ("," if lead and len(self.parts) > 1 else "")
+        self.state = hashlib.sha256(f"[{STEP_VERSION},{_STR(kind)},{_STR(self.lead)[:-1]}".encode())
+
+    def make(self, own: dict[str, Any], inputs: tuple["Step", ...]) -> tuple[str, str]:
+        """``(params_json, key)`` of the step with ``own`` values over the base."""
+        frags, n = [], 0
+        for part in self.parts:
+            if part is None:
+                k = self.own[n]
+                v = own[k]
+                t = type(v)
+                if t is int:
+                    frags.append(self.quoted[n] + int.__repr__(v))
+                elif t is str:
+                    frags.append(self.quoted[n] + _STR(v))
+                elif t is float and -_INF < v < _INF:
+                    frags.append(self.quoted[n] + float.__repr__(v))
+                else:
+                    frags.append(_fragment(k, v)[1])
+                n += 1
+            else:
+                frags.append(part)
+        text = "{" + ",".join(frags) + "}"
+        h = self.state.copy()
+        keys = '"' + '","'.join([s.key for s in inputs]) + '"' if inputs else ""  # hex: nothing to escape
+        h.update((_STR(text[len(self.lead):])[1:] + ",[" + keys + "]]").encode())
+        return text, h.hexdigest()[:24]
+
+
 @dataclass(frozen=True)
 class Step:
     """One unit of work: ``kind`` with JSON-able ``params`` applied to the outputs of ``inputs``."""
@@ -170,12 +245,35 @@ class Step:
     params_json: str
     inputs: tuple["Step", ...] = ()
 
+    def __init__(self, kind: str, params_json: str, inputs: tuple["Step", ...] = ()) -> None:
+        # a frozen dataclass's own __init__ sets each field through object.__setattr__: planning makes
+        # millions of these objects, and writing the instance dict directly takes half the time
+        d = self.__dict__
+        d["kind"], d["params_json"], d["inputs"] = kind, params_json, inputs
+
     @staticmethod
     def make(kind: str, params: dict[str, Any], inputs: tuple["Step", ...] = (),
              base: dict[str, Any] | None = None) -> "Step":
         """The step with ``params`` (over ``base``'s: parameters many steps share, one dict object, such as a
         defense's config; while planning its JSON is made once). While planning, an equal step made before
         is returned (one object per key)."""
+        m = _ACTIVE
+        if base and m is not None and type(params) is dict:
+            own = tuple(params)
+            tkey = ("template", kind, own, id(base))
+            hit = m.values.get(tkey)
+            if hit is None:  # (the base is kept alive with it, so its id is not reused while planning)
+                frags = _base_fragments(base)
+                ok = frags is not None and all(type(k) is str for k in own)
+                hit = m.values[tkey] = (base, _Template(kind, frags, own) if frags is not None and ok else None)
+            tpl = hit[1]
+            if tpl is not None:
+                params_json, key = tpl.make(params, inputs)
+                step = m.values.get(("step", key))
+                if step is None:
+                    step = m.values["step", key] = Step(kind, params_json, inputs)
+                    step.__dict__["key"] = key
+                return step
         params_json = _canon_over(base, params) if base else _canon(params)
         if _ACTIVE is None:
             return Step(kind, params_json, inputs)
@@ -225,6 +323,10 @@ class Stage:
     round: int
     report: tuple[str, ...] = ()
 
+    def __init__(self, step: Step, round: int, report: tuple[str, ...] = ()) -> None:
+        d = self.__dict__  # (see Step.__init__)
+        d["step"], d["round"], d["report"] = step, round, report
+
 
 @dataclass(frozen=True)
 class Final:
@@ -234,6 +336,10 @@ class Final:
     key: str
     artifact: str
     stages: tuple[str, ...] = ("final",)
+
+    def __init__(self, key: str, artifact: str, stages: tuple[str, ...] = ("final",)) -> None:
+        d = self.__dict__  # (see Step.__init__)
+        d["key"], d["artifact"], d["stages"] = key, artifact, stages
 
 
 Settings = tuple[dict[str, Any], tuple[tuple[str, Any], ...]]
@@ -251,6 +357,11 @@ class Trial:
     chain: tuple[Stage, ...]
     final: Final = Final("", "")
     config: str | Settings = "{}"
+
+    def __init__(self, params: dict[str, Any], chain: tuple[Stage, ...], final: Final = Final("", ""),
+                 config: str | Settings = "{}") -> None:
+        d = self.__dict__  # (see Step.__init__)
+        d["params"], d["chain"], d["final"], d["config"] = params, chain, final, config
 
     @_lazy
     def id(self) -> str:
@@ -414,7 +525,11 @@ def resource_step(spec: SweepSpec, p: dict[str, Any]) -> Step | None:
     from tscray import attacks
 
     kw = attack_kw_for(spec.train, p["attack"])
-    params = attacks.build(p["attack"], **kw).resource_params(p["poison_rate"])
+    try:
+        params = memo_lasting(("resource-params", p["attack"], _dumps(kw), type(p["poison_rate"]), p["poison_rate"]),
+                              lambda: attacks.build(p["attack"], **kw).resource_params(p["poison_rate"]))
+    except TypeError:  # an unhashable entry
+        params = attacks.build(p["attack"], **kw).resource_params(p["poison_rate"])
     if params is None:
         return None
     return Step.make("attack_resource", _with_data_kw(spec, {
@@ -471,7 +586,7 @@ def _clean(spec: SweepSpec) -> dict[str, Any]:
 
 def _variant(spec: SweepSpec, p: dict[str, Any]) -> tuple[SweepSpec, str]:
     """The spec with the point's field axes set, and their JSON (its caches' key; "" without any)."""
-    if not any("." in k for k in p):
+    if not (spec.grid.field_axes or any(g.field_axes for g in spec.grids)) or not any("." in k for k in p):
         return spec, ""
     fields = {k: v for k, v in p.items() if "." in k}
     variant = _dumps(fields)
@@ -500,9 +615,6 @@ def _version(plugin: Any) -> dict[str, int]:
 def plan_trial(spec: SweepSpec, p: dict[str, Any]) -> Trial:
     """The chain of steps one grid point needs: the backdoored model, then its defense's steps (one
     ``defense`` step running the whole defense, or the finer steps its :class:`Planner` declares)."""
-    from tscray.defenses import DEFENSES
-    from tscray.defenses.base import config_to_dict
-
     spec, variant = _variant(spec, p)
     bd, first, backdoored = _root(spec, variant, p)
     name = p["defense"]
@@ -510,6 +622,9 @@ def plan_trial(spec: SweepSpec, p: dict[str, Any]) -> Trial:
         return Trial(p, (first,), backdoored)
 
     def defense() -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
+        from tscray.defenses import DEFENSES
+        from tscray.defenses.base import config_to_dict
+
         cfg = spec.defense.config(name, seed=p["seed"])
         d = DEFENSES.get(name)
         return d, cfg, config_to_dict(cfg), {**_clean(spec), "curve_ts": list(spec.eval.curve_ts), **_version(d)}
@@ -673,7 +788,7 @@ def _summarize_part(spec: SweepSpec, done: Done | None, part: int, parts: int) -
         for p, new_group in _points(spec, root_major=True):
             if new_group:
                 fold()
-                _ACTIVE = _Memo()
+                _ACTIVE = _Memo(_ACTIVE.lasting if _ACTIVE is not None else None)
                 gc.collect(0)  # the last group's steps (a step's ancestors hold the step: a cycle)
                 if parts > 1:
                     mine = int(_root(*_variant(spec, p), p)[0].key, 16) % parts == part
@@ -689,6 +804,8 @@ def _summarize_part(spec: SweepSpec, done: Done | None, part: int, parts: int) -
             for stage in chain:
                 if id(stage) not in seen:
                     seen[id(stage)] = stage
+                    if stage.step.key in keys:  # so are its ancestors: a step's key is added after theirs
+                        continue
                     for a in stage.step.ancestors:
                         if a.key in keys:
                             continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -228,8 +229,34 @@ def resolve_config(defense: Defense, preset: str, overrides: Mapping[str, Any], 
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """A config as plain JSON-able data (what sweep steps are keyed by)."""
-    return dataclasses.asdict(cfg)
+    """A config as plain JSON-able data (what sweep steps are keyed by). While planning, one dict per config
+    object, shared by its callers (who must not change it)."""
+    from tscray.plan import memo_for
+
+    return memo_for((cfg,), "config-dict", lambda: _plain(cfg))
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}
+_ATOMS = (int, float, str, bool, type(None))
+
+
+def _plain(obj: Any) -> Any:
+    """:func:`dataclasses.asdict`'s result (dataclasses to dicts, containers rebuilt, other values
+    deep-copied) without its generic overhead: planning converts a config per seed, a million-trial
+    sweep tens of thousands."""
+    t = type(obj)
+    if t in _ATOMS:
+        return obj
+    names = _FIELDS.get(t)
+    if names is None and dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        names = _FIELDS[t] = tuple(f.name for f in dataclasses.fields(obj))
+    if names is not None:
+        return {n: _plain(getattr(obj, n)) for n in names}
+    if t is list or t is tuple:
+        return t(_plain(v) for v in obj)
+    if t is dict:
+        return {_plain(k): _plain(v) for k, v in obj.items()}
+    return copy.deepcopy(obj)
 
 
 def config_from_dict(cls: type, d: Mapping[str, Any]) -> Any:

@@ -15,11 +15,12 @@ from typing import Any, Mapping, Sequence
 from torch import nn
 
 from tscray.curves import BezierCurve, fit
-from tscray.defenses.base import (DEFENSES, CleanData, Defense, DefenseResult, Evaluate, Log, Planner, check_t,
+from tscray.defenses.base import (DEFENSES, CleanData, Defense, DefenseResult, Evaluate, Log, Planner, check_t, config_to_dict,
                                   evaluate_curve)
 from tscray.defenses.finetune import finetune_model
 from tscray.methods.base import Method
 from tscray.optim import OptimConfig
+from tscray.plan import Final, Stage, Step, memo, memo_for
 from tscray.symmetry import Probe, match, permute
 from tscray.symmetry.derive import PROBE_RULES
 
@@ -194,9 +195,6 @@ _PLAN_DROP = ("t", "rounds", "eval_ts")
 
 
 def _plan(base: TSCConfig, axes: dict[str, Any], backdoor: Any, common: dict[str, Any]) -> tuple[list[Any], Any]:
-    from tscray.defenses.base import config_to_dict
-    from tscray.plan import Final, Stage, Step, memo, memo_for
-
     t, rounds = axes.get("t", base.t), axes.get("rounds", base.rounds)
     # one params dict per config: every step shares it, and planning serialises it once
     shared = memo_for((base, common), "tsc-params", lambda: {
@@ -211,7 +209,8 @@ def _plan(base: TSCConfig, axes: dict[str, Any], backdoor: Any, common: dict[str
                  else Final(rd.key, "point", ("stage2",)))
         return s1, Stage(rd, r, ("finetune", "stage2")), final
 
-    current, stages, final = backdoor, list[Any](), None
+    current, final = backdoor, None
+    stages: list[Any] = []
     for r in range(1, rounds + 1):
         s1, rd, final = memo(("tsc-round", id(shared), id(current), r, t), lambda c=current, r=r: round_(c, r))
         stages += (s1, rd)
