@@ -87,6 +87,7 @@ def test_merge_keys_still_work_and_explicit_keys_override_them(tmp_path):
     ("defense: {anp: {batch_size: true}}", "defense.anp: batch_size: True is not an integer"),
     ("storage: 'runs/{nope}'", "storage: 'runs/{nope}' has a bad placeholder (KeyError"),
     ("storage: 'runs/{'", "storage: 'runs/{' has a bad placeholder"),
+    ("storage: 's3://'", "storage: 's3://' names no bucket or folder after s3://"),
 ])
 def test_bad_values_are_named_at_validation(tmp_path, section, needle):
     problems = spec_error(tmp_path, f"name: x\n{section}\n")
@@ -134,6 +135,34 @@ def test_cli_bad_spec_is_one_line_exit_2(tmp_path, capsys):
     assert "alias" in err and len(err) < 1000
 
 
+def test_a_folder_given_as_the_spec_is_named_as_one(tmp_path, capsys):
+    assert main(["sweep", str(tmp_path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"file: {tmp_path} is a folder, not a YAML file") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", [["sweep", "SPEC", "--dry-run"], ["sweep", "SPEC"], ["status", "URI"],
+                                     ["results", "URI"]])
+def test_an_unreachable_storage_is_one_line_exit_2_before_any_compute(tmp_path, capsys, monkeypatch, command):
+    """An object store that cannot be reached (here: nothing listens at the S3 endpoint) gave a pyarrow
+    OSError traceback from the dry run's look for finished trials."""
+    import socket
+
+    with socket.socket() as s:  # a local port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    for k, v in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: s3\nstorage: s3://nobucket/sweep\ntrain: {epochs: 1}\ngrid: {defense: [none]}\n")
+    argv = [str(path) if a == "SPEC" else "s3://nobucket/sweep" if a == "URI" else a for a in command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"tscray {command[0]}: error: storage s3://nobucket/sweep cannot be read: ") and "\n" not in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_step_asking_more_gpus_than_the_machine_has_stops_before_compute(tmp_path, capsys):
     """``resources.gpus_per_step: 4`` on a machine without GPUs hung silently; it is one line, exit 2."""
     import torch
@@ -159,3 +188,13 @@ def test_a_step_asking_more_memory_than_any_node_has_stops_before_compute(tmp_pa
     err = capsys.readouterr().err
     assert "resources.memory_gb_per_step: a step and a trial ask 100000.25 GiB together" in err
     assert not (tmp_path / "runs" / "steps").exists()
+
+
+def test_an_os_error_mid_command_is_one_line_not_a_traceback(capsys, monkeypatch):
+    from tscray import cli
+
+    def failing(args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setitem(cli.COMMANDS, "status", failing)
+    assert main(["status", "anywhere"]) == 1
+    assert capsys.readouterr().err.strip() == "tscray status: error: OSError: [Errno 28] No space left on device"

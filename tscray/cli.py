@@ -393,6 +393,7 @@ def cmd_backdoor(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from tscray.config import load_spec
     from tscray.plan import summarize
+    from tscray.store import Store
     from tscray.sweep import describe_plan, run_sweep
 
     spec = load_spec(args.spec)
@@ -400,12 +401,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         import dataclasses
 
         spec = dataclasses.replace(spec, mlflow_uri=args.mlflow_uri)
+    uri = spec.storage_path(args.storage)
+    store = Store(uri)
+    store.probe()  # an unreachable storage: one line before any compute
     if args.dry_run:
         from tscray import results
-        from tscray.store import Store
 
-        uri = spec.storage_path(args.storage)
-        store = Store(uri)
         # finished: a results file holding the planned final step's rows (not one written under other settings)
         done = results.finished_steps(store) if store.exists("sweep.json") else {}
         print(describe_plan(summarize(spec, done)))
@@ -423,6 +424,7 @@ def _open_store(location: str):
 
     uri = location if "://" in location else str(Path(location).resolve())
     store = Store(uri)
+    store.probe()
     if not store.exists("sweep.json"):
         raise FileNotFoundError(f"{location}: not a tscray sweep directory (no sweep.json)")
     return store
@@ -625,6 +627,12 @@ def _main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        raise
+    except OSError as err:  # storage or network failing mid-command: one line, not a traceback
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"tscray {args.command}: error: {type(err).__name__}: {first}", file=sys.stderr)
+        return 1
     except RuntimeError as err:
         from tscray.sweep import SweepStopped
 

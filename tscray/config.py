@@ -689,6 +689,9 @@ def _check_storage(raw: str, name: str, problems: list[str]) -> None:
         problems.append("storage: empty path")
         return
     if "://" in path:
+        scheme, rest = path.split("://", 1)
+        if not rest.strip("/"):
+            problems.append(f"storage: {_short(path)} names no bucket or folder after {scheme}://")
         return
     p = Path(path).expanduser().absolute()
     for parent in (p, *p.parents):
@@ -876,7 +879,8 @@ def load_spec(path: str | Path, check_data: bool = True) -> SweepSpec:
     """Read and validate a sweep YAML file."""
     path = Path(path)
     if not path.is_file():
-        raise SpecError([f"file: {path} does not exist"], str(path))
+        raise SpecError([f"file: {path} is a folder, not a YAML file" if path.is_dir() else f"file: {path} does not exist"],
+                        str(path))
     from tscray import spec_yaml
 
     try:

@@ -35,6 +35,10 @@ class CorruptArtifact(ValueError):
     """A stored step artifact that is missing, truncated or altered (its size or hash differ)."""
 
 
+class StorageUnreachable(ValueError):
+    """The sweep storage cannot be read (an unknown host, no credentials, a bucket that does not exist)."""
+
+
 class Store:
     """Content-addressed step artifacts, computation events and per-trial results."""
 
@@ -43,10 +47,22 @@ class Store:
         if filesystem is not None:  # an explicit pyarrow filesystem (tests use an in-memory one)
             self.fs, self.root = filesystem, uri
         elif "://" in uri:
-            self.fs, self.root = pafs.FileSystem.from_uri(uri)
+            try:  # (an S3 URI resolves its bucket's region here)
+                self.fs, self.root = pafs.FileSystem.from_uri(uri)
+            except OSError as err:
+                raise StorageUnreachable(f"storage {uri} cannot be read: {_first_line(err)}") from None
         else:
             self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(uri)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def probe(self) -> None:
+        """Read the storage's root once, so an unreachable storage is one clear error before any compute."""
+        try:
+            self.fs.get_file_info(self.root)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise StorageUnreachable(f"storage {self.uri} cannot be read: {_first_line(err)}") from None
 
     def __reduce__(self):  # ship to Ray workers as the URI only
         return (Store, (self.uri,))
@@ -293,6 +309,11 @@ class Store:
                 if made_by is not None and made_by not in events[key]:
                     counts[key] += 1
         return counts
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
 
 def _blob_problem(blob: bytes, meta: Mapping[str, Any] | None) -> str | None:
     """How ``blob`` differs from its recorded size and SHA-256 (None when it matches or nothing was recorded)."""
