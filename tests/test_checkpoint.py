@@ -60,3 +60,21 @@ def test_wrong_architecture_names_the_mismatch(tmp_path):
         load_into(build("cnn", 10, in_channels=1), path)
     with pytest.raises(CheckpointError, match="no such"):
         load_state(tmp_path / "absent.safetensors")
+
+
+def test_a_missing_checkpoint_is_named_missing_not_corrupt(tmp_path):
+    for reader in (read_meta, load_state):
+        with pytest.raises(CheckpointError, match=r"m\.safetensors: no such checkpoint file$"):
+            reader(tmp_path / "m.safetensors")
+
+
+def test_purify_checks_its_arguments_before_it_reads_the_model(tmp_path, capsys):
+    """An unknown defense, or a setting of another defense, is named even when the model is unreadable."""
+    from tscray.cli import main
+
+    (tmp_path / "m.safetensors").write_bytes(b"\x00" * 64)
+    for extra, needle in ((["--defense", "magic"], "unknown defense 'magic'"),
+                          (["--defense", "fp", "--set", "rho=2"], "rho")):
+        assert main(["purify", "--model", str(tmp_path / "m.safetensors"), "--arch", "cnn", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "safetensors" not in err and "\n" not in err, err

@@ -55,6 +55,8 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if path.suffix != ".safetensors":
         return {}
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}

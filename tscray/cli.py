@@ -310,13 +310,15 @@ def cmd_purify(args: argparse.Namespace) -> int:
     from tscray.defenses import CleanData
 
     _setup(args)
+    defense, cfg = _defense_config(args)  # the arguments first: naming a bad one needs no model
+    if args.attack:
+        attacks.ATTACKS.get(args.attack)
     meta = checkpoint.read_meta(args.model)
     arch = args.arch or meta.get("arch")
     if not arch:
         raise ValueError(f"{args.model} carries no architecture; pass --arch (one of {', '.join(models.names())})")
     arch_kw = args.arch_kw if args.arch_kw is not None else meta.get("arch_kw", {})
     target = _purify_target(args, meta)
-    defense, cfg = _defense_config(args)
     data_name, data_kw = _purify_data(args, meta)
     ds = _load_data(data_name, args.data_root, data_kw)
     _check_target(target, ds, "--target" if args.target is not None else "the checkpoint's target")
