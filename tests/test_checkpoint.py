@@ -63,9 +63,12 @@ def test_wrong_architecture_names_the_mismatch(tmp_path):
 
 
 def test_a_missing_checkpoint_is_named_missing_not_corrupt(tmp_path):
+    (tmp_path / "d.safetensors").mkdir()
     for reader in (read_meta, load_state):
         with pytest.raises(CheckpointError, match=r"m\.safetensors: no such checkpoint file$"):
             reader(tmp_path / "m.safetensors")
+        with pytest.raises(CheckpointError, match=r"d\.safetensors: a folder, not a checkpoint file$"):
+            reader(tmp_path / "d.safetensors")
 
 
 def test_purify_checks_its_arguments_before_it_reads_the_model(tmp_path, capsys):

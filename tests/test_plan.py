@@ -436,3 +436,24 @@ def test_configs_convert_to_the_dicts_dataclasses_asdict_gives():
         cfg = DEFENSES.get(name).make_config("paper")
         out = config_to_dict(cfg)
         assert out == dataclasses.asdict(cfg) and repr(out) == repr(dataclasses.asdict(cfg)), name
+
+    # a plugin's config may hold any container asdict handles: namedtuples, container subclasses
+    import collections
+
+    @dataclasses.dataclass(frozen=True)
+    class Inner:
+        x: int = 1
+
+    class Names(list):
+        pass
+    Pair = collections.namedtuple("Pair", "a b")
+
+    @dataclasses.dataclass(frozen=True)
+    class Plugin:
+        pair: Pair = Pair(Inner(), (Inner(), 2.5))
+        ordered: collections.OrderedDict = dataclasses.field(
+            default_factory=lambda: collections.OrderedDict(z=Inner(), a=[Inner()]))
+        names: Names = dataclasses.field(default_factory=lambda: Names([Inner(), "n"]))
+        other: frozenset = frozenset({1, 2})
+    out, ref = config_to_dict(Plugin()), dataclasses.asdict(Plugin())
+    assert out == ref and repr(out) == repr(ref) and type(out["names"]) is Names

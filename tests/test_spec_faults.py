@@ -198,3 +198,28 @@ def test_an_os_error_mid_command_is_one_line_not_a_traceback(capsys, monkeypatch
     monkeypatch.setitem(cli.COMMANDS, "status", failing)
     assert main(["status", "anywhere"]) == 1
     assert capsys.readouterr().err.strip() == "tscray status: error: OSError: [Errno 28] No space left on device"
+
+
+def test_a_bucket_that_does_not_exist_or_no_bucket_at_all_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    """On a reachable S3 server: a sweep into a bucket nobody made planned everything, then failed writing
+    sweep.json with pyarrow's "enable allow_bucket_creation" (a setting tscray does not expose); and
+    ``--storage s3://`` (no bucket) got past validation, which checks only the spec's own field."""
+    pytest.importorskip("moto")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        for k, v in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "x",
+                     "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(k, v)
+        path = tmp_path / "spec.yaml"
+        path.write_text("name: s3\nstorage: s3://nobucket/sweep\ntrain: {epochs: 1}\ngrid: {defense: [none]}\n")
+        assert main(["sweep", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == "tscray sweep: error: storage s3://nobucket/sweep: bucket 'nobucket' does not exist (create it first)"
+        assert main(["sweep", str(path), "--storage", "s3://"]) == 2
+        assert capsys.readouterr().err.strip() == "tscray sweep: error: storage s3:// names no bucket or folder"
+    finally:
+        server.stop()

@@ -56,7 +56,7 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     if path.suffix != ".safetensors":
         return {}
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise CheckpointError(f"{path}: {'a folder, not a checkpoint file' if path.is_dir() else 'no such checkpoint file'}")
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
@@ -83,7 +83,7 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict from safetensors or a weights-only PyTorch file; never unpickles objects."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise CheckpointError(f"{path}: {'a folder, not a checkpoint file' if path.is_dir() else 'no such checkpoint file'}")
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path))

@@ -441,7 +441,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     # only steps whose artifacts have the sizes their manifests recorded count (`tscray verify` checks hashes)
     steps = {k: [key for key in v if store.check_step(k, key, deep=False) is None] for k, v in stored.items()}
     damaged = sum(len(v) for v in stored.values()) - sum(len(v) for v in steps.values())
-    comp = store.computations()
+    comp = store.computations(stored)
     bad: list[str] = []
     results.read(store, bad)
     done = results.done_trials(store) - {n[len("results/trial-"):-len(".parquet")] for n in bad}
@@ -457,7 +457,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"in progress: {len(live)} step(s) being computed by a driver now"
               + (f" ({len(leases) - len(live)} expired lease(s) of a stopped driver)" if len(live) < len(leases) else ""))
     again = sum(1 for n in comp.values() if n > 1)
-    print(f"computations logged: {sum(comp.values())}" + (f" ({again} steps computed more than once)" if again else ""))
+    print(f"computations: {sum(comp.values())}" + (f" ({again} steps computed more than once)" if again else ""))
     return 0
 
 

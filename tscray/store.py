@@ -51,6 +51,8 @@ class Store:
                 self.fs, self.root = pafs.FileSystem.from_uri(uri)
             except OSError as err:
                 raise StorageUnreachable(f"storage {uri} cannot be read: {_first_line(err)}") from None
+            if not self.root.strip("/"):
+                raise StorageUnreachable(f"storage {uri} names no bucket or folder")
         else:
             self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(uri)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
@@ -58,7 +60,11 @@ class Store:
     def probe(self) -> None:
         """Read the storage's root once, so an unreachable storage is one clear error before any compute."""
         try:
-            self.fs.get_file_info(self.root)
+            info = self.fs.get_file_info(self.root)
+            if not self.local and info.type == pafs.FileType.NotFound:  # a bucket is never made for the user
+                bucket = self.root.strip("/").split("/")[0]
+                if self.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                    raise StorageUnreachable(f"storage {self.uri}: bucket {bucket!r} does not exist (create it first)")
         except FileNotFoundError:
             pass
         except OSError as err:
@@ -288,16 +294,17 @@ class Store:
         self.write_json(f"events/{key}.{cid}.json",
                         {"kind": kind, "key": key, "seconds": seconds, "device": device, "at": time.time()})
 
-    def computations(self) -> dict[str, int]:
+    def computations(self, stored: dict[str, list[str]] | None = None) -> dict[str, int]:
         """How many times each step key was computed (should be 1 for every key): its events, plus one for a
-        stored step whose own computation left no event (the driver died between manifest and event)."""
+        stored step whose own computation left no event (the driver died between manifest and event).
+        ``stored``: :meth:`step_keys`, when the caller already listed them."""
         events: dict[str, set[str]] = {}
         for name in self.listdir("events"):
             if name.endswith(".json"):
                 key, _, cid = name[: -len(".json")].partition(".")
                 events.setdefault(key, set()).add(cid)
         counts = {k: len(v) for k, v in events.items()}
-        for kind, keys in self.step_keys().items():
+        for kind, keys in (self.step_keys() if stored is None else stored).items():
             for key in keys:
                 if key not in events:
                     counts[key] = 1
@@ -309,6 +316,7 @@ class Store:
                 if made_by is not None and made_by not in events[key]:
                     counts[key] += 1
         return counts
+
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import math
@@ -256,6 +257,18 @@ def _plain(obj: Any) -> Any:
         return t(_plain(v) for v in obj)
     if t is dict:
         return {_plain(k): _plain(v) for k, v in obj.items()}
+    # asdict's rules for the rest: namedtuples, container subclasses, defaultdicts
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return t(*[_plain(v) for v in obj])
+    if isinstance(obj, (list, tuple)):
+        return t(_plain(v) for v in obj)
+    if isinstance(obj, dict):
+        if isinstance(obj, collections.defaultdict):
+            out = t(obj.default_factory)
+            for k, v in obj.items():
+                out[_plain(k)] = _plain(v)
+            return out
+        return t((_plain(k), _plain(v)) for k, v in obj.items())
     return copy.deepcopy(obj)
 
 
