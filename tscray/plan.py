@@ -70,15 +70,14 @@ def memo(key: Any, make: Any) -> Any:
 
 def memo_lasting(key: Any, make: Any) -> Any:
     """:func:`memo` for small values keyed by value (not identity) that every group of a streaming summary
-    needs again, such as an attack's resource parameters: kept for the whole plan."""
+    needs again, such as an attack's resource parameters: kept for the whole plan (called once per group,
+    not per trial, so it need not be as lean as :func:`memo`)."""
     m = _ACTIVE
     if m is None:
         return make()
-    try:
-        return m.lasting[key]
-    except KeyError:
-        value = m.lasting[key] = make()
-        return value
+    if key not in m.lasting:
+        m.lasting[key] = make()
+    return m.lasting[key]
 
 
 def memo_for(objs: tuple[Any, ...], tag: str, make: Any) -> Any:
