@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 
@@ -250,27 +251,41 @@ def test_presets():
 
 @pytest.mark.slow
 def test_anp_removes_badnets(badnets_reduced, say):
-    """ANP prunes the BadNets backdoor out of the reduced cnn at almost no ACC cost (BackdoorBench,
+    """ANP's masks find the BadNets backdoor in the reduced cnn: pruning the lowest-mask 10% of its BN
+    neurons removes it at a small ACC cost, and pruning as many random neurons does not (BackdoorBench,
     PreActResNet-18 CIFAR-10 10%: ASR 95.0 -> 0.73, ACC 91.3 -> 84.2).
 
     CPU-scale config: 600 iterations at batch 32 instead of 2,000 at 128 (the paper's defaults otherwise:
-    ε 0.4, α 0.2, mask lr 0.2, threshold 0.2). Measured on the fixture (ACC 86.6, ASR 96.2 before), 1 thread:
-    600 it x 32, seed 0: ACC 85.8, ASR 7.3, 22/288 neurons pruned, ~100 s CPU on a loaded machine
-    (~0.16 s per iteration); seed 1: ACC 87.0, ASR 12.0. Fewer steps leave more backdoor: 400 x 32 gave
-    ASR 11.1 (seed 0) / 18.0 (seed 1), 400 x 64 gave 20.9, and 300 x 128 only 87.8, so at this scale the
-    step count matters most and batch 32 buys the steps. Thresholds: ASR <= 20 (measured 7.3, worst seed 12.0),
-    ACC within 3 points of the backdoored model (measured -0.8 / +0.4).
+    ε 0.4, α 0.2, mask lr 0.2), pruning by fraction 0.1 (29 of 288 neurons) instead of the paper's threshold
+    0.2. The threshold is not a stable proof on a model this small: the masks are still moving at 600
+    iterations and the backdoor sits in the 20-30 lowest, so how many fall under 0.2 decides the result.
+    Measured on the fixture built with 1 thread (ACC 86.4, ASR 96.0; CI's xdist workers): threshold 0.2
+    pruned 20 / 22 neurons and left ASR 54.2 / 42.7 (seeds 0 / 1), 19 at 1,200 iterations left 38.0, 23 at
+    2,000 left 13.8; the lowest 29 left ASR 10.9 (ACC 84.6) at 600, the lowest 30 7.8 / 5.1 (seeds 0 / 1),
+    5.3 at 1,200, 4.9 at 2,000. With the 2-thread fixture of a serial run (ACC 86.8), the lowest 29: ASR
+    13.1 / 8.9 (seeds 0 / 2), ACC 85.4 / 83.6. Twenty-nine random
+    neurons (3 draws) left ASR 92.2-96.4 at ACC 62.6-71.2. An earlier version asserted the threshold run;
+    it passed on one machine's kernels (ASR 7.3) and failed on two others (54.2, 57.1).
+    Thresholds: ASR <= 25 (worst measured 13.1), ACC within 5 points (worst -3.2), random control ASR >= 80.
     """
     bd, clean, before = badnets_reduced
     anp = defenses.get("anp")
-    cfg = anp.make_config("paper", iterations=600, batch_size=32)
+    cfg = anp.make_config("paper", iterations=600, batch_size=32, pruning_by="fraction", pruning_fraction=0.1)
     t0 = time.time()
     res = anp.run(bd.model, clean, method("supervised"), cfg, bd.evaluate)
     secs = time.time() - t0
     after = res.records[-1]
+    gen = torch.Generator().manual_seed(0)
+    ones = [torch.ones(bn.num_features) for _, bn in batchnorms(bd.model)]
+    random_pruned = copy.deepcopy(bd.model)
+    prune_neurons(random_pruned, prune_selection([torch.rand(m.shape, generator=gen) for m in ones], "number",
+                                                 number=after["anp_pruned"]))
+    control = bd.evaluate(random_pruned)
     say(f"\nANP ({cfg.iterations} it x {cfg.batch_size}): ACC {before['acc']:.2f} -> {after['acc']:.2f}, "
         f"ASR {before['asr']:.2f} -> {after['asr']:.2f}, pruned {after['anp_pruned']}/{after['anp_neurons']}, "
-        f"{secs:.0f}s")
+        f"{secs:.0f}s; as many random neurons: ACC {control['acc']:.2f} ASR {control['asr']:.2f}")
     assert before["asr"] >= 90.0
-    assert after["asr"] <= 20.0
-    assert after["acc"] >= before["acc"] - 3.0
+    assert after["anp_pruned"] == round(0.1 * after["anp_neurons"])
+    assert after["asr"] <= 25.0
+    assert after["acc"] >= before["acc"] - 5.0
+    assert control["asr"] >= 80.0
