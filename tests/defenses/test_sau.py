@@ -279,8 +279,11 @@ def test_sau_removes_badnets(badnets_reduced, say):
     lr unlearns less stably: lr 1e-4 left ASR at 68-88 after 4 epochs; lr 1e-3 constant oscillated between
     ASR 9 and 24 over 10 epochs (ACC 80-84); lr 2e-3 cosine kept ASR 0.0 but ACC at 70.4.
     Measured by this test: ACC 86.6 → 78.2, ASR 96.2 → 2.2; 208 s CPU over 2 threads (169 s wall while another
-    training shared the 2 cores).
-    Asserted: ASR < 10, ACC within 15 points of the backdoored model's (SAU's ACC cost).
+    training shared the 2 cores). Later, on a fixture built by other kernels (ACC 86.4 / 86.8, ASR 96.0 with 1 /
+    2 threads): ASR 8.2 / 8.4 (ACC 80.8 / 80.6); with seed 1 ASR 0.2 (ACC 73.2); 10 epochs 6.4 / 2.9 (seeds 0 /
+    1), 12 epochs 6.7 / 3.3. SAU's end ASR at this scale spreads over 0-9 with kernels and seed.
+    Asserted: ASR < 15 (Table 1's line for a failed defense; was < 10, which the 8.2 above nearly crossed),
+    ACC within 15 points of the backdoored model's (SAU's ACC cost).
     """
     bd, clean, before = badnets_reduced
     d = defenses.get("sau")
@@ -291,5 +294,5 @@ def test_sau_removes_badnets(badnets_reduced, say):
     say(f"sau on badnets_reduced: before ACC {before['acc']:.2f} ASR {before['asr']:.2f}; "
         f"after ACC {after['acc']:.2f} ASR {after['asr']:.2f}; shared {after['sau_shared_rate']:.2f}; "
         f"{secs:.1f}s wall, {cpu:.1f}s CPU")
-    assert after["asr"] < 10.0
+    assert after["asr"] < 15.0
     assert after["acc"] > before["acc"] - 15.0
