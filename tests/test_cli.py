@@ -207,3 +207,17 @@ def test_a_broken_pipe_that_is_not_our_output_is_not_hidden(monkeypatch):
     monkeypatch.setitem(cli.COMMANDS, "defenses", command)
     with pytest.raises(BrokenPipeError):
         main(["defenses"])
+
+
+def test_options_an_architecture_cannot_take_are_named_as_arch_kw_before_compute(tmp_path, capsys):
+    """`--arch-kw '{"widths": "xx"}'` printed the cnn's own TypeError ("not all arguments converted during
+    string formatting"), which names neither the flag nor the architecture; backdoor trained nothing first."""
+    path = save_model(build("cnn", 10, in_channels=1, widths=(8, 8, 8, 8)), tmp_path / "m.safetensors",
+                      arch="cnn", arch_kw={"widths": [8, 8, 8, 8]}, data="fashion-mnist-embedded")
+    for cmd in (["purify", "--model", str(path), *TINY_TSC],
+                ["backdoor", "--data", "fashion-mnist-embedded", "--out", str(tmp_path / "b.safetensors")]):
+        for bad in ('{"widths": "xx"}', '{"depth": 3}'):
+            assert main([*cmd, "--arch-kw", bad]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.count("\n") == 0 and "--arch-kw" in err and "'cnn'" in err and bad[2:7] in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]

@@ -305,6 +305,18 @@ def _check_target(target: int, ds: Any, what: str = "--target") -> None:
         raise ValueError(f"{what} {target} is not a class of {ds.name} (its classes are 0..{ds.num_classes - 1})")
 
 
+def _build_model(arch: str, ds: Any, arch_kw: dict[str, Any]) -> Any:
+    """The architecture for ``ds``; options it cannot take are named as ``--arch-kw`` (the model's own
+    TypeError names neither the flag nor the architecture)."""
+    from tscray import models
+
+    try:
+        return models.build(arch, ds.num_classes, ds.in_channels, input_hw=ds.input_hw, **arch_kw)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"--arch-kw: architecture {arch!r} does not take {json.dumps(arch_kw)}: "
+                         f"{str(err)[:200]}") from None
+
+
 def cmd_purify(args: argparse.Namespace) -> int:
     from tscray import attacks, checkpoint, data, methods, models
     from tscray.defenses import CleanData
@@ -322,7 +334,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
     data_name, data_kw = _purify_data(args, meta)
     ds = _load_data(data_name, args.data_root, data_kw)
     _check_target(target, ds, "--target" if args.target is not None else "the checkpoint's target")
-    model = models.build(arch, ds.num_classes, ds.in_channels, input_hw=ds.input_hw, **arch_kw)
+    model = _build_model(arch, ds, arch_kw)
     if defense.check_model is not None:
         defense.check_model(model)
     try:
@@ -374,6 +386,7 @@ def cmd_backdoor(args: argparse.Namespace) -> int:
     _setup(args)
     ds = _load_data(args.data, args.data_root, dict(args.data_kw))
     _check_target(args.target, ds)
+    _build_model(args.arch, ds, args.arch_kw or {})  # bad options fail here, before any training
     attack = attacks.build(args.attack, **(args.attack_kw or {}))
     recipe = attacks.TrainRecipe(args.epochs, args.batch_size, OptimConfig(lr=args.lr))
     _log(f"training {args.arch} on {ds.name} with {args.attack} at {args.rate:.1%} poison, target {args.target}")
