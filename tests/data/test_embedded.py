@@ -23,6 +23,21 @@ def test_subset_per_class_and_unknown_name():
         DATASETS.get("cifar-100")
 
 
+def test_image_size_resizes_the_embedded_images_for_nets_that_pool_below_28_px():
+    """torchvision vgg11_bn pools 28 px down to 0 (five 2x poolings); 32 px carries it to 1."""
+    native = load("fashion-mnist-embedded", train_per_class=5, test_per_class=2)
+    big = load("fashion-mnist-embedded", train_per_class=5, test_per_class=2, image_size=32)
+    assert big.train.x.shape == (50, 1, 32, 32) and big.test.x.shape == (20, 1, 32, 32)
+    assert big.train.x.dtype == torch.uint8 and torch.equal(big.train.y, native.train.y)
+    assert big.input_hw == (32, 32) and big.prep.crop_padding == 2
+    assert torch.equal(load("fashion-mnist-embedded", train_per_class=5, image_size=28).train.x, native.train.x)
+    # resizing keeps the image: mean brightness within 1%
+    assert abs(big.train.x.double().mean() - native.train.x.double().mean()) < 0.01 * native.train.x.double().mean()
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="image_size"):
+            load("fashion-mnist-embedded", image_size=bad)
+
+
 def test_clean_subset_is_seeded_random_and_sized():
     a, b, c = clean_subset(10000, 0.05, 0), clean_subset(10000, 0.05, 0), clean_subset(10000, 0.05, 1)
     assert len(a) == 500 and torch.equal(a, b) and not torch.equal(a, c)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from tscray.data import DATASETS, Dataset, classes
+from tscray.data.files import check_image_size, resize_square
 from tscray.data.tensors import ImageData, Preprocess
 
 FILE = "fashion_mnist_embedded.npz"
@@ -35,20 +36,23 @@ def _arrays() -> dict[str, np.ndarray]:
 @DATASETS.register("fashion-mnist-embedded")
 @classes(10)
 def fashion_mnist_embedded(root: Path | None = None, train_per_class: int | None = None,
-                           test_per_class: int | None = None) -> Dataset:
-    """The embedded Fashion-MNIST subset; optionally fewer images per class (first ones, balanced)."""
+                           test_per_class: int | None = None, image_size: int | None = None) -> Dataset:
+    """The embedded Fashion-MNIST subset; optionally fewer images per class (first ones, balanced), and
+    resized to ``image_size`` px (native 28; e.g. 32 for nets with five 2× poolings, such as VGG)."""
+    size = check_image_size(image_size, 28)
     a = _arrays()
 
     def split(x: np.ndarray, y: np.ndarray, per_class: int | None) -> ImageData:
         if per_class is not None:
             keep = np.sort(np.concatenate([np.flatnonzero(y == c)[:per_class] for c in range(10)]))
             x, y = x[keep], y[keep]
-        return ImageData(torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64)))
+        return ImageData(resize_square(torch.from_numpy(x.copy()).unsqueeze(1), size),
+                         torch.from_numpy(y.astype(np.int64)))
 
     return Dataset(
         name="fashion-mnist-embedded",
         train=split(a["x_train"], a["y_train"], train_per_class),
         test=split(a["x_test"], a["y_test"], test_per_class),
         num_classes=10,
-        prep=Preprocess(mean=MEAN, std=STD, crop_padding=2, hflip=False),
+        prep=Preprocess(mean=MEAN, std=STD, crop_padding=max(1, round(2 * size / 28)), hflip=False),
     )
