@@ -248,6 +248,27 @@ def test_an_untraceable_model_is_refused_in_one_line() -> None:
     assert "\n" not in str(err.value)
 
 
+class Pools(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.pool(self.pool(self.c(x)))).flatten(1)
+
+
+def test_an_input_too_small_for_the_model_is_one_line_naming_the_layer_and_the_cause(capfd) -> None:
+    """densenet121 on 28 px failed with torch.fx's 'ShapeProp error for: node=%features_transition3_pool :
+    [num_users=17] = call_module[...' and fx printed a whole traceback to stderr before tscray's message."""
+    with pytest.raises(DeriveError) as err:
+        derive(Pools(), example((2, 3, 4, 4)))
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("Pools fails on an input of shape (2, 3, 4, 4) at pool: "), msg
+    assert "Output size is too small" in msg and "ShapeProp" not in msg
+    assert capfd.readouterr().err == ""
+
+
 def test_matching_runs_on_a_derived_spec() -> None:
     """Align a permuted copy back to the model: matching with derived probes recovers the permutation."""
     from tscray.symmetry import compose, invert, permute_state

@@ -29,7 +29,9 @@ BatchNorm (or after the producer). ``probes="raw"`` or ``"relu"`` forces one rul
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import math
 import operator
 from dataclasses import dataclass, field
@@ -636,15 +638,32 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
     gm = fx.GraphModule(model, graph)
     was = model.training
     model.eval()
+    prop = _ShapeProp(gm)
     try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(example_input)
+        # fx's ShapeProp prints a traceback to stderr before re-raising: the one-line error below says it all
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            prop.propagate(example_input)
     except Exception as err:
-        raise DeriveError(f"{type(model).__name__} fails on an input of shape {tuple(example_input.shape)}: "
-                          f"{str(err).splitlines()[0][:200]}") from err
+        root: BaseException = err
+        while root.__cause__ is not None:
+            root = root.__cause__
+        node = prop.current
+        where = f" at {node.target if node.op == 'call_module' else node.name}" if node is not None else ""
+        raise DeriveError(f"{type(model).__name__} fails on an input of shape {tuple(example_input.shape)}{where}: "
+                          f"{(str(root).splitlines() or [type(root).__name__])[0][:200]}") from err
     finally:
         model.train(was)
     return gm
+
+
+class _ShapeProp(ShapeProp):
+    """ShapeProp that remembers the node it is running, to name it when it fails."""
+
+    current: fx.Node | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.current = n
+        return super().run_node(n)
 
 
 def derivation(model: nn.Module, example_input: torch.Tensor, probes: ProbeRule = "auto",
