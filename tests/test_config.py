@@ -97,10 +97,10 @@ def test_data_kw_is_checked_against_the_sweeps_datasets_and_their_loaders():
     assert spec.data_kw == {"cifar10": {"image_size": 64}}
     with pytest.raises(SpecError) as e:
         validate({"name": "x", "data_kw": {"cifar10": {"image_size": 64},
-                                           "fashion-mnist-embedded": {"image_size": 32, "train_per_class": 0}}})
+                                           "fashion-mnist-embedded": {"crop": 32, "train_per_class": 0}}})
     got = e.value.problems
     assert "data_kw.cifar10: not a dataset of this sweep (fashion-mnist-embedded)" in got
-    assert any(p.startswith("data_kw.fashion-mnist-embedded.image_size: unknown option") for p in got)
+    assert any(p.startswith("data_kw.fashion-mnist-embedded.crop: unknown option") for p in got)
     assert "data_kw.fashion-mnist-embedded.train_per_class: 0 is not a positive integer" in got
 
 
