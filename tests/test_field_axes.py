@@ -119,6 +119,14 @@ def test_a_curve_epochs_axis_does_not_share_curves_and_leaves_other_defenses_alo
     assert sorted(t.settings.count('"curve_epochs":3') for t in tsc) == [0, 1]
 
 
+def test_a_curve_steps_axis_is_validated_and_makes_its_own_curves():
+    assert problems(raw_of(**{"defense.tsc.curve_steps": [100, 0]}))
+    plan = make_plan(validate(raw_of(**{"defense.tsc.curve_steps": [100, 400]})))
+    kinds = by_kind(plan)
+    assert len(plan.trials) == 2 and len(kinds["backdoor"]) == 1 and len(kinds["tsc_stage1"]) == 2
+    assert sorted(s.params["config"]["curve_steps"] for s in kinds["tsc_stage1"]) == [100, 400]
+
+
 def test_a_training_axis_makes_its_own_backdoored_models():
     plan = make_plan(validate(raw_of(defense=["tsc", "none"], **{"train.epochs": [1, 2], "train.target": [0, 7]})))
     assert len(plan.trials) == 8

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import ClassVar, Iterable, Literal
 
 import torch
 
@@ -12,8 +12,9 @@ import torch
 class OptimConfig:
     """SGD/Adam with a per-epoch cosine (or constant) schedule.
 
-    ``t_max`` is the cosine period in epochs (default: the number of epochs). The released TSC
-    code uses ``t_max=100`` over 200 curve epochs, so its learning rate rises again.
+    ``t_max`` is the cosine period in epochs (default: the number of epochs); ``t_max_ratio`` gives it as
+    a fraction of the epochs instead. The released TSC code uses ``T_max=100`` over 200 curve epochs, so
+    its learning rate rises again: ``t_max_ratio=0.5`` keeps that shape at any epoch count.
     ``l2`` adds ``0.5 * l2 * ||θ||²`` to the loss on top of the optimiser's weight decay.
     """
 
@@ -24,6 +25,9 @@ class OptimConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     t_max: int | None = None
     l2: float = 0.0
+    t_max_ratio: float | None = None
+    # added after results were stored: left out of step keys while unset (tscray.defenses.base.config_to_dict)
+    LATE_FIELDS: ClassVar[tuple[str, ...]] = ("t_max_ratio",)
 
     def __post_init__(self) -> None:
         if self.name not in ("sgd", "adam"):
@@ -32,6 +36,17 @@ class OptimConfig:
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.lr <= 0:
             raise ValueError(f"learning rate must be > 0, got {self.lr}")
+        if self.t_max_ratio is not None:
+            if self.t_max is not None:
+                raise ValueError("t_max and t_max_ratio are two ways to set one period: give one")
+            if not 0 < self.t_max_ratio <= 1:
+                raise ValueError(f"t_max_ratio must lie in (0, 1], got {self.t_max_ratio}")
+
+    def period(self, epochs: int) -> int:
+        """The cosine period, in epochs, of a run of ``epochs``."""
+        if self.t_max_ratio is not None:
+            return max(1, round(self.t_max_ratio * epochs))
+        return max(1, self.t_max or epochs)
 
     def build(self, params: Iterable[torch.Tensor], epochs: int
               ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -44,7 +59,7 @@ class OptimConfig:
             opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
         if self.schedule == "cosine":
             sched: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-                opt, T_max=max(1, self.t_max or epochs))
+                opt, T_max=self.period(epochs))
         else:
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
         return opt, sched

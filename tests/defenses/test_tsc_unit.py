@@ -108,7 +108,77 @@ def test_presets_differ_where_the_paper_and_released_code_differ():
     paper, released = tsc.make_config("paper"), tsc.make_config("released")
     assert (paper.rounds, paper.t, paper.curve_epochs, paper.curve_optim.lr) == (3, 0.4, 200, 0.02)
     assert (paper.finetune_epochs, paper.finetune_optim.lr, paper.finetune_last) == (5, 1e-4, True)
-    assert (released.curve_optim.t_max, released.curve_optim.l2, released.finetune_epochs,
-            released.finetune_last) == (100, 1e-4, 10, False)
+    assert (released.curve_optim.period(200), released.curve_optim.l2, released.finetune_epochs,
+            released.finetune_last, released.match_batch_size) == (100, 1e-4, 10, False, 128)
+    # the released schedule restarts half-way at any budget (a fixed T_max of 100 lost it at 100 epochs)
+    assert released.curve_optim.period(100) == 50 and paper.curve_optim.period(100) == 100
     with pytest.raises(ValueError, match="unknown TSC preset"):
         tsc.make_config("nope")
+
+
+# --- the curve budget in steps, and the batch sizes of its parts (issue 11: docs/fidelity, items 1-3) --------
+
+@pytest.mark.parametrize("steps,batches,epochs", [(2000, 1, 2000), (2000, 8, 250), (2000, 3, 667), (5, 40, 1)])
+def test_a_step_budget_gives_enough_epochs_for_that_many_updates(steps, batches, epochs):
+    from tscray.defenses.tsc import curve_epochs
+    cfg = defenses.get("tsc").make_config("paper", curve_steps=steps)
+    assert curve_epochs(cfg, batches) == epochs and (epochs - 1) * batches < steps <= epochs * batches
+    assert curve_epochs(defenses.get("tsc").make_config("paper", curve_epochs=7), batches) == 7
+
+
+def test_a_curve_fit_makes_curve_steps_updates_at_curve_batch_size(setting, monkeypatch):
+    from tscray import curves
+    model, clean = setting
+    seen = []
+    real = curves.fit_epochs
+
+    def spy(curve, loader, method_, epochs, optim, seed=0, progress=None):
+        seen.append((epochs, len(loader), loader.batch_size))
+        return real(curve, loader, method_, 0, optim, seed, progress)
+    monkeypatch.setattr(curves, "fit_epochs", spy)
+    cfg = defenses.get("tsc").make_config("paper", curve_steps=10, curve_batch_size=64, batch_size=50)
+    stage1_curve(model, clean, method("supervised"), cfg)
+    batches = -(-len(clean.data) // 64)
+    assert batches > 1 and seen == [(-(-10 // batches), batches, 64)]
+
+
+def test_matching_reads_batches_of_match_batch_size(setting, monkeypatch):
+    from tscray.defenses import tsc as tsc_mod
+    model, clean = setting
+    sizes = []
+    monkeypatch.setattr(tsc_mod, "match", lambda a, b, loader, *rest: sizes.append(loader.batch_size) or
+                        __import__("tscray.symmetry", fromlist=["match"]).match(a, b, loader, *rest))
+    cfg = defenses.get("tsc").make_config("paper", curve_epochs=0, match_batch_size=32, batch_size=50)
+    stage1_curve(model, clean, method("supervised"), cfg)
+    assert sizes == [32]
+
+
+@pytest.mark.parametrize("field", ["curve_steps", "curve_batch_size", "match_batch_size"])
+@pytest.mark.parametrize("value", [0, -3, 2.5, True])
+def test_bad_budgets_and_batch_sizes_are_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        defenses.get("tsc").make_config("paper", **{field: value})
+
+
+def test_one_cosine_period_setting_replaces_the_other():
+    from tscray.defenses.base import resolve_config
+    tsc = defenses.get("tsc")
+    cfg = resolve_config(tsc, "released", {"curve_t_max": 30})
+    assert (cfg.curve_optim.t_max, cfg.curve_optim.t_max_ratio, cfg.curve_optim.period(200)) == (30, None, 30)
+    cfg = resolve_config(tsc, "paper", {"curve_optim": {"t_max_ratio": 0.25}})
+    assert cfg.curve_optim.period(200) == 50
+    with pytest.raises(ValueError, match="one period"):
+        resolve_config(tsc, "paper", {"curve_t_max": 30, "curve_t_max_ratio": 0.5})
+    with pytest.raises(ValueError, match="t_max_ratio"):
+        resolve_config(tsc, "paper", {"curve_t_max_ratio": 1.5})
+
+
+def test_settings_added_later_stay_out_of_step_keys_while_unset():
+    """Stored steps (docs/table1_small/results, users' runs) were keyed before these fields existed."""
+    from tscray.defenses.base import config_to_dict
+    d = config_to_dict(defenses.get("tsc").make_config("paper"))
+    assert set(d) == {"rounds", "t", "curve_epochs", "curve_optim", "batch_size", "finetune_epochs",
+                      "finetune_optim", "finetune_last", "match_batches", "probes", "eval_ts", "seed"}
+    assert set(d["curve_optim"]) == {"name", "lr", "momentum", "weight_decay", "schedule", "t_max", "l2"}
+    d = config_to_dict(defenses.get("tsc").make_config("paper", curve_steps=2000))
+    assert d["curve_steps"] == 2000 and "curve_batch_size" not in d

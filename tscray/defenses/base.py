@@ -128,7 +128,8 @@ def _optim_fields(cls: type) -> dict[str, str]:
 
 
 OPTIM_KEYS = {"optimizer": "name", "lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay",
-              "schedule": "schedule", "t_max": "t_max", "l2": "l2"}
+              "schedule": "schedule", "t_max": "t_max", "l2": "l2",
+              "t_max_ratio": "t_max_ratio"}
 
 
 # Ranges every defense's settings obey, by field name (the name itself or its ``_``-suffix): (lower bound,
@@ -222,6 +223,9 @@ def resolve_config(defense: Defense, preset: str, overrides: Mapping[str, Any], 
     if problems:
         raise ValueError("; ".join(problems))
     for field_name, kw in optim.items():
+        for a, b in (("t_max", "t_max_ratio"), ("t_max_ratio", "t_max")):
+            if a in kw and b not in kw:  # one period replaces the preset's other way of giving it
+                kw[b] = None
         try:
             plain[field_name] = dataclasses.replace(getattr(base, field_name), **kw)
         except TypeError as err:
@@ -238,6 +242,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 _FIELDS: dict[type, tuple[str, ...]] = {}
+_LATE: dict[type, frozenset[str]] = {}
 _ATOMS = (int, float, str, bool, type(None))
 
 
@@ -251,8 +256,13 @@ def _plain(obj: Any) -> Any:
     names = _FIELDS.get(t)
     if names is None and dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         names = _FIELDS[t] = tuple(f.name for f in dataclasses.fields(obj))
+        _LATE[t] = frozenset(getattr(t, "LATE_FIELDS", ()))
     if names is not None:
-        return {n: _plain(getattr(obj, n)) for n in names}
+        late = _LATE[t]
+        if not late:
+            return {n: _plain(getattr(obj, n)) for n in names}
+        # fields added after results were stored: absent while unset, so older steps keep their keys
+        return {n: _plain(v) for n in names if (v := getattr(obj, n)) is not None or n not in late}
     if t is list or t is tuple:
         return t(_plain(v) for v in obj)
     if t is dict:

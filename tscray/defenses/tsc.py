@@ -10,7 +10,7 @@ is exactly what a run with E_TSC = r returns, so one run with E = 3 yields E = 1
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 from torch import nn
 
@@ -32,8 +32,13 @@ class TSCConfig:
     rounds: int = 3
     t: float = 0.4
     curve_epochs: int = 200
+    # A budget in SGD steps instead of epochs: each fit gets ⌈curve_steps / batches per epoch⌉ epochs, so a
+    # few hundred clean images get as many bend updates as the paper's 2,500 (200 epochs of 256: 2,000 steps).
+    curve_steps: int | None = None
     curve_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=0.02, momentum=0.9, weight_decay=5e-4))
     batch_size: int = 256
+    curve_batch_size: int | None = None  # fitting γ1/γ2 (unset: batch_size)
+    match_batch_size: int | None = None  # reading activations to match (unset: batch_size)
     finetune_epochs: int = 5
     finetune_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, momentum=0.9,
                                                                             weight_decay=5e-4))
@@ -44,9 +49,15 @@ class TSCConfig:
     probes: Mapping[str, Sequence[Probe]] | str | None = None
     eval_ts: tuple[float, ...] = ()
     seed: int = 0
+    # added after results were stored: left out of step keys while unset, so stored steps keep their keys
+    LATE_FIELDS: ClassVar[tuple[str, ...]] = ("curve_steps", "curve_batch_size", "match_batch_size")
 
     def __post_init__(self) -> None:
         check_t(self.t)
+        for name in ("curve_steps", "curve_batch_size", "match_batch_size"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{name} must be an integer >= 1 (or unset), got {v!r}")
         if self.rounds < 1:
             raise ValueError(f"rounds (E_TSC) must be >= 1, got {self.rounds}")
         if self.curve_epochs < 0 or self.finetune_epochs < 0:
@@ -63,19 +74,34 @@ class TSCConfig:
 
     @classmethod
     def preset(cls, name: str = "paper") -> "TSCConfig":
-        """``paper``: the paper's text. ``released``: the authors' released code (cosine T_max 100 over
-        200 epochs, extra L2 0.5·1e-4·‖θ(t)‖², 10 fine-tune epochs, none after the last round).
+        """``paper``: the paper's text. ``released``: the authors' released code (cosine over half the curve
+        epochs, so the rate rises again: T_max 100 of 200; matching batches of 128; extra L2 0.5·1e-4·‖θ(t)‖², 10 fine-tune epochs, none after the last round).
         ``ssl``: the paper's self-supervised recipe (E 2, t 0.25, Adam 5e-3, fine-tune lr 5e-5)."""
         if name == "paper":
             return cls()
         if name == "released":
-            return cls(curve_optim=OptimConfig(lr=0.02, momentum=0.9, weight_decay=5e-4, t_max=100, l2=1e-4),
-                       finetune_epochs=10, finetune_last=False)
+            return cls(curve_optim=OptimConfig(lr=0.02, momentum=0.9, weight_decay=5e-4, t_max_ratio=0.5, l2=1e-4),
+                       match_batch_size=128, finetune_epochs=10, finetune_last=False)
         if name == "ssl":
             return cls(rounds=2, t=0.25,
                        curve_optim=OptimConfig(name="adam", lr=5e-3, weight_decay=1e-6, l2=5e-5),
                        finetune_optim=OptimConfig(name="adam", lr=5e-5, weight_decay=1e-6))
         raise ValueError(f"unknown TSC preset {name!r}; known: paper, released, ssl")
+
+
+def curve_epochs(cfg: TSCConfig, batches: int) -> int:
+    """Epochs per curve fit: ``curve_epochs``, or enough for ``curve_steps`` updates at ``batches`` per epoch."""
+    if cfg.curve_steps is None:
+        return cfg.curve_epochs
+    return -(-cfg.curve_steps // max(1, batches))
+
+
+def _fit_batch(cfg: TSCConfig) -> int:
+    return cfg.curve_batch_size or cfg.batch_size
+
+
+def _match_batch(cfg: TSCConfig) -> int:
+    return cfg.match_batch_size or cfg.batch_size
 
 
 def stage_seed(cfg: TSCConfig, round_index: int, stage: int) -> int:
@@ -88,10 +114,11 @@ def stage1_curve(model: nn.Module, clean: CleanData, method: Method, cfg: TSCCon
                  log: Log | None = None) -> BezierCurve:
     """γ1 between θp and its un-aligned copy, fitted on the clean set (independent of t)."""
     seed = stage_seed(cfg, round_index, 1)
-    perm = match(model, model, clean.loader(cfg.batch_size, seed, shuffle=False), "unalign",
+    perm = match(model, model, clean.loader(_match_batch(cfg), seed, shuffle=False), "unalign",
                  cfg.probes, cfg.match_batches)
     curve = BezierCurve(model, permute(model, perm))
-    return fit(curve, clean.loader(cfg.batch_size, seed), method, cfg.curve_epochs, cfg.curve_optim, seed,
+    loader = clean.loader(_fit_batch(cfg), seed)
+    return fit(curve, loader, method, curve_epochs(cfg, len(loader)), cfg.curve_optim, seed,
                _progress(log, f"round {round_index} stage 1"))
 
 
@@ -99,10 +126,11 @@ def stage2_curve(model: nn.Module, theta_t: nn.Module, clean: CleanData, method:
                  round_index: int = 1, log: Log | None = None) -> BezierCurve:
     """γ2 between θp and θt re-aligned to θp."""
     seed = stage_seed(cfg, round_index, 2)
-    perm = match(model, theta_t, clean.loader(cfg.batch_size, seed, shuffle=False), "align",
+    perm = match(model, theta_t, clean.loader(_match_batch(cfg), seed, shuffle=False), "align",
                  cfg.probes, cfg.match_batches)
     curve = BezierCurve(model, permute(theta_t, perm))
-    return fit(curve, clean.loader(cfg.batch_size, seed), method, cfg.curve_epochs, cfg.curve_optim, seed,
+    loader = clean.loader(_fit_batch(cfg), seed)
+    return fit(curve, loader, method, curve_epochs(cfg, len(loader)), cfg.curve_optim, seed,
                _progress(log, f"round {round_index} stage 2"))
 
 
