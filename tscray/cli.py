@@ -95,7 +95,8 @@ def _defense_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("defense (`tscray defenses NAME` lists a defense's settings)")
     g.add_argument("--defense", default="tsc",
                    help=f"defense: {', '.join(defenses.DEFENSES.names())} (default: %(default)s)")
-    g.add_argument("--preset", default="paper", help="recipe preset: paper, released, ssl (default: %(default)s)")
+    g.add_argument("--preset", default="paper", help="recipe preset: paper, released, small (TSC for a few hundred clean images), ssl "
+                   "(default: %(default)s)")
     g.add_argument("--set", dest="settings", type=_setting, action="append", default=[], metavar="KEY=VALUE",
                    help="any setting of the defense, as in a sweep's defense section (repeatable): "
                         "--set curve_lr=0.01 --set finetune_epochs=3")

@@ -556,7 +556,7 @@ def _defense_section(raw: Any, grid: Grid, problems: list[str]) -> DefenseSpec:
             problems.append(f"defense.{str(key)[:40]}: unknown key; allowed: {', '.join(scalars)}, and one "
                             f"mapping of settings per defense ({', '.join(defenses.DEFENSES.names())})")
     spec = _section(DefenseSpec, {k: v for k, v in raw.items() if k in scalars}, "defense",
-                    problems, {"preset": _names(lambda: ["paper", "released", "ssl"], "preset"),
+                    problems, {"preset": _names(lambda: ["paper", "released", "small", "ssl"], "preset"),
                                "clean_ratio": _range(0, 1, True, False),
                                "clean_seed": _range(0, math.inf, False, True, integer=True)})
     overrides: dict[str, dict[str, Any]] = {}

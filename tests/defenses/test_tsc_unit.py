@@ -182,3 +182,22 @@ def test_settings_added_later_stay_out_of_step_keys_while_unset():
     assert set(d["curve_optim"]) == {"name", "lr", "momentum", "weight_decay", "schedule", "t_max", "l2"}
     d = config_to_dict(defenses.get("tsc").make_config("paper", curve_steps=2000))
     assert d["curve_steps"] == 2000 and "curve_batch_size" not in d
+
+
+def test_the_small_preset_buys_paper_scale_bend_updates_for_a_few_hundred_images():
+    from tscray.defenses.tsc import curve_epochs
+    small = defenses.get("tsc").make_config("small")
+    assert (small.t, small.rounds, small.curve_steps, small.batch_size) == (0.5, 3, 2000, 64)
+    assert curve_epochs(small, -(-200 // 64)) * -(-200 // 64) >= 2000  # 200 images: 500 epochs of 4 batches
+    paper = defenses.get("tsc").make_config("paper")
+    assert curve_epochs(paper, -(-200 // paper.batch_size)) == 200  # the paper's budget there: 200 updates
+
+
+def test_a_sweep_may_name_the_small_preset_and_other_defenses_keep_their_paper_recipe():
+    from tscray.config import validate
+    raw = {"name": "s", "grid": {"dataset": ["fashion-mnist-embedded"], "arch": ["cnn"], "attack": ["badnets"],
+                                 "defense": ["tsc", "fp"], "rounds": [3], "t": [0.5]},
+           "train": {"epochs": 1}, "defense": {"preset": "small"}}
+    spec = validate(raw)
+    assert spec.defense.config("tsc").curve_steps == 2000
+    assert spec.defense.config("fp") == defenses.get("fp").make_config("paper")
