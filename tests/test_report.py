@@ -308,3 +308,46 @@ def test_a_field_axis_splits_every_table_and_figure_and_undefended_rows_stand_be
     names = sorted(p.name for p in rep.figures)
     assert "fig5_tsc_vs_t_defense.clean_ratio-0.01.png" in names and "fig5_tsc_vs_t_defense.clean_ratio-0.05.png" in names
     assert "fig_vs_defense.clean_ratio.png" in names
+
+
+def stage_rows(finetune=True):
+    """TSC round rows as a sweep writes them: E_TSC 1 and 2 trials share round 1; two seeds; a field axis."""
+    rows = []
+    for steps in (None, 2000.0):
+        for seed in (0, 1):
+            for e in (1, 2):
+                for r in range(1, e + 1):
+                    scale = 1.0 if steps is None else 0.25  # the bigger budget: a quarter of the ASR back
+                    for stage, asr in (("stage1", 5.0 * r), ("stage2", scale * 60.0 / r + seed),
+                                       ("finetune", scale * 58.0 / r + seed)):
+                        if stage == "finetune" and not finetune:
+                            continue
+                        rows.append({**final_row("tsc", 80.0 + r, asr, seed=seed, e=e, t=0.4), "stage": stage,
+                                     "round": r, "defense.tsc.curve_steps": steps})
+                rows.append({**final_row("tsc", 80.0, 1.0, seed=seed, e=e, t=0.4), "round": e,
+                             "defense.tsc.curve_steps": steps})
+    return pd.DataFrame(rows)
+
+
+def test_tsc_stages_show_each_rounds_points_once_averaged_over_seeds(tmp_path):
+    rep = make_report(stage_rows(), tmp_path, "png")
+    table = pd.read_csv(tmp_path / "tsc_stages.csv")
+    assert len(table) == 4  # 2 budgets x 2 rounds: round 1 of the E 1 and E 2 trials counted once
+    r1 = table[(table["round"] == 1) & table["defense.tsc.curve_steps"].isna()].iloc[0]
+    assert (r1.stage1_asr, r1.stage2_asr, r1.output_asr, r1.seeds) == (5.0, 60.5, 58.5, 2)
+    md = (tmp_path / "tsc_stages.md").read_text()
+    assert "| – | 5.0 → 60.5 → 58.5 (81.0) ✗ | 10.0 → 30.5 → 29.5 (82.0) ✗ |" in md  # the axis unset: –
+    assert "| 2000 | 5.0 → 15.5 → 15.0 (81.0) ✗ | 10.0 → 8.0 → 7.8 (82.0) |" in md
+    assert (tmp_path / "tsc_stages.png").stat().st_size > 10_000
+    assert "tsc_stages.png" in rep.index.read_text()
+
+
+def test_tsc_stages_use_the_stage2_point_as_output_when_the_last_round_is_not_fine_tuned(tmp_path):
+    make_report(stage_rows(finetune=False), tmp_path, "png")
+    table = pd.read_csv(tmp_path / "tsc_stages.csv")
+    assert (table.output_asr == table.stage2_asr).all()
+
+
+def test_no_round_rows_skip_the_stages_section(tmp_path):
+    rep = make_report(zoo_rows(), tmp_path, "png")
+    assert any(s.startswith("TSC stages by round") for s in rep.skipped)

@@ -810,6 +810,130 @@ def tsc_grid(df: pd.DataFrame, out: Path, fmt: str, tsc_setting: tuple[int, floa
     return Section("TSC grid", "grid", caption, legend + "".join(html_parts), [csv, md], pd.DataFrame(csv_rows), fig)
 
 
+ROUND_STAGES = ("stage1", "stage2", "finetune")
+
+
+def _value(v: Any) -> str:
+    """A setting's value as a table shows it: a whole number without ``.0``; unset (the spec's value) as –."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float) and v.is_integer() and abs(v) >= 1:
+        return str(int(v))
+    return str(v)
+
+
+def stage_means(df: pd.DataFrame) -> pd.DataFrame:
+    """Each TSC round's stage-1 point, stage-2 point and output (the fine-tuned model, else the stage-2
+    point): ACC and ASR per setting, t and round, the mean over seeds. Trials with E_TSC 1..5 share their
+    rounds, so each round counts once."""
+    if "round" not in df:
+        return pd.DataFrame()
+    d = df[(df.defense == "tsc") & df.stage.isin(ROUND_STAGES) & (df["round"] >= 1)].copy()
+    if d.empty:
+        return pd.DataFrame()
+    d["method"] = d["method"].fillna("supervised") if "method" in d else "supervised"
+    if "seed" not in d:
+        d["seed"] = 0
+    keys = [k for k in (*SETTING, "method") if k in d] + field_axes(d) + ["t"]
+    d = d.drop_duplicates(subset=keys + ["seed", "round", "stage"])
+    wide = d.pivot_table(index=keys + ["seed", "round"], columns="stage", values=["acc", "asr"], dropna=False)
+    out = pd.DataFrame(index=wide.index)
+    for metric in ("acc", "asr"):
+        for st in ("stage1", "stage2"):
+            out[f"{st}_{metric}"] = wide[(metric, st)] if (metric, st) in wide else float("nan")
+        tuned = wide[(metric, "finetune")] if (metric, "finetune") in wide else out[f"stage2_{metric}"]
+        out[f"output_{metric}"] = tuned.fillna(out[f"stage2_{metric}"])
+    out = out.dropna(subset=["stage1_asr", "stage2_asr"], how="all").reset_index()
+    g = out.groupby(keys + ["round"], dropna=False)
+    means = g[[c for c in out.columns if c.endswith(("_acc", "_asr"))]].mean()
+    means["seeds"] = g["seed"].nunique()
+    return _sort(means.reset_index(), keys + ["round"])
+
+
+def tsc_stages(df: pd.DataFrame, out: Path, fmt: str) -> Section | None:
+    """Where the backdoor goes inside each TSC round: ``tsc_stages.md`` / ``.csv`` (ASR of the stage-1 point,
+    the stage-2 point and the round's output, per setting and round) and a figure of the same."""
+    m = stage_means(df)
+    if m.empty:
+        return None
+    keys = [k for k in m.columns if k not in ("round", "seeds") and not k.endswith(("_acc", "_asr"))]
+    shown = [k for k in keys if m[k].nunique(dropna=False) > 1] or ["t"]
+    rounds = sorted(int(r) for r in m["round"].unique())
+    head = [*shown, *[f"E{r}" for r in rounds]]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    trs, csv_rows = [], []
+    for label, g in m.groupby(keys, dropna=False, sort=False):
+        row = dict(zip(keys, label if isinstance(label, tuple) else (label,)))
+        cells, tds = [], []
+        for r in rounds:
+            x = g[g["round"] == r]
+            if x.empty:
+                cells.append("–")
+                tds.append("<td class='na'>–</td>")
+                continue
+            x = x.iloc[0]
+            csv_rows.append({**row, "round": r, **{c: x[c] for c in g.columns if c.endswith(("_acc", "_asr"))},
+                             "seeds": int(x["seeds"])})
+            txt = f"{x.stage1_asr:.1f} → {x.stage2_asr:.1f} → {x.output_asr:.1f} ({x.output_acc:.1f})"
+            cells.append(txt + (" ✗" if is_failed(x.output_asr) else ""))
+            tip = (f"round {r}: stage-1 point ACC {x.stage1_acc:.2f} / ASR {x.stage1_asr:.2f}; stage-2 point "
+                   f"{x.stage2_acc:.2f} / {x.stage2_asr:.2f}; output {x.output_acc:.2f} / {x.output_asr:.2f}; "
+                   f"{int(x['seeds'])} seed(s)")
+            tds.append(f"<td{' class=fail' if is_failed(x.output_asr) else ''} title='{_esc(tip)}'>"
+                       f"{x.stage1_asr:.1f} → {x.stage2_asr:.1f} → <span class=asr>{x.output_asr:.1f}</span>"
+                       f"<br><small>ACC {x.output_acc:.1f}</small></td>")
+        vals = [_esc(_value(row[k])) for k in shown]
+        lines.append("| " + " | ".join(map(str, vals)) + " | " + " | ".join(cells) + " |")
+        trs.append("<tr>" + "".join(f"<th class=l>{v}</th>" for v in vals) + "".join(tds) + "</tr>")
+    caption = ("Inside each TSC round: ASR (%) of the stage-1 point (θp mixed with its un-aligned copy) → the "
+               "stage-2 point (on the curve fitted back to θp) → the round's output (fine-tuned), and the "
+               f"output's ACC; mean over seeds; each round counted once. ✗: output ASR ≥ {SUCCESS_ASR:g}%.")
+    csv = out / "tsc_stages.csv"
+    pd.DataFrame(csv_rows).to_csv(csv, index=False, float_format="%.2f")
+    md = out / "tsc_stages.md"
+    md.write_text(caption + "\n\n" + "\n".join(lines) + "\n")
+    html = ("<div class=scroll><table><thead><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in head)
+            + "</tr></thead><tbody>" + "".join(trs) + "</tbody></table></div>")
+    fig = figure_stages(m, keys, shown, out / f"tsc_stages.{fmt}")
+    return Section("TSC stages by round", "stages", caption, html, [csv, md], pd.DataFrame(csv_rows), fig)
+
+
+def figure_stages(m: pd.DataFrame, keys: list[str], shown: list[str], path: Path) -> Path:
+    """ASR of the stage-2 point (solid) and the stage-1 point (dotted) by round: a panel per attack, a colour
+    per other setting (the same in every panel)."""
+    attacks = list(dict.fromkeys(m["attack"])) if "attack" in m else [None]
+    others = [k for k in keys if k != "attack"]
+    named = [k for k in shown if k != "attack"]
+    combos = list(dict.fromkeys(tuple(_value(v) for v in r) for r in m[others].itertuples(index=False)))
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {c: palette[i % len(palette)] for i, c in enumerate(combos)}
+    fig, axes = plt.subplots(1, len(attacks), figsize=(4.2 * len(attacks), 3.4), sharey=True, squeeze=False)
+    handles: dict[str, Any] = {}
+    for ax, a in zip(axes[0], attacks):
+        part = m if a is None else m[m["attack"] == a]
+        for label, g in part.groupby(others, dropna=False, sort=False):
+            combo = tuple(_value(v) for v in (label if isinstance(label, tuple) else (label,)))
+            row = dict(zip(others, combo))
+            name = ", ".join(f"{k.split('.')[-1]} {row[k]}" for k in named) or "TSC"
+            (line,) = ax.plot(g["round"], g["stage2_asr"], marker="o", color=color[combo], label=name)
+            ax.plot(g["round"], g["stage1_asr"], marker=".", linestyle=":", color=color[combo])
+            handles.setdefault(name, line)
+        ax.axhline(SUCCESS_ASR, color="0.3", linestyle=":", linewidth=1)
+        ax.set_title(str(a) if a is not None else "TSC")
+        ax.set_xlabel("round (E_TSC)")
+        ax.set_xticks(sorted(int(r) for r in part["round"].unique()))
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("ASR (%)")
+    fig.suptitle("ASR of each round's stage-2 point (solid) and stage-1 point (dotted); mean over seeds", fontsize=9)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(4, len(handles)), fontsize=7,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(handles) - 1) // 4), 1, 1))
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
 # ------------------------------------------------------------------------------------------- index.html
 
 CSS = """
@@ -905,7 +1029,8 @@ def make_report(df: pd.DataFrame, out: Path, fmt: str = "png", title: str = "tsc
                         (lambda: defense_cost(df, out, tsc_setting),
                          "Defense cost: no defense_seconds in these rows (written by an older tscray?)"),
                         (lambda: nc_detection(df, out), "NC detection: no NC rows with nc_flagged / nc_anomaly_index"),
-                        (lambda: tsc_grid(df, out, fmt, tsc_setting), "TSC grid: no finished TSC trials")):
+                        (lambda: tsc_grid(df, out, fmt, tsc_setting), "TSC grid: no finished TSC trials"),
+                        (lambda: tsc_stages(df, out, fmt), "TSC stages by round: no TSC round rows")):
         s = build()
         if s is None:
             rep.skipped.append(skip)
