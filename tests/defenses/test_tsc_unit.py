@@ -201,3 +201,13 @@ def test_a_sweep_may_name_the_small_preset_and_other_defenses_keep_their_paper_r
     spec = validate(raw)
     assert spec.defense.config("tsc").curve_steps == 2000
     assert spec.defense.config("fp") == defenses.get("fp").make_config("paper")
+
+
+def test_curve_epochs_given_over_the_small_preset_are_used_not_ignored():
+    from tscray.defenses.base import resolve_config
+    tsc = defenses.get("tsc")
+    assert resolve_config(tsc, "small", {"curve_epochs": 50}).curve_steps is None
+    assert resolve_config(tsc, "small", {}, curve_epochs=50).curve_steps is None  # a grid axis
+    both = resolve_config(tsc, "small", {"curve_epochs": 50, "curve_steps": 300})
+    assert (both.curve_epochs, both.curve_steps) == (50, 300)
+    assert resolve_config(tsc, "small", {"t": 0.3}).curve_steps == 2000

@@ -230,6 +230,12 @@ def resolve_config(defense: Defense, preset: str, overrides: Mapping[str, Any], 
             plain[field_name] = dataclasses.replace(getattr(base, field_name), **kw)
         except TypeError as err:
             raise ValueError(f"{field_name}: {err}") from None
+    # a setting that replaces another way of giving the same thing (curve_epochs over a preset's curve_steps)
+    for key, cleared in getattr(defense.config, "CLEARS", {}).items():
+        if key in plain or key in fixed:
+            for c in cleared:
+                if c not in plain and c not in fixed:
+                    plain[c] = None
     return defense.make_config(preset, **plain, **fixed)
 
 

@@ -51,6 +51,8 @@ class TSCConfig:
     seed: int = 0
     # added after results were stored: left out of step keys while unset, so stored steps keep their keys
     LATE_FIELDS: ClassVar[tuple[str, ...]] = ("curve_steps", "curve_batch_size", "match_batch_size")
+    # setting curve_epochs (flag, --set, spec, grid axis) replaces a preset's step budget instead of being ignored
+    CLEARS: ClassVar[dict[str, tuple[str, ...]]] = {"curve_epochs": ("curve_steps",)}
 
     def __post_init__(self) -> None:
         check_t(self.t)
@@ -74,8 +76,9 @@ class TSCConfig:
 
     @classmethod
     def preset(cls, name: str = "paper") -> "TSCConfig":
-        """``paper``: the paper's text. ``released``: the authors' released code (cosine over half the curve
-        epochs, so the rate rises again: T_max 100 of 200; matching batches of 128; extra L2 0.5·1e-4·‖θ(t)‖², 10 fine-tune epochs, none after the last round).
+        """``paper``: the paper's text. ``released``: the authors' released code (cosine over half the
+        curve epochs, so the rate rises again: T_max 100 of 200; matching batches of 128; extra L2
+        0.5·1e-4·‖θ(t)‖²; 10 fine-tune epochs, none after the last round).
         ``small``: for a defender with a few hundred clean images (docs/fidelity/README.md): t 0.5 and
         2,000 curve updates at batch 64 whatever the clean-set size (at 200 images, 500 epochs), so the
         stage-2 bend moves far enough from the backdoored model's basin; the paper's 200 epochs there are
