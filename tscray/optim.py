@@ -28,6 +28,8 @@ class OptimConfig:
     t_max_ratio: float | None = None
     # added after results were stored: left out of step keys while unset (tscray.defenses.base.config_to_dict)
     LATE_FIELDS: ClassVar[tuple[str, ...]] = ("t_max_ratio",)
+    # one period replaces the other way of giving it (tscray.defenses.base.resolve_config)
+    CLEARS: ClassVar[dict[str, tuple[str, ...]]] = {"t_max": ("t_max_ratio",), "t_max_ratio": ("t_max",)}
 
     def __post_init__(self) -> None:
         if self.name not in ("sgd", "adam"):

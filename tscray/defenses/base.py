@@ -223,20 +223,24 @@ def resolve_config(defense: Defense, preset: str, overrides: Mapping[str, Any], 
     if problems:
         raise ValueError("; ".join(problems))
     for field_name, kw in optim.items():
-        for a, b in (("t_max", "t_max_ratio"), ("t_max_ratio", "t_max")):
-            if a in kw and b not in kw:  # one period replaces the preset's other way of giving it
-                kw[b] = None
+        _clear_replaced(type(getattr(base, field_name)), kw, kw)
         try:
             plain[field_name] = dataclasses.replace(getattr(base, field_name), **kw)
         except TypeError as err:
             raise ValueError(f"{field_name}: {err}") from None
-    # a setting that replaces another way of giving the same thing (curve_epochs over a preset's curve_steps)
-    for key, cleared in getattr(defense.config, "CLEARS", {}).items():
-        if key in plain or key in fixed:
-            for c in cleared:
-                if c not in plain and c not in fixed:
-                    plain[c] = None
+    _clear_replaced(defense.config, {**plain, **fixed}, plain)
     return defense.make_config(preset, **plain, **fixed)
+
+
+def _clear_replaced(cls: type, given: Mapping[str, Any], out: dict[str, Any]) -> None:
+    """A setting given replaces the preset's other way of giving the same thing (``cls.CLEARS``: setting ->
+    the fields it unsets, e.g. ``curve_epochs`` -> ``curve_steps``, ``t_max`` -> ``t_max_ratio``) unless
+    those are given too."""
+    for key, cleared in getattr(cls, "CLEARS", {}).items():
+        if key in given:
+            for c in cleared:
+                if c not in given:
+                    out[c] = None
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
