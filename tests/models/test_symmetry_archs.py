@@ -227,6 +227,32 @@ def test_concatenated_group_permutation_invariance():
             assert torch.equal(v, restored[k])
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_resnet_width_scales_every_stage_and_keeps_the_spec(name):
+    """``width`` sets stage 1's planes (stages double from it); the spec stays exact on the narrow net."""
+    torch.manual_seed(0)
+    model = randomise(models.build(name, num_classes=10, in_channels=1, width=8)).double().eval()
+    expansion = 4 if name == "resnet50" else 1
+    assert model.conv1.out_channels == 8 and model.fc.in_features == 64 * expansion
+    assert [getattr(model, f"layer{k}")[0].conv1.out_channels for k in range(1, 5)] == [8, 16, 32, 64]
+    assert sum(p.numel() for p in model.parameters()) < sum(
+        p.numel() for p in models.build(name, num_classes=10, in_channels=1).parameters()) / 30
+    spec = spec_of(model)
+    spec.check(model)
+    assert set(model.state_dict()) == set(spec.axes)
+    assert len(spec.groups()) == EXPECTED_GROUPS[name]
+    perm = random_permutation(model, torch.Generator().manual_seed(5))
+    x = torch.randn(2, 1, 28, 28, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(model(x), permute(model, perm).eval()(x), 1e-10)
+
+
+@pytest.mark.parametrize("width", [0, -8, 2.5, True])
+def test_resnet_width_must_be_a_positive_integer(width):
+    with pytest.raises(ValueError, match="width must be a positive integer"):
+        models.build("resnet18", num_classes=10, width=width)
+
+
 @pytest.mark.parametrize("name", ["resnet18"])
 def test_resnet_imagenet_stem_permutation_invariance(name):
     """The torchvision-style stem (7x7 stride 2 + max-pool, as BackdoorBench builds resnet18/50) keeps the spec."""

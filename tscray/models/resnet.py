@@ -82,28 +82,33 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """Stem → four stages (64/128/256/512 planes, strides 1/2/2/2) → global average pool → fc."""
+    """Stem → four stages (``width`` × 1/2/4/8 planes, 64/128/256/512 by default; strides 1/2/2/2) → global
+    average pool → fc."""
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, ...], num_classes: int,
-                 in_channels: int = 3, stem: str = "cifar") -> None:
+                 in_channels: int = 3, stem: str = "cifar", width: int = 64) -> None:
         super().__init__()
+        if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+            raise ValueError(f"width must be a positive integer (stage 1's planes, 64 in the standard net), "
+                             f"got {width!r}")
         if stem == "cifar":
-            self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            self.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=1, padding=1, bias=False)
         elif stem == "imagenet":
-            self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            self.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
         else:
             raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
         self.stem = stem
         self.block = block
-        self.bn1 = nn.BatchNorm2d(64)
+        self.bn1 = nn.BatchNorm2d(width)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
-        self.in_planes = 64
-        self.layer1 = self._make_layer(block, 64, layers[0], 1)
-        self.layer2 = self._make_layer(block, 128, layers[1], 2)
-        self.layer3 = self._make_layer(block, 256, layers[2], 2)
-        self.layer4 = self._make_layer(block, 512, layers[3], 2)
+        self.width = width
+        self.in_planes = width
+        self.layer1 = self._make_layer(block, width, layers[0], 1)
+        self.layer2 = self._make_layer(block, 2 * width, layers[1], 2)
+        self.layer3 = self._make_layer(block, 4 * width, layers[2], 2)
+        self.layer4 = self._make_layer(block, 8 * width, layers[3], 2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        self.fc = nn.Linear(8 * width * block.expansion, num_classes)
         for m in self.modules():  # torchvision's initialisation
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -161,12 +166,12 @@ class ResNet(nn.Module):
 
 
 @MODELS.register("resnet18")
-def resnet18(num_classes: int, in_channels: int = 3, stem: str = "cifar") -> ResNet:
-    """ResNet-18: BasicBlocks [2, 2, 2, 2]."""
-    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes, in_channels, stem)
+def resnet18(num_classes: int, in_channels: int = 3, stem: str = "cifar", width: int = 64) -> ResNet:
+    """ResNet-18: BasicBlocks [2, 2, 2, 2]; ``width`` 16 is a quarter-width net (1/16 of the compute)."""
+    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes, in_channels, stem, width)
 
 
 @MODELS.register("resnet50")
-def resnet50(num_classes: int, in_channels: int = 3, stem: str = "cifar") -> ResNet:
+def resnet50(num_classes: int, in_channels: int = 3, stem: str = "cifar", width: int = 64) -> ResNet:
     """ResNet-50: Bottlenecks [3, 4, 6, 3], expansion 4."""
-    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, in_channels, stem)
+    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, in_channels, stem, width)
