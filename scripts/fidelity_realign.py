@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", type=int, default=None, help="the backdoor's target class (default: any)")
     ap.add_argument("--fit", action="store_true",
                     help="also fit the stage-2 bend (the preset's budget, π from the defender's set) on each set")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="with --fit: offsets of the fit's seed (its batch order and t draws), to see its spread")
     ap.add_argument("--stage1-ratio", type=float, default=None,
                     help="take θt from the stage-1 curve fitted at this clean ratio (default: the first of --ratios)")
     ap.add_argument("--t", type=float, default=0.5, help="the curve index t of the sweep's TSC (default 0.5)")
@@ -100,17 +102,19 @@ def main(argv: list[str] | None = None) -> int:
         aligned = permute(theta_t, own)
         print(f"\nThe stage-2 bend fitted on each set ({cfg.curve_steps or cfg.curve_epochs} "
               f"{'updates' if cfg.curve_steps else 'epochs'}, θt and π fixed):")
-        print("| fitted on | images | epochs | stage-2 point: ACC / ASR | BN refreshed on the fit set |")
-        print("|---|---|---|---|---|")
+        print("| fitted on | images | epochs | seed offset | stage-2 point: ACC / ASR | BN refreshed on the fit set |")
+        print("|---|---|---|---|---|---|")
         for ratio in args.ratios:
-            sub = ctx.clean(bd.params, ratio, 0)
-            loader = sub.loader(_fit_batch(cfg), stage_seed(cfg, 1, 2))
-            epochs = curve_epochs(cfg, len(loader))
-            curve = fit(BezierCurve(theta_p, aligned), loader, method, epochs, cfg.curve_optim, stage_seed(cfg, 1, 2))
-            a = evaluate(curve.point(t, bn))
-            b = evaluate(curve.point(t, sub.loader(cfg.batch_size, stage_seed(cfg, 1, 3))))
-            print(f"| {'own set' if ratio == args.ratios[0] else 'superset'} | {len(sub.data)} | {epochs} | "
-                  f"{a['acc']:.1f} / {a['asr']:.1f} | {b['acc']:.1f} / {b['asr']:.1f} |", flush=True)
+            for k in args.seeds:
+                sub = ctx.clean(bd.params, ratio, 0)
+                seed = stage_seed(cfg, 1, 2) + 7919 * k
+                loader = sub.loader(_fit_batch(cfg), seed)
+                epochs = curve_epochs(cfg, len(loader))
+                curve = fit(BezierCurve(theta_p, aligned), loader, method, epochs, cfg.curve_optim, seed)
+                a = evaluate(curve.point(t, bn))
+                b = evaluate(curve.point(t, sub.loader(cfg.batch_size, stage_seed(cfg, 1, 3))))
+                print(f"| {'own set' if ratio == args.ratios[0] else 'superset'} | {len(sub.data)} | {epochs} | {k} | "
+                      f"{a['acc']:.1f} / {a['asr']:.1f} | {b['acc']:.1f} / {b['asr']:.1f} |", flush=True)
     return 0
 
 
