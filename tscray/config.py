@@ -583,6 +583,26 @@ def _defense_section(raw: Any, grid: Grid, problems: list[str]) -> DefenseSpec:
     return dataclasses.replace(spec, overrides=overrides, configs=configs)
 
 
+def _preset_axes(raw: Any, grids: tuple[Grid, ...], preset: str) -> tuple[Grid, ...]:
+    """A grid block that names no ``rounds`` or ``t`` takes them from TSC's recipe under the spec's preset
+    (``small``: E_TSC 4, t 0.5; ``ssl``: 2, 0.25), not the paper's 3 and 0.4 whatever the preset says."""
+    from tscray import defenses
+
+    try:
+        cfg = defenses.get("tsc").config.preset(preset)
+    except ValueError:  # an unknown preset, already reported
+        return grids
+    blocks = raw if isinstance(raw, list) else [raw]
+    if len(blocks) != len(grids):
+        return grids
+    out = []
+    for block, g in zip(blocks, grids):
+        named = set(block) if isinstance(block, dict) else set()
+        out.append(dataclasses.replace(g, rounds=g.rounds if "rounds" in named else (cfg.rounds,),
+                                       t=g.t if "t" in named else (cfg.t,)))
+    return tuple(out)
+
+
 def _resolve(d: Any, preset: str, overrides: dict[str, Any]) -> Any:
     """A defense's config from a preset and overrides (which may name a preset the defense lacks: then
     the defense's ``paper`` preset stands in, as for defenses without an SSL recipe)."""
@@ -631,6 +651,8 @@ def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> S
         "probe_batch_size": _range(1, math.inf, False, True, integer=True),
         "knn_k": _range(1, math.inf, False, True, integer=True)})
     defense = _defense_section(raw.get("defense"), grid, problems)
+    grids = _preset_axes(raw.get("grid"), grids, defense.preset)
+    grid = _union(grids)
     ev = _section(EvalSpec, raw.get("eval"), "eval", problems, {"curve_ts": _range(0, 1, False, False)})
     raw_res = raw.get("resources")
     if isinstance(raw_res, dict) and isinstance(raw_res.get("channels_last"), bool):
