@@ -242,7 +242,8 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
                                "trials": len(plan.trials), "ran": len(pending), "sweep_id": sid}
     if not pending:
         print("every trial is already finished; nothing to run", file=out)
-        _finish(Tracker(mlflow_uri, spec.name, sid, uri, spec.to_dict()), uri, store, summary, out)
+        _finish(Tracker(mlflow_uri, spec.name, sid, uri, spec.to_dict()), uri, store, summary, out,
+                {t.id for t in plan.trials})
         return summary
 
     # MLflow's store (a new SQLite schema alone takes ~3 s) is set up while Ray starts and the workers
@@ -317,7 +318,7 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
         except OSError as err:
             print(f"tscray: could not release this driver's step leases ({err}); they expire "
                   "within a minute", file=sys.stderr)
-    _finish(tracker, uri, store, summary, out)
+    _finish(tracker, uri, store, summary, out, {t.id for t in plan.trials})
     return summary
 
 
@@ -341,12 +342,14 @@ def report_sweep(store: Store, out: Path, fmt: str = "png", mlflow: bool = True,
     return rep
 
 
-def _finish(tracker: Any, uri: str, store: Store, summary: dict[str, Any], out: TextIO) -> None:
+def _finish(tracker: Any, uri: str, store: Store, summary: dict[str, Any], out: TextIO,
+            trial_ids: set[str]) -> None:
     from tscray import results
 
     table = results.read(store)
     summary["rows"] = table.num_rows
-    done = results.done_trials(store)
+    # this spec's trials only: a storage may also hold other slices' or specs' results
+    done = results.done_trials(store) & trial_ids
     summary["done"] = len(done)
     if "://" not in uri:
         tracker.log_artifacts(str(Path(uri) / "results"), "results")
