@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         print("| fitted on | images | epochs | seed offset | stage-2 point: ACC / ASR | BN refreshed on the fit set |")
         print("|---|---|---|---|---|---|")
         for ratio in args.ratios:
+            sub = ctx.clean(bd.params, ratio, 0)
             for k in args.seeds:
-                sub = ctx.clean(bd.params, ratio, 0)
                 seed = stage_seed(cfg, 1, 2) + 7919 * k
                 loader = sub.loader(_fit_batch(cfg), seed)
                 epochs = curve_epochs(cfg, len(loader))

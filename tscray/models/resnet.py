@@ -101,7 +101,6 @@ class ResNet(nn.Module):
         self.block = block
         self.bn1 = nn.BatchNorm2d(width)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
-        self.width = width
         self.in_planes = width
         self.layer1 = self._make_layer(block, width, layers[0], 1)
         self.layer2 = self._make_layer(block, 2 * width, layers[1], 2)
