@@ -63,6 +63,9 @@ def test_sweep_shares_steps_survives_a_killed_worker_and_logs_once(tmp_path):
     assert "MLFLOW_TRACKING_URI" not in os.environ  # the driver must not leak its tracking URI
     assert summary["done"] == summary["trials"] == len(make_plan(spec).trials) == 7
     assert summary["stats"]["replaced_workers"] >= 1
+    # the progress line's counters are balanced at the end, through the killed worker's retry too
+    assert summary["stats"]["computing"] == summary["stats"]["busy"] == 0
+    assert summary["stats"]["workers"] >= 1
     plan, table, counts = check_complete(tmp_path / "run", raw)
     assert len(counts) == len(plan.steps) and set(counts.values()) == {1}  # each step computed exactly once
     assert summary["stats"]["reused"] > 0  # 7 trials asked for one backdoored model at once

@@ -1,4 +1,4 @@
-"""The sweep's closing summary (fast, no Ray): what it counts as this spec's finished trials."""
+"""The sweep's closing summary and progress line (fast, no Ray): what they count."""
 
 import io
 
@@ -34,3 +34,20 @@ def test_results_of_other_slices_on_the_storage_do_not_count_as_this_specs_trial
     assert tracker.status == "KILLED"
     _finish(tracker, str(tmp_path), store, summary, io.StringIO(), {"ccc", "aaa"})
     assert summary["done"] == 1
+
+
+def test_progress_line_counts_started_trials_apart_from_the_steps_that_compute():
+    """On 2 workers the line read '8 running' while 6 of those trials waited for a shared backdoored model:
+    trials are 'started', and the steps say how many compute, on how many workers, and how many queue."""
+    from tscray.sweep import TrialCounts, progress_line
+
+    progress = TrialCounts(total=56, done=3, running={f"t{i}" for i in range(8)}, start=0.0)
+    stats = {"computed": 10, "reused": 5, "inflight": 5, "computing": 2, "busy": 2, "workers": 2, "waiting": 0}
+    line = progress_line(progress, stats, to_compute=110, elapsed=100.0)
+    assert "running" not in line
+    assert "3/56 done, 8 started, 0 failed" in line
+    assert "10/110 computed, 5 reused, 2 computing on 2/2 workers, 3 queued" in line
+    assert "ETA 1000s" in line and "another driver" not in line
+    line = progress_line(progress, {**stats, "inflight": 6, "waiting": 1, "computed": 0}, 110, 5.0)
+    assert "2 computing on 2/2 workers, 3 queued, 1 waiting for another driver" in line
+    assert "ETA" not in line  # nothing computed yet: no rate to extrapolate

@@ -107,6 +107,22 @@ def _make_progress_callback(progress: TrialCounts):
     return ProgressCallback()
 
 
+def progress_line(progress: TrialCounts, stats: dict[str, Any], to_compute: int, elapsed: float) -> str:
+    """One progress line. A trial Tune has started may wait for a worker or for a step another trial
+    shares, so trials are counted as "started"; the steps say what runs: ``computing`` on ``busy`` of
+    the ``workers``, the rest of those in flight waiting for their inputs or a free worker."""
+    done = stats["computed"]
+    eta = elapsed / done * max(0, to_compute - done) if done else float("nan")  # steps are the work
+    computing, other_driver = stats.get("computing", 0), stats.get("waiting", 0)
+    queued = max(0, stats["inflight"] - computing - other_driver)
+    return (f"trials {progress.done}/{progress.total} done, {len(progress.running)} started, "
+            f"{progress.failed} failed | steps {done}/{to_compute} computed, {stats['reused']} reused, "
+            f"{computing} computing on {stats.get('busy', 0)}/{stats.get('workers', 0)} workers, {queued} queued"
+            + (f", {other_driver} waiting for another driver" if other_driver else "")
+            + f" | {elapsed:5.0f}s"
+            + (f", ETA {eta:4.0f}s" if eta == eta else ""))
+
+
 def _ticker(progress: TrialCounts, coord: Any, to_compute: int, out: TextIO, stop: threading.Event) -> None:
     import ray
 
@@ -116,15 +132,7 @@ def _ticker(progress: TrialCounts, coord: Any, to_compute: int, out: TextIO, sto
             s = ray.get(coord.get_stats.remote(), timeout=5)
         except Exception:  # noqa: BLE001 - progress must never break the sweep
             continue
-        elapsed = time.time() - progress.start
-        done = s["computed"]
-        eta = elapsed / done * max(0, to_compute - done) if done else float("nan")  # steps are the work
-        line = (f"trials {progress.done}/{progress.total} done, {len(progress.running)} running, "
-                f"{progress.failed} failed | steps {done}/{to_compute} computed, {s['reused']} reused, "
-                f"{s['inflight']} in flight"
-                + (f", {s['waiting']} waiting for another driver" if s.get("waiting") else "")
-                + f" | {elapsed:5.0f}s"
-                + (f", ETA {eta:4.0f}s" if eta == eta else ""))
+        line = progress_line(progress, s, to_compute, time.time() - progress.start)
         out.write(("\r" + line.ljust(110)) if tty else line + "\n")
         out.flush()
     if tty:

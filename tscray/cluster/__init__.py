@@ -102,6 +102,7 @@ class Coordinator:
         self._pool_lock = asyncio.Lock()
         self._wide_lock = asyncio.Lock()  # one step that needs several workers gathers them at a time
         self.wanted = 0  # dispatches waiting for a free worker
+        self.computing = 0  # steps on a worker now (a wide step holds several)
         self.ahead: collections.deque[Step] = collections.deque()  # steps to compute when a worker idles
         self._ahead_task: asyncio.Future | None = None
         self.ahead_running: dict[str, asyncio.Future] = {}  # steps being computed ahead
@@ -182,8 +183,9 @@ class Coordinator:
             task.exception()  # retrieved: a failure is reported by the trial that needs the step (it retries)
 
     async def get_stats(self) -> dict[str, Any]:
+        busy = len(self.workers) - self.free.qsize() if self.free is not None else 0
         return {**self.stats, "inflight": len(self.inflight), "workers": len(self.workers),
-                "waiting": len(self.waiting)}
+                "busy": busy, "computing": self.computing, "waiting": len(self.waiting)}
 
     async def worker_pids(self) -> list[int]:
         return list(await asyncio.gather(*(w.pid.remote() for w in self.workers)))
@@ -308,6 +310,7 @@ class Coordinator:
             finally:
                 self.wanted -= 1
             idx = slots[0]
+            self.computing += 1
             try:
                 self.stats["dispatched"] += 1
                 ref = self.workers[idx].run.remote(step.to_dict(), threads)
@@ -324,6 +327,7 @@ class Coordinator:
                 if attempt == attempts - 1:
                     raise
             finally:
+                self.computing -= 1
                 for i in slots:
                     self.free.put_nowait(i)
         raise RuntimeError("unreachable")
