@@ -400,6 +400,29 @@ def test_the_dry_run_counts_a_trial_finished_only_with_its_planned_final_step(tm
     assert sum(results.is_finished(results.done_trials(store), t) for t in fresh.trials) == 2  # by id alone
 
 
+def test_the_dry_run_counts_result_files_copied_into_a_storage_without_a_sweep_json(tmp_path, capsys):
+    """docs/fidelity ships each study's result files to copy into a fresh storage before resuming; the sweep
+    then skips those trials, but ``--dry-run`` counted none finished until a sweep had written sweep.json."""
+    import yaml
+
+    from tscray import results
+    from tscray.cli import main
+    from tscray.config import load_spec
+
+    raw = {"name": "t", "storage": str(tmp_path / "s"), "grid": {"defense": ["tsc", "none"], "rounds": [1], "t": [0.4]},
+           "defense": {"tsc": {"curve_epochs": 2}}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    plan = make_plan(load_spec(str(path), check_data=False))
+    store = Store(str(tmp_path / "s"))
+    t = plan.trials[0]
+    results.write_trial(store, t.id, [{"trial_id": t.id, "step_key": t.final.key, "stage": "final"}])
+    assert not store.exists("sweep.json")
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "sweep t: 2 trials (1 already finished)"
+    assert not store.exists("sweep.json")  # a dry run writes nothing
+
+
 # --- planning at scale: the fast paths make what the plain ones make ------------------------------------
 
 def test_steps_over_a_shared_base_have_the_keys_of_their_plain_params():

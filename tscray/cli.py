@@ -423,8 +423,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         from tscray import results
 
-        # finished: a results file holding the planned final step's rows (not one written under other settings)
-        done = results.finished_steps(store) if store.exists("sweep.json") else {}
+        # finished: a results file holding the planned final step's rows (not one written under other settings),
+        # as the sweep itself counts them: with or without a sweep.json (result files copied into a fresh storage)
+        done = results.finished_steps(store)
         print(describe_plan(summarize(spec, done)))
         print(f"storage: {uri}")
         return 0
