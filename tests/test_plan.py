@@ -368,6 +368,19 @@ def test_a_plugin_version_recomputes_its_own_steps_and_what_depends_on_them_only
     assert all(not bumped[k] & after[k] for k in after), "every step sits on the backdoored model"
 
 
+def _two_trial_spec(tmp_path):
+    """A two-trial spec (TSC and none) written to disk, its plan, and the store its storage names."""
+    import yaml
+
+    from tscray.config import load_spec
+
+    raw = {"name": "t", "storage": str(tmp_path / "s"), "grid": {"defense": ["tsc", "none"], "rounds": [1], "t": [0.4]},
+           "defense": {"tsc": {"curve_epochs": 2}}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return raw, path, make_plan(load_spec(str(path), check_data=False)), Store(str(tmp_path / "s"))
+
+
 def test_the_dry_run_counts_a_trial_finished_only_with_its_planned_final_step(tmp_path, capsys):
     """A results file written under other settings (same grid point, other curve_epochs) is not finished for
     this spec: ``--dry-run`` said so before the sweep set it aside, and counted it finished."""
@@ -377,12 +390,7 @@ def test_the_dry_run_counts_a_trial_finished_only_with_its_planned_final_step(tm
     from tscray.cli import main
     from tscray.config import load_spec
 
-    raw = {"name": "t", "storage": str(tmp_path / "s"), "grid": {"defense": ["tsc", "none"], "rounds": [1], "t": [0.4]},
-           "defense": {"tsc": {"curve_epochs": 2}}}
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    plan = make_plan(load_spec(str(path), check_data=False))
-    store = Store(str(tmp_path / "s"))
+    raw, path, plan, store = _two_trial_spec(tmp_path)
     store.write_json("sweep.json", {"spec": raw, "sweep_id": "x", "trials": 2, "steps": 3})
     for t in plan.trials:
         results.write_trial(store, t.id, [{"trial_id": t.id, "step_key": t.final.key, "stage": "final"}])
@@ -403,18 +411,10 @@ def test_the_dry_run_counts_a_trial_finished_only_with_its_planned_final_step(tm
 def test_the_dry_run_counts_result_files_copied_into_a_storage_without_a_sweep_json(tmp_path, capsys):
     """docs/fidelity ships each study's result files to copy into a fresh storage before resuming; the sweep
     then skips those trials, but ``--dry-run`` counted none finished until a sweep had written sweep.json."""
-    import yaml
-
     from tscray import results
     from tscray.cli import main
-    from tscray.config import load_spec
 
-    raw = {"name": "t", "storage": str(tmp_path / "s"), "grid": {"defense": ["tsc", "none"], "rounds": [1], "t": [0.4]},
-           "defense": {"tsc": {"curve_epochs": 2}}}
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    plan = make_plan(load_spec(str(path), check_data=False))
-    store = Store(str(tmp_path / "s"))
+    _, path, plan, store = _two_trial_spec(tmp_path)
     t = plan.trials[0]
     results.write_trial(store, t.id, [{"trial_id": t.id, "step_key": t.final.key, "stage": "final"}])
     assert not store.exists("sweep.json")

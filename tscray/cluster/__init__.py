@@ -102,7 +102,7 @@ class Coordinator:
         self._pool_lock = asyncio.Lock()
         self._wide_lock = asyncio.Lock()  # one step that needs several workers gathers them at a time
         self.wanted = 0  # dispatches waiting for a free worker
-        self.computing = 0  # steps on a worker now (a wide step holds several)
+        self.computing = 0  # steps on workers now (a wide step counts once; its workers count in busy)
         self.ahead: collections.deque[Step] = collections.deque()  # steps to compute when a worker idles
         self._ahead_task: asyncio.Future | None = None
         self.ahead_running: dict[str, asyncio.Future] = {}  # steps being computed ahead
