@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 
@@ -35,6 +36,37 @@ def test_gpu_check_quick_runs_on_cpu_and_writes_its_table(tmp_path):
                   "packing: 2 concurrent", "one TSC round", "projected GPU-hours: ablation", "projected GPU-hours: table1"):
         assert check in table, check
     assert "FAILED" not in table and "failed:" not in table, table
+    assert "missed the common start" not in table, table  # the packed workers' timed windows overlapped
+
+
+def test_gpu_check_skips_what_its_budget_cannot_fit_and_still_writes_its_table(tmp_path):
+    """On a lent GPU the check gets one shot inside a 10-minute command: sections that would not fit say so
+    in the table instead of running past the limit and bringing nothing back."""
+    out = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--quick", "--budget", "1"], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "OUT": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = (tmp_path / "gpu.md").read_text()
+    for check in ("device tests", "curve step throughput", "matching and BN refresh", "one TSC round", "packing"):
+        assert f"| {check} | skipped:" in table, (check, table)
+    assert "| projected GPU-hours | skipped:" in table and "| check took |" in table, table
+
+
+@pytest.mark.slow
+def test_gpu_check_compiled_curve_step_runs_and_matches_eager():
+    """The compile variant once failed in every run (torch.compile wrapped the curve's base module, whose
+    parameter names functional_call then no longer found): it must give a rate, after the compiled logits
+    matched eager ones."""
+    sys.path.insert(0, "benchmarks")
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove("benchmarks")
+    gpu_check.DEADLINE = float("inf")
+    gpu_check.ROWS.clear()
+    rate = gpu_check.run_worker("cnn", 8, torch.device("cpu"), 0.5, compile_=True, timeout=280)
+    assert rate > 0
+    (name, value), = gpu_check.ROWS
+    assert name == "curve step cnn b8 compiled = eager" and float(value.split()[-1]) < 5e-2, gpu_check.ROWS
 
 
 def test_plan_scale_prints_the_dry_run_beside_make_plan():
