@@ -202,3 +202,28 @@ def test_verify_refuses_a_folder_that_is_no_sweep(tmp_path, capsys):
     assert "not a tscray sweep directory" in capsys.readouterr().err
     report = verify_store(Store(str(tmp_path)))
     assert report.clean and report.steps == 0
+
+
+def test_a_slice_run_on_the_storage_keeps_the_other_trials_rebuildable_and_counted(finished, tmp_path, capsys):
+    """A study run in slices (same name and settings, fewer grid values) used to leave only the last slice's
+    spec in sweep.json: `tscray status` then counted that slice's trials as the whole sweep (2/1 finished), and
+    `verify --repair` could not rebuild a damaged result file of a trial outside the slice (it asked for a rerun
+    the slice would never do)."""
+    from tscray import sweep_record
+
+    src, trials = finished
+    store = copy_store(src, tmp_path / "s")
+    raw = tiny_spec(tmp_path / "s")
+    raw["grid"] = {**raw["grid"], "defense": ["none"]}  # the slice: the undefended trial only
+    spec = validate(raw)
+    sweep_record.write(store, spec, "x", make_plan(spec))
+    assert main(["status", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert f"trials: {len(trials)}/{len(trials)} finished" in out and "2 specs ran on it" in out
+    tsc = next(t for t in trials if t.params["defense"] == "tsc")
+    victim = tmp_path / "s" / "results" / f"trial-{tsc.id}.parquet"
+    expected = pq.read_table(victim).to_pandas()
+    damage(victim, "truncated")
+    assert main(["verify", str(tmp_path / "s"), "--repair"]) == 0
+    assert "rebuilt the rows of 1 trial(s)" in capsys.readouterr().out
+    assert pq.read_table(victim).to_pandas().equals(expected)

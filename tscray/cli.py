@@ -460,10 +460,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     bad: list[str] = []
     results.read(store, bad)
     done = results.done_trials(store) - {n[len("results/trial-"):-len(".parquet")] for n in bad}
-    print(f"sweep {info['spec']['name']} ({info['sweep_id']}) at {store.uri}")
-    print(f"trials: {len(done)}/{info['trials']} finished"
+    total_trials, total_steps, specs = info["trials"], info["steps"], 1
+    if info.get("history"):  # slices or earlier grids ran here too: count every recorded spec's trials and steps
+        from tscray import sweep_record
+
+        plans = sweep_record.plans(info)
+        if plans:
+            specs = len(plans)
+            total_trials = len({t.id for p in plans for t in p.trials})
+            total_steps = len({k for p in plans for k in p.steps})
+    print(f"sweep {info['spec']['name']} ({info['sweep_id']}) at {store.uri}"
+          + (f" ({specs} specs ran on it; counts are over all of them)" if specs > 1 else ""))
+    print(f"trials: {len(done)}/{total_trials} finished"
           + (f" ({len(bad)} unreadable result file(s): run `tscray verify --repair`)" if bad else ""))
-    print(f"steps : {sum(len(v) for v in steps.values())}/{info['steps']} computed "
+    print(f"steps : {sum(len(v) for v in steps.values())}/{total_steps} computed "
           f"({', '.join(f'{k} {len(v)}' for k, v in sorted(steps.items()))})"
           + (f"; {damaged} damaged (recomputed on the next run; `tscray verify` for details)" if damaged else ""))
     leases = [n[: -len(".json")] for n in store.listdir("leases") if n.endswith(".json")]
@@ -478,13 +488,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _sweep_info(store: Any) -> dict[str, Any]:
     """``sweep.json``, or one line naming it when it is unreadable."""
-    try:
-        info = store.read_json("sweep.json")
-        info["spec"]["name"], info["trials"], info["steps"]  # noqa: B018 (the fields every command reads)
-        return info
-    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{store.path('sweep.json')} is damaged ({type(err).__name__}); rerun the sweep's "
-                         f"spec on this storage to rewrite it") from None
+    from tscray import sweep_record
+
+    return sweep_record.read(store)
 
 
 def _warn_damaged(bad: list[str]) -> None:

@@ -222,15 +222,14 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
     import ray
     from ray import tune
 
-    from tscray import cluster, results
+    from tscray import cluster, results, sweep_record
     from tscray.tracking import MLflowCallback, Tracker, default_uri
 
     uri = spec.storage_path(storage)
     store = Store(uri)
     sid = sweep_id(uri)
     plan = make_plan(spec)
-    store.write_json("sweep.json", {"spec": spec.to_dict(), "sweep_id": sid, "trials": len(plan.trials),
-                                     "steps": len(plan.steps)})
+    sweep_record.write(store, spec, sid, plan)
     moved = results.set_aside_damaged(store)
     if moved:
         print(f"set aside {len(moved)} unreadable result file(s) in {uri}/{results.DAMAGED_DIR}: their trials "

@@ -77,19 +77,14 @@ def verify_store(store: Store, repair: bool = False, deep: bool = True) -> Verif
 
 def _rebuild(store: Store, trial_ids: list[str], rep: VerifyReport) -> None:
     """Write the rows of ``trial_ids`` again from their steps' manifests (as a finished trial would)."""
-    from tscray.config import SpecError, validate
-    from tscray.plan import make_plan
+    from tscray import sweep_record
 
     try:
         info = store.read_json("sweep.json")
-        raw = dict(info["spec"])
-        if raw.get("train", {}).get("method", "supervised") == "supervised":
-            raw.pop("ssl", None)  # to_dict() writes the (unused) SSL defaults, which validation refuses here
-        plan = make_plan(validate(raw, "sweep.json", check_data=False))
-    except (OSError, ValueError, KeyError, SpecError):
+        trials = sweep_record.trials(info)  # every spec that ran here: a slice's record knows the others' trials
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         rep.to_rerun.extend(trial_ids)
         return
-    trials = {t.id: t for t in plan.trials}
     for tid in trial_ids:
         trial = trials.get(tid)
         manifests: dict[str, dict[str, Any]] = {}

@@ -1,0 +1,83 @@
+"""``sweep.json``: what a storage records of the specs that ran on it.
+
+A study is often run in slices (copies of one spec with fewer grid values, same name and settings, so the same
+trial ids) or grown by editing its grid. Each run writes its own spec as ``spec``; the specs that ran before stay
+in ``history``, so ``tscray status`` counts, and ``tscray verify --repair`` rebuilds, every trial the storage
+holds rather than only the last slice's.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tscray.config import SpecError, SweepSpec, validate
+from tscray.plan import Plan, Trial, make_plan
+from tscray.store import Store
+
+NAME = "sweep.json"
+HISTORY_MAX = 200  # earlier specs kept; a storage that saw more has been reused for unrelated work
+
+
+def write(store: Store, spec: SweepSpec, sid: str, plan: Plan) -> None:
+    """Record ``spec`` as the storage's current spec, keeping the earlier ones (an unreadable old record is
+    replaced: it holds nothing the results and steps do not)."""
+    entry = spec.to_dict()
+    history: list[dict[str, Any]] = []
+    if store.exists(NAME):
+        try:
+            old = store.read_json(NAME)
+            history = [h for h in old.get("history", []) if isinstance(h, dict)]
+            if isinstance(old.get("spec"), dict):
+                history.append(old["spec"])
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            history = []
+    seen, kept = {_canonical(entry)}, []
+    for h in reversed(history):  # newest first, so the cap drops the oldest
+        c = _canonical(h)
+        if c not in seen:
+            seen.add(c)
+            kept.append(h)
+    store.write_json(NAME, {"spec": entry, "sweep_id": sid, "trials": len(plan.trials), "steps": len(plan.steps),
+                            "history": list(reversed(kept[:HISTORY_MAX]))})
+
+
+def read(store: Store) -> dict[str, Any]:
+    """The record, or one line naming it when it is unreadable."""
+    try:
+        info = store.read_json(NAME)
+        info["spec"]["name"], info["trials"], info["steps"]  # noqa: B018 (the fields every command reads)
+        return info
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{store.path(NAME)} is damaged ({type(err).__name__}); rerun the sweep's "
+                         f"spec on this storage to rewrite it") from None
+
+
+def plans(info: dict[str, Any]) -> list[Plan]:
+    """The plans of the current spec and the earlier ones, newest first. A recorded spec this tscray no longer
+    accepts is skipped."""
+    out = []
+    for raw in [info.get("spec")] + list(reversed(info.get("history", []))):
+        if not isinstance(raw, dict):
+            continue
+        raw = dict(raw)
+        if raw.get("train", {}).get("method", "supervised") == "supervised":
+            raw.pop("ssl", None)  # to_dict() writes the (unused) SSL defaults, which validation refuses here
+        try:
+            out.append(make_plan(validate(raw, NAME, check_data=False)))
+        except (SpecError, ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def trials(info: dict[str, Any]) -> dict[str, Trial]:
+    """Every recorded spec's trials by id; where specs share an id, the newest spec's trial."""
+    found: dict[str, Trial] = {}
+    for plan in plans(info):
+        for t in plan.trials:
+            found.setdefault(t.id, t)
+    return found
+
+
+def _canonical(spec: dict[str, Any]) -> str:
+    return json.dumps(spec, sort_keys=True, default=str)
