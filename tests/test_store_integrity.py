@@ -227,3 +227,41 @@ def test_a_slice_run_on_the_storage_keeps_the_other_trials_rebuildable_and_count
     assert main(["verify", str(tmp_path / "s"), "--repair"]) == 0
     assert "rebuilt the rows of 1 trial(s)" in capsys.readouterr().out
     assert pq.read_table(victim).to_pandas().equals(expected)
+
+
+def test_import_steps_copies_verified_steps_once_and_skips_damaged_ones(tmp_path, capsys):
+    src = Store(str(tmp_path / "src"))
+    src.put_step("backdoor", "good", {"model": STATE}, {"records": []})
+    src.put_step("tsc_round", "bad", {"model": STATE}, {"records": []})
+    damage(tmp_path / "src/steps/tsc_round/bad/model.safetensors", "flipped")  # same size: only the hash tells
+    assert main(["import-steps", str(tmp_path / "src"), str(tmp_path / "dst")]) == 1
+    cap = capsys.readouterr()
+    assert "copied 1 step(s)" in cap.out and "(backdoor 1)" in cap.out and "1 damaged in the source" in cap.out
+    assert "not copied: tsc_round/bad: model.safetensors does not match the SHA-256" in cap.err
+    dst = Store(str(tmp_path / "dst"))
+    assert dst.step_keys() == {"backdoor": ["good"]}
+    assert all(torch.equal(dst.load_tensors("backdoor", "good", "model")[k], v) for k, v in STATE.items())
+    assert dst.manifest("backdoor", "good") == src.manifest("backdoor", "good")
+    assert not (tmp_path / "dst/steps/tsc_round/bad").exists()  # nothing of a damaged step is written
+    assert main(["import-steps", str(tmp_path / "src"), str(tmp_path / "dst")]) == 1
+    assert "copied 0 step(s) into" in (out := capsys.readouterr().out) and "; 1 already there" in out
+    assert main(["import-steps", str(tmp_path / "empty"), str(tmp_path / "dst")]) == 2
+    assert "no stored steps" in capsys.readouterr().err
+
+
+def test_import_steps_with_a_spec_copies_only_that_sweeps_steps_and_its_run_then_computes_nothing(
+        finished, tmp_path, capsys):
+    src, trials = finished
+    raw = tiny_spec(tmp_path / "new")
+    raw["grid"] = {**raw["grid"], "defense": ["none"]}  # a new sweep needing only the backdoored model
+    spec_file = tmp_path / "slice.yaml"
+    import yaml
+    spec_file.write_text(yaml.safe_dump(raw))
+    assert main(["import-steps", str(src), str(tmp_path / "new"), "--spec", str(spec_file)]) == 0
+    assert "copied 1 step(s)" in capsys.readouterr().out
+    new = Store(str(tmp_path / "new"))
+    plan = make_plan(validate(raw))
+    assert {k: set(v) for k, v in new.step_keys().items()} == {"backdoor": {s.key for s in plan.steps.values()}}
+    before = dict(new.computations())
+    run_local(plan.trials[0].steps, Context(new))
+    assert new.computations() == before  # the imported model was reused, not trained again

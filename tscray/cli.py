@@ -176,6 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true", help="set damaged steps and result files aside")
     p.add_argument("--quick", action="store_true", help="check sizes only, not content hashes")
 
+    p = sub.add_parser("import-steps", help="copy computed steps from another storage into a sweep's",
+                       description="Copy the stored steps (backdoored models, rounds, curves, defenses) of another "
+                                   "sweep directory into this one, so a new or renamed sweep reuses them instead of "
+                                   "computing them again. Step keys hash everything a step depends on, so only "
+                                   "steps a sweep would compute identically are ever reused. Each artifact is "
+                                   "checked against its recorded hash as it is copied; damaged ones are skipped. "
+                                   "Steps already present are left alone.")
+    p.add_argument("source", help="sweep directory or URI to copy from (a sweep.json is not needed)")
+    p.add_argument("storage", help="sweep directory or URI to copy into (created if missing)")
+    p.add_argument("--spec", type=Path, help="copy only the steps this sweep YAML plans (default: every step)")
+
     p = sub.add_parser("results", help="results table of a sweep directory")
     p.add_argument("storage", help="sweep directory or URI")
     p.add_argument("--stage", default="final", help="row stage to show (default: %(default)s; 'all' for every row)")
@@ -512,6 +523,47 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if args.repair else 1
 
 
+def cmd_import_steps(args: argparse.Namespace) -> int:
+    from tscray.store import Store
+
+    def open_(location: str) -> Store:
+        store = Store(location if "://" in location else str(Path(location).resolve()))
+        store.probe()
+        return store
+
+    src = open_(args.source)
+    available = src.step_keys()
+    if not available:
+        raise FileNotFoundError(f"{args.source}: no stored steps (expected a sweep directory with steps/)")
+    if args.spec is not None:
+        from tscray.config import load_spec
+        from tscray.plan import make_plan
+
+        wanted: dict[str, set[str]] = {}
+        for step in make_plan(load_spec(args.spec, check_data=False)).steps.values():
+            wanted.setdefault(step.kind, set()).add(step.key)
+        available = {k: [key for key in v if key in wanted.get(k, set())] for k, v in available.items()}
+    dst = open_(args.storage)
+    present = dst.step_keys()
+    copied: dict[str, int] = {}
+    skipped = damaged = 0
+    todo = [(k, key) for k, v in sorted(available.items()) for key in v]
+    for i, (kind, key) in enumerate(todo, 1):
+        if key in present.get(kind, ()) and dst.check_step(kind, key, deep=False) is None:
+            skipped += 1
+        elif (problem := dst.copy_step_from(src, kind, key)) is not None:
+            damaged += 1
+            print(f"not copied: {kind}/{key}: {problem}", file=sys.stderr)
+        else:
+            copied[kind] = copied.get(kind, 0) + 1
+        if i % 50 == 0 or i == len(todo):
+            print(f"\r{i}/{len(todo)} steps looked at", end="" if i < len(todo) else "\n", file=sys.stderr, flush=True)
+    print(f"copied {sum(copied.values())} step(s) into {dst.uri}"
+          + (f" ({', '.join(f'{k} {n}' for k, n in sorted(copied.items()))})" if copied else "")
+          + f"; {skipped} already there" + (f"; {damaged} damaged in the source, not copied" if damaged else ""))
+    return 1 if damaged else 0
+
+
 def cmd_results(args: argparse.Namespace) -> int:
     from tscray import results
 
@@ -599,7 +651,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"purify": cmd_purify, "backdoor": cmd_backdoor, "sweep": cmd_sweep, "status": cmd_status,
-            "verify": cmd_verify, "results": cmd_results, "report": cmd_report, "defenses": cmd_defenses, "demo": cmd_demo}
+            "verify": cmd_verify, "import-steps": cmd_import_steps, "results": cmd_results, "report": cmd_report, "defenses": cmd_defenses, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -199,6 +199,35 @@ class Store:
                 self.fs.delete_file(self.path(f"{src}/{name}"))
         return self.path(dest)
 
+    def copy_step_from(self, src: "Store", kind: str, key: str) -> str | None:
+        """Copy a step from another storage, each artifact checked against the hash its manifest recorded as
+        it is read, the manifest written last (a copy cut short leaves no step). Returns what was wrong with
+        the source step (nothing is written then), else None. Step keys hash everything a step depends on,
+        so a step of any sweep is valid in any other that plans the same key."""
+        problem = src.check_step(kind, key, deep=False)
+        if problem is not None:
+            return problem
+        manifest = src.manifest(kind, key)
+        d = self.step_dir(kind, key)
+        blobs = {}
+        for name in manifest.get("artifacts", []):
+            blob = src.read_bytes(f"{d}/{name}.safetensors")
+            meta = manifest.get("files", {}).get(name)
+            problem = _blob_problem(blob, meta)
+            if problem is None and meta is None:  # written before hashes were recorded: parse it
+                try:
+                    from safetensors.torch import load as st_load
+                    st_load(blob)
+                except Exception as err:
+                    problem = f"is not a readable safetensors file ({type(err).__name__})"
+            if problem is not None:
+                return f"{name}.safetensors {problem}"
+            blobs[name] = blob
+        for name, blob in blobs.items():
+            self.write_bytes(f"{d}/{name}.safetensors", blob)
+        self.write_json(f"{d}/manifest.json", manifest)
+        return None
+
     def step_keys(self) -> dict[str, list[str]]:
         """Existing (manifested) steps by kind."""
         out: dict[str, list[str]] = {}
