@@ -137,3 +137,39 @@ def test_every_defense_runs_on_the_device(name: str, device: torch.device, embed
     res = d.run(model, clean, method("supervised"), d.make_config("paper", **TINY_DEFENSE[name]))
     out = res.model.eval()(torch.zeros(2, 1, 28, 28, device=device))
     assert out.device.type == device.type and out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+def test_a_tiny_sweep_runs_step_by_step_on_the_device_and_resumes_computing_nothing(device: torch.device,
+                                                                                     tmp_path) -> None:
+    """What a sweep's shard worker executes (steps.run_local over a trial's steps, on a Context of the
+    device), for TSC, a baseline and the undefended model: rows record the device and its precision, the
+    stored artifacts load back on the CPU, and a second pass reuses every step."""
+    from tscray import results
+    from tscray.config import validate
+    from tscray.plan import make_plan
+    from tscray.steps import Context, run_local
+    from tscray.store import Store
+
+    spec = validate({"name": "dev", "storage": str(tmp_path),
+                     "grid": {"defense": ["tsc", "fp", "none"], "rounds": [1], "t": [0.5]},
+                     "train": {"epochs": 1, "batch_size": 128, "lr": 0.05, "arch_kw": {"widths": [8, 8, 16, 16]}},
+                     "defense": {"clean_ratio": 0.02, "tsc": {"curve_epochs": 1, "finetune_epochs": 1, "batch_size": 64},
+                                 "fp": {"epochs": 1, "batch_size": 64}}})
+    plan = make_plan(spec)
+    store = Store(str(tmp_path))
+    ctx = Context(store, device=str(device))
+    for trial in plan.trials:
+        results.write_trial(store, trial.id, results.trial_rows(spec.name, trial, run_local(trial.steps, ctx)))
+    rows = results.read(store).to_pandas()
+    final = rows[rows.stage == "final"]
+    assert sorted(final.defense) == ["fp", "none", "tsc"]
+    assert final.acc.between(0, 100).all() and final.asr.between(0, 100).all()
+    assert set(rows.device) == {str(device)}
+    assert set(rows.precision) == {"bf16" if device.type == "cuda" else "fp32"}
+    bd = next(s for s in plan.steps.values() if s.kind == "backdoor")
+    assert all(t.device.type == "cpu" and torch.isfinite(t.float()).all()
+               for t in store.load_tensors("backdoor", bd.key, "model").values())
+    before = dict(store.computations())
+    for trial in plan.trials:
+        run_local(trial.steps, Context(store, device=str(device)))
+    assert store.computations() == before
