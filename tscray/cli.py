@@ -556,7 +556,7 @@ def cmd_import_steps(args: argparse.Namespace) -> int:
             print(f"not copied: {kind}/{key}: {problem}", file=sys.stderr)
         else:
             copied[kind] = copied.get(kind, 0) + 1
-        if i % 50 == 0 or i == len(todo):
+        if sys.stderr.isatty() and (i % 50 == 0 or i == len(todo)):
             print(f"\r{i}/{len(todo)} steps looked at", end="" if i < len(todo) else "\n", file=sys.stderr, flush=True)
     print(f"copied {sum(copied.values())} step(s) into {dst.uri}"
           + (f" ({', '.join(f'{k} {n}' for k, n in sorted(copied.items()))})" if copied else "")
