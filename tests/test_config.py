@@ -163,4 +163,20 @@ def test_channels_last_is_auto_by_default_and_true_false_keep_their_old_meaning(
     assert Context(store, "cpu", channels_last="auto").channels_last is False  # CUDA only
     assert Context(store, "cpu", channels_last="on").channels_last is True
     assert Context(store, "cpu", channels_last="off").channels_last is False
-    assert load_spec("sweeps/quickstart.yaml").resources.channels_last == "on"  # quoted: YAML reads on as true
+    assert load_spec("sweeps/quickstart.yaml").resources.channels_last == "on"
+
+
+def test_an_unquoted_on_in_a_spec_is_the_word_not_true(tmp_path):
+    """YAML 1.1 (PyYAML's default) reads `channels_last: on` as true, which means "auto" (CUDA only): two
+    shipped specs asked for NHWC on CPU that way and silently ran without it (their manifests said False).
+    Specs are read as YAML 1.2: only true/false are booleans; yes/no for a boolean field is named."""
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\ngrid: {defense: [tsc], rounds: [1], t: [0.5]}\nresources: {channels_last: on}\n")
+    assert load_spec(path, check_data=False).resources.channels_last == "on"
+    for name in ("clean_scale_small", "preset_small_check"):
+        assert load_spec(f"sweeps/{name}.yaml", check_data=False).resources.channels_last == "on"
+    path.write_text("name: s\ngrid: {defense: [tsc], rounds: [1], t: [0.5]}\ndefense: {clean_balanced: yes}\n")
+    with pytest.raises(SpecError, match="defense.clean_balanced: 'yes' is not true/false"):
+        load_spec(path, check_data=False)
+    path.write_text("name: s\ngrid: {defense: [tsc], rounds: [1], t: [0.5]}\ndefense: {clean_balanced: True}\n")
+    assert load_spec(path, check_data=False).defense.clean_balanced is True

@@ -77,15 +77,16 @@ def _common(p: argparse.ArgumentParser, data_help: str = "dataset name (default:
 
 
 def _setting(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` with VALUE read as a YAML scalar or list (``curve_lr=0.01``, ``betas=[500, 1000]``)."""
-    import yaml
+    """``KEY=VALUE`` with VALUE read as a YAML scalar or list (``curve_lr=0.01``, ``betas=[500, 1000]``), as a
+    spec reads it (``on`` is a word, not true)."""
+    from tscray import spec_yaml
 
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError:
+        return key.strip(), spec_yaml.load(value, key)
+    except spec_yaml.SpecYAMLError:
         raise argparse.ArgumentTypeError(f"{key}: value {value!r} is not a YAML scalar or list") from None
 
 

@@ -5,12 +5,16 @@ laughs" document) become gigabytes once constructed. Here the document is first 
 (aliases are shared nodes there, so the graph stays as small as the text), its expanded size is counted on
 that graph with memoisation, and construction happens only below ``MAX_VALUES``. Duplicate keys in one
 mapping, which PyYAML silently resolves to the last one, are an error naming the key and both lines; merge
-keys (``<<: *base``) keep their meaning: explicit keys override merged ones.
+keys (``<<: *base``) keep their meaning: explicit keys override merged ones. Booleans are YAML 1.2's, ``true``
+and ``false`` only: YAML 1.1 (PyYAML's default) also reads an unquoted ``on``, ``off``, ``yes``, ``no`` as
+booleans, so ``channels_last: on`` silently meant ``true``; here those stay the words they are.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import re
 
 import yaml
 from yaml.nodes import MappingNode, Node, SequenceNode
@@ -40,6 +44,13 @@ class _Loader(yaml.SafeLoader):
                                     "YAML would silently keep only the last one")
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 def expanded_size(root: Node, limit: int = MAX_VALUES) -> int:
