@@ -172,14 +172,7 @@ class Store:
             if meta is not None and info.size != meta.get("bytes"):
                 return f"{name}.safetensors has {info.size} bytes, its manifest recorded {meta.get('bytes')}"
             if deep:
-                blob = self.read_bytes(rel)
-                problem = _blob_problem(blob, meta)
-                if problem is None and meta is None:  # written before hashes were recorded: parse it
-                    try:
-                        from safetensors.torch import load as st_load
-                        st_load(blob)
-                    except Exception as err:
-                        problem = f"is not a readable safetensors file ({type(err).__name__})"
+                problem = _artifact_problem(self.read_bytes(rel), meta)
                 if problem is not None:
                     return f"{name}.safetensors {problem}"
         return None
@@ -212,14 +205,7 @@ class Store:
         blobs = {}
         for name in manifest.get("artifacts", []):
             blob = src.read_bytes(f"{d}/{name}.safetensors")
-            meta = manifest.get("files", {}).get(name)
-            problem = _blob_problem(blob, meta)
-            if problem is None and meta is None:  # written before hashes were recorded: parse it
-                try:
-                    from safetensors.torch import load as st_load
-                    st_load(blob)
-                except Exception as err:
-                    problem = f"is not a readable safetensors file ({type(err).__name__})"
+            problem = _artifact_problem(blob, manifest.get("files", {}).get(name))
             if problem is not None:
                 return f"{name}.safetensors {problem}"
             blobs[name] = blob
@@ -350,6 +336,18 @@ class Store:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def _artifact_problem(blob: bytes, meta: Mapping[str, Any] | None) -> str | None:
+    """:func:`_blob_problem`, and for an artifact written before hashes were recorded, whether it parses."""
+    problem = _blob_problem(blob, meta)
+    if problem is None and meta is None:
+        try:
+            from safetensors.torch import load as st_load
+            st_load(blob)
+        except Exception as err:  # safetensors raises its own error types on bad headers
+            problem = f"is not a readable safetensors file ({type(err).__name__})"
+    return problem
 
 
 def _blob_problem(blob: bytes, meta: Mapping[str, Any] | None) -> str | None:
