@@ -2,7 +2,7 @@
 depend on, then the GPU-hours they project to. Prints one Markdown table (and writes it to ``$OUT/gpu.md``
 when ``$OUT`` is set). Needs neither Ray nor MLflow: it runs the library from the checkout.
 
-    bash benchmarks/gpu_check.sh            # on a GPU machine, ~8 minutes
+    bash benchmarks/gpu_check.sh            # on a GPU machine, ~5 minutes (285 s on an H200; --budget caps it)
     bash benchmarks/gpu_check.sh --quick    # the same script on CPU at toy sizes (CI runs it)
 
 Data: CIFAR-shaped synthetic images (32x32x3, seeded); speeds only, never accuracy. MFU is measured
