@@ -74,11 +74,13 @@ def peak_flops(device: torch.device) -> float | None:
 
 def compiled_curve(curve: Any) -> Callable[[torch.Tensor, float], torch.Tensor]:
     """``curve(x, t)`` through torch.compile. t enters as a 0-dim tensor so one graph serves every t (a Python
-    float would be a guarded constant: a recompile per t); the Bernstein weights are the same as curves.py's."""
+    float would be a guarded constant: a recompile per t); the Bernstein weights are curves.py's."""
     from torch.func import functional_call
 
+    from tscray.curves import coefficients
+
     def forward(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        c0, c1, c2 = (1 - t) ** 2, 2 * t * (1 - t), t * t
+        c0, c1, c2 = coefficients(t)  # type: ignore[arg-type]  # the same arithmetic on a tensor t
         w = {k: c0 * s + c1 * b + c2 * e for k, s, b, e in
              zip(curve.names, curve.endpoint("start"), curve.bend, curve.endpoint("end"))}
         return functional_call(curve.base, w, (x,))

@@ -448,12 +448,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if summary.get("errors") else 130  # trials errored, or the sweep was stopped (Ctrl-C) before them
 
 
-def _open_store(location: str):
+def _store_at(location: str):
+    """The storage at a local path or URI, reachable (``probe`` names what is wrong otherwise)."""
     from tscray.store import Store
 
-    uri = location if "://" in location else str(Path(location).resolve())
-    store = Store(uri)
+    store = Store(location if "://" in location else str(Path(location).resolve()))
     store.probe()
+    return store
+
+
+def _open_store(location: str):
+    store = _store_at(location)
     if not store.exists("sweep.json"):
         raise FileNotFoundError(f"{location}: not a tscray sweep directory (no sweep.json)")
     return store
@@ -525,14 +530,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_import_steps(args: argparse.Namespace) -> int:
-    from tscray.store import Store
-
-    def open_(location: str) -> Store:
-        store = Store(location if "://" in location else str(Path(location).resolve()))
-        store.probe()
-        return store
-
-    src = open_(args.source)
+    src = _store_at(args.source)
     available = src.step_keys()
     if not available:
         raise FileNotFoundError(f"{args.source}: no stored steps (expected a sweep directory with steps/)")
@@ -544,8 +542,8 @@ def cmd_import_steps(args: argparse.Namespace) -> int:
         for step in make_plan(load_spec(args.spec, check_data=False)).steps.values():
             wanted.setdefault(step.kind, set()).add(step.key)
         available = {k: [key for key in v if key in wanted.get(k, set())] for k, v in available.items()}
-    dst = open_(args.storage)
-    present = dst.step_keys()
+    dst = _store_at(args.storage)
+    present = {k: set(v) for k, v in dst.step_keys().items()}
     copied: dict[str, int] = {}
     skipped = damaged = 0
     todo = [(k, key) for k, v in sorted(available.items()) for key in v]

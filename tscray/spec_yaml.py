@@ -12,9 +12,8 @@ booleans, so ``channels_last: on`` silently meant ``true``; here those stay the 
 
 from __future__ import annotations
 
-from typing import Any
-
 import re
+from typing import Any
 
 import yaml
 from yaml.nodes import MappingNode, Node, SequenceNode
