@@ -204,6 +204,21 @@ def test_verify_refuses_a_folder_that_is_no_sweep(tmp_path, capsys):
     assert report.clean and report.steps == 0
 
 
+@pytest.mark.parametrize("content", [b'{"spec": ', b"[1, 2]", b'{"spec": {"name": "s"}}'])
+def test_a_damaged_sweep_json_is_named_by_verify_report_and_status(finished, tmp_path, capsys, content):
+    """verify used to call a store with an unreadable sweep.json intact, and report failed with a bare JSON
+    error (truncated file) or a traceback (valid JSON of the wrong shape)."""
+    src, _ = finished
+    copy_store(src, tmp_path / "s")
+    (tmp_path / "s" / "sweep.json").write_bytes(content)
+    for argv, rc in ((["verify"], 1), (["verify", "--repair"], 1), (["status"], 2),
+                     (["report", "--no-mlflow", "--out", str(tmp_path / "r")], 2)):
+        assert main([argv[0], str(tmp_path / "s"), *argv[1:]]) == rc, argv
+        out = capsys.readouterr()
+        assert "sweep.json is damaged" in out.out + out.err and "Traceback" not in out.err, argv
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_slice_run_on_the_storage_keeps_the_other_trials_rebuildable_and_counted(finished, tmp_path, capsys):
     """A study run in slices (same name and settings, fewer grid values) used to leave only the last slice's
     spec in sweep.json: `tscray status` then counted that slice's trials as the whole sweep (2/1 finished), and

@@ -526,7 +526,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if report.clean:
         print("store is intact")
         return 0
-    return 0 if args.repair else 1
+    return 0 if args.repair and report.record_problem is None else 1  # repair cannot rewrite a lost spec
 
 
 def cmd_import_steps(args: argparse.Namespace) -> int:

@@ -332,10 +332,10 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
 def report_sweep(store: Store, out: Path, fmt: str = "png", mlflow: bool = True, tracker: Any = None,
                  tsc_setting: tuple[int, float] | None = None, damaged: list[str] | None = None):
     """Write the sweep's report and log it (and the Parquet) to the sweep's MLflow parent run."""
-    from tscray import results
+    from tscray import results, sweep_record
     from tscray.report import make_report
 
-    info = store.read_json("sweep.json")
+    info = sweep_record.read(store)
     rep = make_report(results.read(store, damaged).to_pandas(), out, fmt, title=f"tscray sweep {info['spec']['name']}",
                       tsc_setting=tsc_setting)
     if mlflow:

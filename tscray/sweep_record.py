@@ -46,7 +46,7 @@ def read(store: Store) -> dict[str, Any]:
     """The record, or one line naming it when it is unreadable."""
     try:
         info = store.read_json(NAME)
-        info["spec"]["name"], info["trials"], info["steps"]  # noqa: B018 (the fields every command reads)
+        info["spec"]["name"], info["sweep_id"], info["trials"], info["steps"]  # noqa: B018 (the fields every command reads)
         return info
     except (ValueError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{store.path(NAME)} is damaged ({type(err).__name__}); rerun the sweep's "

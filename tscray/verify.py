@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tscray import results
+from tscray import results, sweep_record
 from tscray.store import Store
 
 
@@ -27,10 +27,11 @@ class VerifyReport:
     quarantined: list[str] = field(default_factory=list)
     rebuilt: list[str] = field(default_factory=list)  # trial ids whose rows were rebuilt
     to_rerun: list[str] = field(default_factory=list)  # trial ids the next run must finish
+    record_problem: str | None = None  # sweep.json unreadable: status, report and row rebuilds need it
 
     @property
     def clean(self) -> bool:
-        return not self.damaged_steps and not self.damaged_results
+        return not self.damaged_steps and not self.damaged_results and self.record_problem is None
 
     def lines(self) -> list[str]:
         out = [f"steps  : {self.steps} checked, {len(self.damaged_steps)} damaged"
@@ -38,6 +39,8 @@ class VerifyReport:
                f"results: {self.result_files} files, {len(self.damaged_results)} unreadable"]
         out += [f"  damaged step {k}: {why}" for k, why in sorted(self.damaged_steps.items())]
         out += [f"  unreadable result file {p}" for p in self.damaged_results]
+        if self.record_problem:
+            out.append(f"record : {self.record_problem}")
         if self.quarantined:
             out.append(f"moved {len(self.quarantined)} damaged step(s) to quarantine/: the next run recomputes them")
         if self.rebuilt:
@@ -64,6 +67,11 @@ def verify_store(store: Store, repair: bool = False, deep: bool = True) -> Verif
     results.read(store, bad)
     rep.result_files = len([n for n in store.listdir("results") if n.endswith(".parquet")])
     rep.damaged_results = bad
+    if store.exists(sweep_record.NAME):  # (the CLI refuses a folder without one before this)
+        try:
+            sweep_record.read(store)
+        except ValueError as err:
+            rep.record_problem = str(err)
     if not repair:
         return rep
     for name, why in rep.damaged_steps.items():
@@ -77,12 +85,10 @@ def verify_store(store: Store, repair: bool = False, deep: bool = True) -> Verif
 
 def _rebuild(store: Store, trial_ids: list[str], rep: VerifyReport) -> None:
     """Write the rows of ``trial_ids`` again from their steps' manifests (as a finished trial would)."""
-    from tscray import sweep_record
-
     try:
-        info = store.read_json("sweep.json")
+        info = sweep_record.read(store)
         trials = sweep_record.trials(info)  # every spec that ran here: a slice's record knows the others' trials
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError):
         rep.to_rerun.extend(trial_ids)
         return
     for tid in trial_ids:
