@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from tscray.config import SweepSpec
-from tscray.plan import Done, Plan, PlanSummary, Trial, make_plan
+from tscray.plan import Done, Plan, PlanSummary, Step, Trial, make_plan
 from tscray.store import Store
 
 Print = Callable[[str], None]
@@ -121,6 +121,25 @@ def progress_line(progress: TrialCounts, stats: dict[str, Any], to_compute: int,
             + (f", {other_driver} waiting for another driver" if other_driver else "")
             + f" | {elapsed:5.0f}s"
             + (f", ETA {eta:4.0f}s" if eta == eta else ""))
+
+
+def steps_to_compute(pending: list[Trial], stored: Callable[[Step], bool]) -> int:
+    """How many distinct steps the ``pending`` trials still need computed: their chains' steps and the inputs of
+    those not ``stored``. A stored step's inputs are never read again, and steps only finished trials need (a
+    study resumed from copied result files) are never computed, so neither counts toward the progress line."""
+    seen: set[str] = set()
+    todo = [stage.step for t in pending for stage in t.chain]
+    count = 0
+    while todo:
+        step = todo.pop()
+        if step.key in seen:
+            continue
+        seen.add(step.key)
+        if stored(step):
+            continue
+        count += 1
+        todo.extend(step.inputs)
+    return count
 
 
 def _ticker(progress: TrialCounts, coord: Any, to_compute: int, out: TextIO, stop: threading.Event) -> None:
@@ -288,7 +307,7 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
         coord.compute_ahead.remote([s.to_dict() for s in roots.values() if not store.has_step(s.kind, s.key)])
         tracker = tracking.result()
         progress = TrialCounts(total=len(pending))
-        to_compute = sum(1 for s in plan.steps.values() if not store.has_step(s.kind, s.key))
+        to_compute = steps_to_compute(pending, lambda s: store.has_step(s.kind, s.key))
         ticker = threading.Thread(target=_ticker, args=(progress, coord, to_compute, out, stop), daemon=True)
         ticker.start()
         trial_res: dict[str, float] = {"cpu": cluster.TRIAL_CPU}
