@@ -310,6 +310,34 @@ def test_a_field_axis_splits_every_table_and_figure_and_undefended_rows_stand_be
     assert "fig_vs_defense.clean_ratio.png" in names
 
 
+def test_a_numeric_axis_gets_a_table_and_figure_per_attack_that_the_mean_over_attacks_hides(tmp_path):
+    """Issue 11 asks for ASR and ACC against clean-set size at each setting. The only figure against an axis
+    averaged over attacks: BadNets removed at every size and Blended at none read as one line near 40%."""
+    rows = []
+    for seed in (0, 1):
+        for attack in ("badnets", "blended"):
+            rows.append(final_row("none", 90.0, 99.0, attack=attack, seed=seed))
+            for ratio, (bad, blend) in ((0.02, (5.0, 60.0)), (0.05, (8.0, 70.0)), (0.25, (3.0, 10.0))):
+                asr = bad if attack == "badnets" else blend
+                for t in (0.4, 0.5):
+                    rows.append(final_row("tsc", 84.0 + seed, asr + seed + 20 * (t - 0.4), attack=attack, seed=seed,
+                                          e=3, t=t, **{"defense.clean_ratio": ratio}))
+    rep = make_report(pd.DataFrame(rows), tmp_path, "png")
+    table = pd.read_csv(tmp_path / "vs_defense.clean_ratio.csv")
+    assert set(table.defense) == {"tsc"}  # the undefended model has no clean set
+    cell = table.set_index(["attack", "defense.clean_ratio"])
+    assert cell.asr[("badnets", 0.02)] == pytest.approx(5.5) and cell.asr[("blended", 0.05)] == pytest.approx(70.5)
+    assert cell.acc[("blended", 0.25)] == pytest.approx(84.5) and cell.seeds[("badnets", 0.25)] == 2
+    assert list(cell.failed[("blended",)]) == [True, True, False]  # t 0.4: the paper's setting, not t 0.5
+    md = (tmp_path / "vs_defense.clean_ratio.md").read_text()
+    assert "| TSC | blended | 84.5 / 60.5 ✗ | 84.5 / 70.5 ✗ | 84.5 / 10.5 |" in md
+    assert (tmp_path / "fig_vs_defense.clean_ratio_by_setting.png").stat().st_size > 0
+    assert "Against defense.clean_ratio" in rep.index.read_text()
+    one = make_report(pd.DataFrame([r for r in rows if r["attack"] == "badnets"]), tmp_path / "one", "png")
+    assert not (tmp_path / "one" / "vs_defense.clean_ratio.csv").exists()  # one setting: fig_vs_ says it all
+    assert (tmp_path / "one" / "fig_vs_defense.clean_ratio.png").exists() and one.index.exists()
+
+
 def stage_rows(finetune=True):
     """TSC round rows as a sweep writes them: E_TSC 1 and 2 trials share round 1; two seeds; a field axis."""
     rows = []

@@ -5,6 +5,8 @@
   ANP, FT-SAM, I-BAU, SAU, FST, fine-tuning, TSC last, then any other defense alphabetically), each cell
   final ACC / ASR as mean ± std over seeds, ASR ≥ 15% marked as a failed defense, and an average row. TSC
   and MCR, whose rows span a grid, appear at one configured setting (:func:`choose_setting`).
+- Against each numeric field axis (``defense.clean_ratio``...): ``fig_vs_<axis>`` (each defense, mean over
+  attacks) and, per attack setting, ``vs_<axis>.md/csv`` with ``fig_vs_<axis>_by_setting``.
 - Defense cost (``defense_cost.md/csv``): each defense's mean ``defense_seconds`` beside its mean ACC/ASR.
 - NC detection (``nc_detection.md/csv``): NC's anomaly index and flagged classes, when the rows have them.
 - TSC's (E_TSC, t) grid (``tsc_grid.md/csv``) and its heatmaps (``tsc_grid.<fmt>``), per method.
@@ -159,8 +161,8 @@ def figure_vs_axis(df: pd.DataFrame, axis: str, out: Path, fmt: str,
         for ax, metric in zip(axes, ("acc", "asr")):
             mean, std = g[metric].mean(), g[metric].std().fillna(0.0)
             (line,) = ax.plot(mean.index, mean.values, marker="o", label=defense_label(d))
-            ax.fill_between(mean.index, (mean - std).values, (mean + std).values, color=line.get_color(),
-                            alpha=0.12, linewidth=0)
+            ax.fill_between(mean.index, (mean - std).clip(lower=0).values, (mean + std).clip(upper=100).values,
+                            color=line.get_color(), alpha=0.12, linewidth=0)
     axes[1].axhline(SUCCESS_ASR, color="0.3", linestyle=":", linewidth=1, label="ASR 15% (success)")
     for ax, metric in zip(axes, ("ACC", "ASR")):
         ax.set_xlabel(axis)
@@ -174,6 +176,82 @@ def figure_vs_axis(df: pd.DataFrame, axis: str, out: Path, fmt: str,
     fig.suptitle(textwrap.fill(f"Final ACC / ASR against {axis}: mean over attacks and seeds, bands ±1 std"
                                + (f". {notes}" if notes else ""), 130), fontsize=8)
     return _finish(fig, out / f"fig_vs_{_slug(axis)}.{fmt}")
+
+
+def vs_axis_by_setting(df: pd.DataFrame, axis: str, out: Path, fmt: str,
+                       tsc_setting: tuple[int, float] | None = None) -> Section | None:
+    """Each defense's final ACC / ASR against a numeric field axis per attack setting (mean over seeds):
+    ``vs_<axis>.md`` / ``.csv`` and a figure with one line per setting (±1 std bars). The mean over attacks
+    in ``fig_vs_<axis>`` hides what a clean-set study is after: one attack removed at every size, another at
+    none. None when the rows hold one setting (that figure then says it all)."""
+    sel = select(df, tsc_setting)
+    if sel is None or axis not in sel.rows:
+        return None
+    rows = sel.rows.dropna(subset=[axis])
+    rows = rows[rows.defense != "none"]
+    try:
+        rows = rows.assign(**{axis: rows[axis].astype(float)})
+    except (TypeError, ValueError):
+        return None
+    setting = [k for k in sel.keys if k != axis and k in rows and rows[k].nunique(dropna=False) > 1]
+    if rows[axis].nunique() < 2 or not setting:
+        return None
+    per_seed = rows.groupby(["defense", *setting, axis, "seed"], dropna=False)[["acc", "asr"]].mean().reset_index()
+    table = (per_seed.groupby(["defense", *setting, axis], dropna=False)
+             .agg(acc=("acc", "mean"), acc_std=("acc", "std"), asr=("asr", "mean"), asr_std=("asr", "std"),
+                  seeds=("seed", "nunique")).reset_index())
+    order = defense_order(table.defense.unique())
+    table = table.assign(_d=table.defense.map(order.index)).sort_values(["_d", *setting, axis]).drop(columns="_d")
+    table["failed"] = table.asr >= SUCCESS_ASR
+    values = sorted(table[axis].unique())
+    head = ["defense", *setting, *[f"{axis} {_value(v)}" for v in values]]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    trs = []
+    for (d, *key), g in table.groupby(["defense", *setting], dropna=False, sort=False):
+        by = g.set_index(axis)
+        cells, tds = [], []
+        for v in values:
+            if v not in by.index:
+                cells.append("–")
+                tds.append("<td class='na'>–</td>")
+                continue
+            x = by.loc[v]
+            cells.append(f"{x.acc:.1f} / {x.asr:.1f}" + (" ✗" if x.failed else ""))
+            tds.append(f"<td{' class=fail' if x.failed else ''} title='{int(x.seeds)} seed(s)'>{x.acc:.1f} / "
+                       f"<span class=asr>{x.asr:.1f}</span></td>")
+        names = [defense_label(d), *(_value(k) for k in key)]
+        lines.append("| " + " | ".join(map(str, names)) + " | " + " | ".join(cells) + " |")
+        trs.append("<tr>" + "".join(f"<th class=l>{_esc(n)}</th>" for n in names) + "".join(tds) + "</tr>")
+    notes = "; ".join(s.why for s in sel.settings.values() if s.why)
+    caption = (f"Final ACC / ASR (%) against {axis} per {' · '.join(setting)}, mean over seeds; "
+               f"✗: ASR ≥ {SUCCESS_ASR:g}%." + (f" {notes}." if notes else ""))
+    slug = _slug(axis)
+    csv, md = out / f"vs_{slug}.csv", out / f"vs_{slug}.md"
+    table.to_csv(csv, index=False, float_format="%.3f")
+    md.write_text(caption + "\n\n" + "\n".join(lines) + "\n")
+    html = ("<div class=scroll><table><thead><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in head)
+            + "</tr></thead><tbody>" + "".join(trs) + "</tbody></table></div>")
+    fig, axes = plt.subplots(len(order), 2, figsize=(9.5, 3.2 * len(order)), sharex=True, squeeze=False)
+    for (ax_acc, ax_asr), d in zip(axes, order):
+        for key, line in table[table.defense == d].groupby(setting, dropna=False, sort=False):
+            label = " · ".join(str(_value(v)) for v in (key if isinstance(key, tuple) else (key,)))
+            for ax, metric in ((ax_acc, "acc"), (ax_asr, "asr")):
+                ax.errorbar(line[axis], line[metric], yerr=line[f"{metric}_std"].fillna(0.0), marker="o",
+                            capsize=2, label=label)
+        ax_asr.axhline(SUCCESS_ASR, color="0.3", linestyle=":", linewidth=1)
+        ax_asr.set_ylim(-2, 102)
+        for ax, metric in ((ax_acc, "ACC"), (ax_asr, "ASR")):
+            ax.set_title(f"{defense_label(d)}: final {metric}", fontsize=9)
+            ax.set_ylabel(f"{metric} (%)")
+            ax.grid(alpha=0.3)
+            if min(values) > 0 and max(values) / min(values) >= 10:
+                ax.set_xscale("log")
+        ax_asr.legend(fontsize=7, loc="upper right")
+    for ax in axes[-1]:
+        ax.set_xlabel(axis)
+    fig.suptitle(textwrap.fill(caption + " Bars: ±1 std over seeds; dotted: ASR 15%.", 130), fontsize=8)
+    path = _finish(fig, out / f"fig_vs_{slug}_by_setting.{fmt}")
+    return Section(f"Against {axis}", f"vs-{slug}", caption, html, [csv, md], table, path)
 
 
 def figure_curves(df: pd.DataFrame, out: Path, fmt: str) -> list[Path]:
@@ -1053,6 +1131,11 @@ def make_report(df: pd.DataFrame, out: Path, fmt: str = "png", title: str = "tsc
         p = figure_vs_axis(df, axis, out, fmt, tsc_setting)
         if p is not None:
             rep.figures.append(p)
+        sec = vs_axis_by_setting(df, axis, out, fmt, tsc_setting)
+        if sec is not None:
+            rep.sections.append(sec)
+            rep.tables += sec.paths
+            rep.figures += [sec.figure] if sec.figure is not None else []
     curves = figure_curves(df, out, fmt)
     rep.figures += curves
     if not curves:
