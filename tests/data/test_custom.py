@@ -141,6 +141,30 @@ def test_bad_folders_are_clear(tmp_path):
         data.load(str(tmp_path / "b"), image_size=5)
 
 
+def test_16_bit_grey_images_keep_their_range_and_float_images_are_refused(tmp_path):
+    """PIL's convert clips 16-bit grey at 255: a 16-bit PNG ramp loaded 99.6% white. Its full range now maps
+    onto 0-255, in a user's folder and as a blend pattern; grey+alpha stays grey."""
+    from tscray.attacks.blended import load_pattern
+
+    ramp = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    want = torch.from_numpy(np.rint(ramp / 257.0).astype(np.uint8))
+    for c in ("a", "b"):
+        (tmp_path / "deep" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(ramp).save(tmp_path / "deep" / c / f"{i}.png")
+        Image.fromarray(np.stack([want.numpy()] * 2, -1), "LA").save(tmp_path / "deep" / c / "alpha.png")
+    assert Image.open(tmp_path / "deep" / "a" / "0.png").mode.startswith("I")
+    ds = data.load(str(tmp_path / "deep"), test_ratio=0.25)
+    assert ds.in_channels == 1
+    assert all(torch.equal(img[0], want) for img in torch.cat([ds.train.x, ds.test.x]))
+    assert torch.equal(load_pattern(tmp_path / "deep" / "a" / "0.png", 1, 16, 16)[0], want)
+    rgb = load_pattern(tmp_path / "deep" / "a" / "0.png", 3, 16, 16)
+    assert all(torch.equal(rgb[k], want) for k in range(3))
+    Image.fromarray(ramp.astype(np.float32), "F").save(tmp_path / "deep" / "b" / "f.tif")
+    with pytest.raises(ValueError, match="f.tif: not a readable image .*32-bit float"):
+        data.load(str(tmp_path / "deep"))
+
+
 def test_sweeps_take_a_path_validate_it_up_front_and_key_data_kw_by_it(tmp_path, monkeypatch):
     monkeypatch.chdir(EXAMPLE.parents[1])
     spec = validate({"name": "x", "grid": {"dataset": [{"path": "examples/shapes.npz"}, "fashion-mnist-embedded"]},

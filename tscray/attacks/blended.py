@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from tscray.attacks.base import ATTACKS, Attack
+from tscray.data.files import eight_bit
 
 PATTERN_FILE = "blend_pattern.png"
 
@@ -51,7 +52,7 @@ def load_pattern(path: str | Path, channels: int, height: int, width: int) -> to
     if not path.is_file():
         raise FileNotFoundError(f"blend pattern not found: {path}")
     with Image.open(path) as f:
-        im = f.convert("L" if channels == 1 else "RGB")
+        im = eight_bit(f, grey=channels == 1)
         if im.size != (width, height):
             im = im.resize((width, height), Image.Resampling.BILINEAR)
         arr = np.asarray(im, dtype=np.uint8)

@@ -7,7 +7,7 @@
     PATH/train/<class>/*  and  PATH/test|val/<class>/*     both splits
 
 Classes are the train class folders sorted by name (label = position, as torchvision's ImageFolder). Images
-are converted to RGB, or kept grey when every image is single-channel.
+are converted to RGB, or kept grey when every image is grey (16-bit grey scaled onto 0-255; float refused).
 
 Without a test split, a stratified ``test_ratio`` of each class (seeded by ``split_seed``) becomes the test
 set. Images are resized to ``image_size`` × ``image_size`` when given (bilinear, antialiased; required for non-square
@@ -29,7 +29,7 @@ import torch
 
 from tscray.data import Dataset
 from tscray.data.errors import DatasetNotFound
-from tscray.data.files import resize_square
+from tscray.data.files import eight_bit, resize_square
 from tscray.data.tensors import ImageData, Preprocess
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -228,10 +228,9 @@ def _decode(path: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as im:
-            if im.mode in ("1", "L", "I", "I;16", "F"):
-                arr = np.asarray(im.convert("L"), dtype=np.uint8)[None]
-            else:
-                arr = np.asarray(im.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
-    except (UnidentifiedImageError, OSError) as err:
+            im = eight_bit(im)
+            arr = np.asarray(im, dtype=np.uint8)
+            arr = arr[None] if im.mode == "L" else arr.transpose(2, 0, 1)
+    except (UnidentifiedImageError, OSError, ValueError) as err:
         raise ValueError(f"{path}: not a readable image ({err})") from None
     return np.ascontiguousarray(arr)

@@ -15,7 +15,7 @@ import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -136,6 +136,26 @@ def decode_cached(name: str, split: str, base: Path, samples: Sequence[tuple[Pat
         tmp_x.unlink(missing_ok=True)
         tmp_y.unlink(missing_ok=True)
     return np.load(xf, mmap_mode="c"), np.load(yf)
+
+
+GREY_MODES = ("1", "L", "LA", "La")
+DEEP_GREY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")  # 16-bit grey (PNG, TIFF); "I" is how some read it
+
+
+def eight_bit(img: "Any", grey: bool | None = None) -> "Any":
+    """A PIL image as 8 bits per channel: mode ``L`` when ``grey`` (default: when the image is grey), else
+    ``RGB``. PIL's own ``convert`` clips 16-bit grey at 255, which turned a 16-bit PNG almost all white;
+    here its full range maps onto 0-255. Float images have no agreed range and are refused."""
+    from PIL import Image
+
+    if img.mode == "F":
+        raise ValueError("a 32-bit float image has no agreed value range; save it as an 8- or 16-bit image")
+    if img.mode in DEEP_GREY_MODES:
+        wide = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    if grey is None:
+        grey = img.mode in GREY_MODES
+    return img.convert("L" if grey else "RGB")
 
 
 def pil_to_chw(img: "object") -> np.ndarray:

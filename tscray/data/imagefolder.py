@@ -29,7 +29,8 @@ import numpy as np
 
 from tscray.data import DATASETS, Dataset
 from tscray.data.errors import not_found
-from tscray.data.files import check_image_size, decode_cached, image_data, pil_to_chw, preprocess, require_root
+from tscray.data.files import (check_image_size, decode_cached, eight_bit, image_data, pil_to_chw, preprocess,
+                               require_root)
 
 NAME = "imagenet100"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -42,7 +43,7 @@ def _decode(path: Path, size: int) -> np.ndarray:
     """Shorter side resized to ``size`` (bilinear, antialiased), then a center ``size``×``size`` crop."""
     from PIL import Image
     with Image.open(path) as f:
-        im = f.convert("RGB")
+        im = eight_bit(f, grey=False)
         w, h = im.size
         scale = size / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
