@@ -141,6 +141,32 @@ def test_bad_folders_are_clear(tmp_path):
         data.load(str(tmp_path / "b"), image_size=5)
 
 
+def test_a_train_folder_alone_is_one_split_and_a_class_named_train_stays_a_class(tmp_path):
+    """PATH/train/<class>/* with no test/ beside it failed with 'no images in its class folders' (train/ was
+    read as a class whose images were folders); a class named "train" (of vehicles) holds images, not folders."""
+    write_folder(tmp_path / "a", ("train",), n=10)
+    ds = data.load(str(tmp_path / "a"))
+    assert (ds.num_classes, len(ds.train), len(ds.test)) == (3, 24, 6)
+    write_folder(tmp_path / "v", classes=("car", "plane", "train"), n=5)
+    ds = data.load(str(tmp_path / "v"))
+    assert ds.num_classes == 3 and len(ds.train) + len(ds.test) == 15
+    write_folder(tmp_path / "t", ("val",))
+    with pytest.raises(ValueError, match="has a val/ split but no train/ split"):
+        data.load(str(tmp_path / "t"))
+
+
+def test_too_few_images_to_hold_out_a_test_split_is_an_error_not_an_empty_test_set(tmp_path):
+    """One image per class left the test set empty without a word (every class keeps a training image)."""
+    write_folder(tmp_path / "one", n=1)
+    with pytest.raises(ValueError, match="3 images are too few to hold out a test split"):
+        data.load(str(tmp_path / "one"))
+    x, y = arrays(n=4, classes=2)
+    np.savez(tmp_path / "t.npz", x=x, y=y)
+    assert len(data.load(str(tmp_path / "t.npz"), test_ratio=0.5).test) == 2
+    with pytest.raises(ValueError, match="too few"):
+        data.load(str(tmp_path / "t.npz"), test_ratio=0.2)
+
+
 def test_16_bit_grey_images_keep_their_range_and_float_images_are_refused(tmp_path):
     """PIL's convert clips 16-bit grey at 255: a 16-bit PNG ramp loaded 99.6% white. Its full range now maps
     onto 0-255, in a user's folder and as a blend pattern; grey+alpha stays grey."""

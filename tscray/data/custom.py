@@ -4,7 +4,7 @@
 (C 1 or 3), ``y`` integer labels 0..K-1; optional ``x_test``/``y_test``. Image folder::
 
     PATH/<class>/*.{png,jpg,jpeg,bmp}                      one split, or
-    PATH/train/<class>/*  and  PATH/test|val/<class>/*     both splits
+    PATH/train/<class>/*  and  PATH/test|val/<class>/*     both splits (train/ alone: one split)
 
 Classes are the train class folders sorted by name (label = position, as torchvision's ImageFolder). Images
 are converted to RGB, or kept grey when every image is grey (16-bit grey scaled onto 0-255; float refused).
@@ -64,6 +64,10 @@ def load_path(path: str | os.PathLike, image_size: int | None = None, test_ratio
     num_classes = _check_labels(p, y, None, "y")
     if test is None:
         train_idx, test_idx = stratified_split(y, test_ratio, split_seed)
+        if len(test_idx) == 0:
+            raise ValueError(f"{p}: {len(y)} images are too few to hold out a test split at test_ratio "
+                             f"{test_ratio} (every class keeps at least one training image); add images, raise "
+                             "test_ratio, or give a test split")
         x, y, test = x[train_idx], y[train_idx], (x[test_idx], y[test_idx])
     xt, yt = test
     _check_labels(p, yt, num_classes, "test labels")
@@ -186,18 +190,26 @@ def _stats(p: Path, x: torch.Tensor, mean: Sequence[float] | None,
 
 
 def _class_dirs(folder: Path) -> list[Path]:
+    """The visible sub-folders of ``folder`` (none when it is not a folder)."""
+    if not folder.is_dir():
+        return []
     return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
 def _read_folder(p: Path, image_size: int | None) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
-    test_dir = next((p / t for t in TEST_DIRS if (p / t).is_dir()), None)
-    train_dir = p / "train" if (p / "train").is_dir() and test_dir is not None else p
+    # a split folder holds class folders (a class that happens to be named "train" holds images)
+    test_dir = next((p / t for t in TEST_DIRS if _class_dirs(p / t)), None)
+    train_split = bool(_class_dirs(p / "train"))
+    if test_dir is not None and not train_split:
+        raise ValueError(f"{p}: has a {test_dir.name}/ split but no train/ split beside it (expected "
+                         f"{p}/train/<class>/* with {test_dir}/<class>/*, or {p}/<class>/*)")
+    train_dir = p / "train" if train_split else p  # train/ alone: a stratified share becomes the test set
     classes = [d.name for d in _class_dirs(train_dir)]
     if not classes:
         raise ValueError(f"{train_dir}: no class sub-folders (expected {train_dir}/<class>/*.png ...)")
     index = {c: i for i, c in enumerate(classes)}
     train_files = _files(train_dir, index)
-    test_files = _files(test_dir, index) if train_dir is not p and test_dir is not None else None
+    test_files = _files(test_dir, index) if train_dir != p and test_dir is not None else None
     images = [_decode(f) for f, _ in train_files + (test_files or [])]
     grey = all(im.shape[0] == 1 for im in images)
     if image_size is not None:
