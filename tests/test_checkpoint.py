@@ -81,3 +81,46 @@ def test_purify_checks_its_arguments_before_it_reads_the_model(tmp_path, capsys)
         assert main(["purify", "--model", str(tmp_path / "m.safetensors"), "--arch", "cnn", *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert needle in err and "safetensors" not in err and "\n" not in err, err
+
+
+def test_a_checkpoint_is_read_by_its_content_not_its_name(tmp_path):
+    """`tscray backdoor --out m.pt` wrote safetensors that purify then refused as 'pickled objects beyond
+    tensors'; `M.SAFETENSORS` lost its metadata (the suffix check was case-sensitive)."""
+    from tscray.checkpoint import save_tensors
+
+    m = build("mlp", 10, in_channels=1)
+    for name in ("m.pt", "M.SAFETENSORS"):
+        path = save_tensors(m.state_dict(), tmp_path / name, arch="mlp", target=3)
+        assert read_meta(path) == {"arch": "mlp", "target": 3}
+        assert torch.equal(load_into(build("mlp", 10, in_channels=1), path).head.weight, m.head.weight)
+
+
+@pytest.mark.parametrize("payload", [b"hello", bytes(range(256)) * 4, b"PK\x03\x04garbage"])
+def test_garbage_pt_files_are_one_clear_error(tmp_path, payload):
+    """Text or random bytes named .pt failed inside the unpickler with KeyError or IndexError tracebacks."""
+    (tmp_path / "x.pt").write_bytes(payload)
+    assert read_meta(tmp_path / "x.pt") == {}
+    with pytest.raises(CheckpointError, match="corrupt or not a PyTorch checkpoint|refused"):
+        load_state(tmp_path / "x.pt")
+
+
+@pytest.mark.parametrize("meta, msg", [("[1, 2]", "is a JSON list, not an object"), ('"hi"', "JSON str"),
+                                       ("{not json", "metadata is not valid JSON")])
+def test_metadata_that_is_not_a_json_object_is_named(tmp_path, meta, msg):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "m.safetensors"), metadata={"format": "tscray", "meta": meta})
+    with pytest.raises(CheckpointError, match=msg):
+        read_meta(tmp_path / "m.safetensors")
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        read_meta(tmp_path / "missing.pt")
+
+
+def test_weights_that_are_not_finite_are_refused(tmp_path):
+    """A model with NaN weights loaded silently, and purify printed ASR 0.00% before and after."""
+    m = build("mlp", 10, in_channels=1)
+    with torch.no_grad():
+        m.head.weight[0, 0] = float("nan")
+    path = save_model(m, tmp_path / "m.safetensors", arch="mlp")
+    with pytest.raises(CheckpointError, match="NaN or infinite values in 1 tensor.*head.weight"):
+        load_into(build("mlp", 10, in_channels=1), path)

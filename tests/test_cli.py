@@ -221,3 +221,84 @@ def test_options_an_architecture_cannot_take_are_named_as_arch_kw_before_compute
             err = capsys.readouterr().err.strip()
             assert err.count("\n") == 0 and "--arch-kw" in err and "'cnn'" in err and bad[2:7] in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def _tiny_model(path, classes=10, **meta):
+    torch.manual_seed(0)
+    return save_model(build("cnn", classes, in_channels=1, widths=(8, 8, 8, 8)), path, **meta)
+
+
+def test_a_checkpoint_naming_code_to_import_is_refused_and_runs_none_of_it(tmp_path, capsys, monkeypatch):
+    """purify built the architecture a checkpoint's metadata named: `module:builder` was imported and called
+    (a module of the attacker's choosing ran; `this:x` printed the Zen of Python). Now refused, naming how to
+    opt in; metadata fields of the wrong type are one line too."""
+    (tmp_path / "evil_mod.py").write_text("import pathlib\npathlib.Path(__file__).with_name('RAN').write_text('x')\n"
+                                          "def build(**kw):\n    raise SystemExit('called')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = _tiny_model(tmp_path / "m.safetensors", arch="evil_mod:build", data="fashion-mnist-embedded")
+    assert main(["purify", "--model", str(path), *TINY_TSC]) == 2
+    err = capsys.readouterr().err
+    assert "does not run code a checkpoint names" in err and "pass --arch evil_mod:build" in err
+    assert not (tmp_path / "RAN").exists()
+    for bad, msg in (({"target": True}, "metadata target true is not a int"),
+                     ({"arch_kw": [1]}, "metadata arch_kw [1] is not a dict"),
+                     ({"attack": "badnets", "attack_kw": {"nosuch": 1}}, "attack_kw recorded in m.safetensors: "
+                                                                          "attack 'badnets' does not take")):
+        path = _tiny_model(tmp_path / "m.safetensors", **{"arch": "cnn", "arch_kw": {"widths": [8, 8, 8, 8]},
+                                                          "data": "fashion-mnist-embedded", **bad})
+        assert main(["purify", "--model", str(path), "--attack", "badnets", *TINY_TSC]) == 2, bad
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, err
+
+
+def test_purify_names_outputs_after_the_whole_name_never_overwrites_and_carries_the_setting(tmp_path, capsys):
+    """`run.s1.safetensors` wrote `run.purified.safetensors` (so did `run.s2`), purifying `m.purified` overwrote
+    its own input, and the purified model recorded neither target nor attack nor data: reading it again
+    measured ASR against class 0."""
+    from tscray.checkpoint import read_meta
+
+    path = _tiny_model(tmp_path / "run.s1.safetensors", arch="cnn", arch_kw={"widths": [8, 8, 8, 8]},
+                       attack="badnets", rate=0.1, target=7, data="fashion-mnist-embedded", data_kw={})
+    assert main(["purify", "--model", str(path), "--attack", "badnets", *TINY_TSC]) == 0
+    out = tmp_path / "run.s1.purified.safetensors"
+    meta = read_meta(out)
+    assert (meta["target"], meta["attack"], meta["data"], meta["rate"]) == (7, "badnets", "fashion-mnist-embedded", 0.1)
+    capsys.readouterr()
+    assert main(["purify", "--model", str(out), "--attack", "badnets", *TINY_TSC]) == 0
+    assert "target class 7" in capsys.readouterr().out
+    before = out.read_bytes()
+    assert main(["purify", "--model", str(out), "--out", str(out), *TINY_TSC]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err and out.read_bytes() == before
+    assert main(["backdoor", "--epochs", "1", "--out", str(tmp_path / "m.pt")]) == 2
+    assert "name the file *.safetensors" in capsys.readouterr().err and not (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.parametrize("kw, msg", [(["mean=0.5"], "--data-kw mean: 0.5 is not a list of finite numbers"),
+                                     (["split_seed=abc"], "--data-kw split_seed: 'abc' is not a non-negative"),
+                                     (["image_size=100000"], "--data-kw image_size: 100000 is not an integer in 1..4096"),
+                                     (["mean=[.nan]"], "is not a list of finite numbers"),
+                                     (["std=[0]"], "--data-kw std: [0] must be positive"),
+                                     (["test_ratio=0.1", "test_ratio=0.3"], "--data-kw test_ratio is given twice")])
+def test_data_kw_on_the_command_line_is_checked_as_a_sweeps_data_kw(tmp_path, capsys, kw, msg):
+    """The sweep refused these values; the CLI passed them on (tracebacks, or NaN inputs trained on)."""
+    from tests.data.test_custom import EXAMPLE
+
+    args = [a for k in kw for a in ("--data-kw", k)]
+    assert main(["backdoor", "--data", str(EXAMPLE), *args, "--epochs", "1", "--out", str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_purify_on_the_recorded_data_path_keeps_the_recorded_load_options(tmp_path, capsys):
+    """`--data` naming the very file the model was trained on dropped the recorded data_kw (image size,
+    split): training and test images were mixed without a word."""
+    from tscray.checkpoint import read_meta
+    from tests.data.test_custom import EXAMPLE
+
+    path = _tiny_model(tmp_path / "m.safetensors", 4, arch="cnn", arch_kw={"widths": [8, 8, 8, 8]}, target=1,
+                       data=str(EXAMPLE), data_kw={"image_size": 16})
+    assert main(["purify", "--model", str(path), "--data", str(EXAMPLE), "--attack", "badnets", *TINY_TSC]) == 0
+    assert read_meta(tmp_path / "m.purified.safetensors")["data_kw"] == {"image_size": 16}
+    assert main(["purify", "--model", str(path), "--data", str(EXAMPLE), "--data-kw", "image_size=12",
+                 "--attack", "badnets", *TINY_TSC]) == 0
+    assert read_meta(tmp_path / "m.purified.safetensors")["data_kw"] == {"image_size": 12}

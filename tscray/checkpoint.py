@@ -11,7 +11,6 @@ import json
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -48,21 +47,46 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, **me
     return path
 
 
-def read_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """tscray metadata of a safetensors checkpoint ({} for other files)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        return {}
+def _existing(path: Path) -> Path:
     if not path.is_file():
         raise CheckpointError(f"{path}: {'a folder, not a checkpoint file' if path.is_dir() else 'no such checkpoint file'}")
+    return path
+
+
+def is_safetensors(path: str | os.PathLike) -> bool:
+    """Whether the file is safetensors by its content (an 8-byte header length, then a JSON object), whatever
+    its name says: a model written as ``model.pt`` or ``MODEL.SAFETENSORS`` is still read as what it is."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return head[8:9] == b"{" and 2 <= n <= size - 8
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """tscray metadata of a safetensors checkpoint ({} for other files and for safetensors without it)."""
+    from safetensors import safe_open
+
+    path = _existing(Path(path))
+    if not (is_safetensors(path) or path.suffix.lower() == ".safetensors"):
+        return {}
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: corrupt or not a safetensors file ({err})") from None
-    return json.loads(meta.get("meta", "{}"))
+    try:
+        out = json.loads(meta.get("meta", "{}"))
+    except ValueError as err:
+        raise CheckpointError(f"{path}: its tscray metadata is not valid JSON ({err})") from None
+    if not isinstance(out, dict):
+        raise CheckpointError(f"{path}: its tscray metadata is a JSON {type(out).__name__}, not an object")
+    return out
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -81,10 +105,8 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 
 def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict from safetensors or a weights-only PyTorch file; never unpickles objects."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: {'a folder, not a checkpoint file' if path.is_dir() else 'no such checkpoint file'}")
-    if path.suffix == ".safetensors":
+    path = _existing(Path(path))
+    if is_safetensors(path) or path.suffix.lower() == ".safetensors":
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as err:
@@ -96,8 +118,9 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"{path}: refused: the file holds pickled objects beyond tensors, and tscray loads "
             f"checkpoints with weights_only=True only (convert it to a plain state dict or safetensors). "
             f"Detail: {str(err).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        raise CheckpointError(f"{path}: corrupt or not a PyTorch checkpoint ({err})") from None
+    except Exception as err:  # noqa: BLE001 - untrusted bytes fail the unpickler in many ways (KeyError, IndexError...)
+        raise CheckpointError(f"{path}: corrupt or not a PyTorch checkpoint ({type(err).__name__}: "
+                              f"{str(err)[:160]})") from None
     return _unwrap(obj, path)
 
 
@@ -114,5 +137,8 @@ def load_into(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         parts = [f"missing: {few(missing)}" if missing else "", f"unexpected: {few(unexpected)}" if unexpected else "",
                  f"shape mismatch: {few(shapes)}" if shapes else ""]
         raise CheckpointError(f"{path}: does not fit {type(model).__name__}; " + "; ".join(p for p in parts if p))
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:  # such a model's outputs are NaN: its ACC and ASR would read as a clean model's
+        raise CheckpointError(f"{path}: holds NaN or infinite values in {len(bad)} tensor(s), e.g. {', '.join(bad[:3])}")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
     return model

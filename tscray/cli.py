@@ -90,6 +90,16 @@ def _setting(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"{key}: value {value!r} is not a YAML scalar or list") from None
 
 
+def _options(pairs: list[tuple[str, Any]], flag: str) -> dict[str, Any]:
+    """Repeatable ``KEY=VALUE`` options as a dict; a key given twice is refused (which one was meant?)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"{flag} {key} is given twice ({out[key]!r} and {value!r})")
+        out[key] = value
+    return out
+
+
 def _defense_args(p: argparse.ArgumentParser) -> None:
     from tscray import defenses
 
@@ -257,7 +267,7 @@ def _defense_config(args: argparse.Namespace):
             raise ValueError(f"--{name.replace('_', '-')} does not apply to defense {args.defense!r} "
                              f"(its settings: tscray defenses {args.defense})")
         overrides[field_name] = value
-    overrides.update(dict(args.settings))
+    overrides.update(_options(args.settings, "--set"))
     if "seed" in fields:
         overrides.setdefault("seed", args.seed)
     return defense, resolve_config(defense, args.preset, overrides)
@@ -275,41 +285,112 @@ def _purify_target(args: argparse.Namespace, meta: dict[str, Any]) -> int:
     return args.target if args.target is not None else (recorded if recorded is not None else 0)
 
 
-def _purify_data(args: argparse.Namespace, meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def _purify_data(args: argparse.Namespace, meta: dict[str, Any]) -> tuple[str, dict[str, Any], str]:
     """``--data`` (and ``--data-kw``), else the dataset and load options recorded in the checkpoint; a bare
     state dict needs ``--data``."""
     from tscray import data
 
+    given = _options(args.data_kw, "--data-kw")
+    recorded, kw = meta.get("data"), meta.get("data_kw") or {}
     if args.data is not None:
-        return str(args.data), dict(args.data_kw)
-    recorded = meta.get("data")
+        # the same data as recorded keeps its recorded options (image size, split): others mix train and test
+        same = isinstance(recorded, str) and _same_data(str(args.data), recorded)
+        return str(args.data), ({**kw, **given} if same else given), ("--data-kw or the recorded data_kw" if same
+                                                                      and kw else "--data-kw")
     if not isinstance(recorded, str) or not recorded:
         raise ValueError(f"{args.model} does not record the dataset it was trained on; pass --data "
                          f"(one of {', '.join(data.DATASETS.names())}, or a path to your own data)")
-    kw = meta.get("data_kw") or {}
-    return recorded, {**(kw if isinstance(kw, dict) else {}), **dict(args.data_kw)}
+    return recorded, {**kw, **given}, "--data-kw or the recorded data_kw" if kw else "--data-kw"
 
 
-def _load_data(name: str, root: str | None, kw: dict[str, Any]) -> Any:
-    """The dataset ``name`` (a registered name or a path) with load options ``kw``; an option the loader
-    does not take is one clear line."""
-    import inspect
+def _carried(meta: dict[str, Any], args: argparse.Namespace, target: int, attack_kw: dict[str, Any],
+             data_name: str, data_kw: dict[str, Any], resource: Path | None) -> dict[str, Any]:
+    """What a purified model records of the backdoored one, so that reading it again measures ASR against
+    the same target, trigger and data (it recorded only the architecture and defense before)."""
+    out: dict[str, Any] = {k: meta[k] for k in ("rate", "seed") if k in meta}
+    out.update(target=target, data=data_name, data_kw=data_kw)
+    attack = args.attack or meta.get("attack")
+    if attack:
+        out.update(attack=attack, attack_kw=attack_kw if args.attack else meta.get("attack_kw", {}))
+    if resource is not None:
+        out["attack_resource"] = str(Path(resource).expanduser().resolve())
+    return out
 
+
+def _same_data(a: str, b: str) -> bool:
+    """Whether two dataset names or paths name the same data."""
+    if a == b:
+        return True
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
+META_TYPES: dict[str, tuple[type, ...]] = {"arch": (str,), "arch_kw": (dict,), "attack": (str,), "attack_kw": (dict,),
+                                           "data": (str,), "data_kw": (dict,), "target": (int,), "rate": (int, float)}
+
+
+def _checked_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint's metadata, the fields tscray reads type-checked. The file is untrusted: a recorded
+    architecture that names code to import (``module:builder``) is refused, as only the user may choose to
+    run code; torchvision's builders and the registered architectures are data."""
+    from tscray import checkpoint
+    from tscray.models import external
+
+    meta = checkpoint.read_meta(path)
+    for key, types in META_TYPES.items():
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+            raise checkpoint.CheckpointError(f"{path}: metadata {key} {json.dumps(value)[:80]} is not a "
+                                             f"{' or '.join(t.__name__ for t in types)}")
+    arch = meta.get("arch")
+    if arch and external.is_external(arch) and not arch.startswith(external.TORCHVISION):
+        raise checkpoint.CheckpointError(
+            f"{path}: records architecture {arch!r}, code to import; tscray does not run code a checkpoint "
+            f"names. If you trust it, pass --arch {arch} (and --arch-kw) yourself")
+    return meta
+
+
+def _load_data(name: str, root: str | None, kw: dict[str, Any], where: str = "--data-kw") -> Any:
+    """The dataset ``name`` (a registered name or a path) with load options ``kw``, checked as a sweep's
+    ``data_kw`` is; a bad option is one clear line naming ``where`` it was written."""
     from tscray import data
-    from tscray.config import dataset_entry
+    from tscray.config import data_options_problems, dataset_entry
     from tscray.data import custom
 
     name = dataset_entry(name)
-    loader = custom.load_path if name not in data.DATASETS and custom.is_path(name) else data.DATASETS.get(name)
-    accepted = [k for k in inspect.signature(loader).parameters if k not in ("root", "path")]
-    unknown = sorted(set(kw) - set(accepted))
-    if unknown:
-        raise ValueError(f"--data-kw: {name} takes no option(s) {unknown}; it accepts: {', '.join(accepted)}")
+    if name not in data.DATASETS and not custom.is_path(name):
+        data.DATASETS.get(name)  # an unknown name: the registry's message lists the known ones
+    problems = data_options_problems(name, kw, f"{where} ")
+    if problems:
+        raise ValueError("; ".join(problems))
     return data.load(name, root, **kw)
 
 
+def _sibling(model: Path, suffix: str) -> Path:
+    """``model``'s name with its own extension (only: ``run.s1.safetensors`` keeps ``run.s1``) replaced by
+    ``suffix``: the default names of an attack's resource and a purified model."""
+    name = model.name
+    for ext in (".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
+        if name.lower().endswith(ext) and len(name) > len(ext):
+            name = name[: -len(ext)]
+            break
+    return model.with_name(name + suffix)
+
+
 def _resource_path(model: Path) -> Path:
-    return model.with_name(model.name.split(".")[0] + ".attack.safetensors")
+    return _sibling(model, ".attack.safetensors")
+
+
+def _check_out(out: Path, *inputs: Path) -> None:
+    """An output model path: safetensors by name (that is what is written: a ``.pt`` name tells other tools
+    to unpickle it), and never a file this command reads."""
+    if not out.name.lower().endswith(".safetensors"):
+        raise ValueError(f"--out {out}: tscray writes safetensors; name the file *.safetensors")
+    for p in inputs:
+        if p is not None and out.expanduser().resolve() == Path(p).expanduser().resolve():
+            raise ValueError(f"--out {out} would overwrite the input {p}; choose another path")
 
 
 def _check_target(target: int, ds: Any, what: str = "--target") -> None:
@@ -318,15 +399,15 @@ def _check_target(target: int, ds: Any, what: str = "--target") -> None:
         raise ValueError(f"{what} {target} is not a class of {ds.name} (its classes are 0..{ds.num_classes - 1})")
 
 
-def _build_model(arch: str, ds: Any, arch_kw: dict[str, Any]) -> Any:
-    """The architecture for ``ds``; options it cannot take are named as ``--arch-kw`` (the model's own
-    TypeError names neither the flag nor the architecture)."""
+def _build_model(arch: str, ds: Any, arch_kw: dict[str, Any], where: str = "--arch-kw") -> Any:
+    """The architecture for ``ds``; options it cannot take are named with ``where`` they were written (the
+    model's own TypeError names neither the flag nor the architecture)."""
     from tscray import models
 
     try:
         return models.build(arch, ds.num_classes, ds.in_channels, input_hw=ds.input_hw, **arch_kw)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"--arch-kw: architecture {arch!r} does not take {json.dumps(arch_kw)}: "
+        raise ValueError(f"{where}: architecture {arch!r} does not take {json.dumps(arch_kw)}: "
                          f"{str(err)[:200]}") from None
 
 
@@ -338,16 +419,19 @@ def cmd_purify(args: argparse.Namespace) -> int:
     defense, cfg = _defense_config(args)  # the arguments first: naming a bad one needs no model
     if args.attack:
         attacks.ATTACKS.get(args.attack)
-    meta = checkpoint.read_meta(args.model)
+    meta = _checked_meta(args.model)
+    out = args.out or _sibling(args.model, ".purified.safetensors")
+    _check_out(out, args.model, args.attack_resource)
     arch = args.arch or meta.get("arch")
     if not arch:
         raise ValueError(f"{args.model} carries no architecture; pass --arch (one of {', '.join(models.names())})")
     arch_kw = args.arch_kw if args.arch_kw is not None else meta.get("arch_kw", {})
     target = _purify_target(args, meta)
-    data_name, data_kw = _purify_data(args, meta)
-    ds = _load_data(data_name, args.data_root, data_kw)
+    data_name, data_kw, data_kw_from = _purify_data(args, meta)
+    ds = _load_data(data_name, args.data_root, data_kw, data_kw_from)
     _check_target(target, ds, "--target" if args.target is not None else "the checkpoint's target")
-    model = _build_model(arch, ds, arch_kw)
+    model = _build_model(arch, ds, arch_kw, "--arch-kw" if args.arch_kw is not None
+                         else f"arch_kw recorded in {args.model.name}")
     if defense.check_model is not None:
         defense.check_model(model)
     try:
@@ -361,13 +445,22 @@ def cmd_purify(args: argparse.Namespace) -> int:
     model.to(args.device)
     attack_kw = args.attack_kw if args.attack_kw is not None else (
         meta.get("attack_kw", {}) if meta.get("attack") == args.attack else {})
-    attack = attacks.build(args.attack, **attack_kw) if args.attack else None
+    try:
+        attack = attacks.build(args.attack, **attack_kw) if args.attack else None
+    except TypeError as err:  # an option the attack does not take: name where it came from
+        where = "--attack-kw" if args.attack_kw is not None else f"attack_kw recorded in {args.model.name}"
+        raise ValueError(f"{where}: attack {args.attack!r} does not take {json.dumps(attack_kw)[:120]}: "
+                         f"{str(err)[:160]}") from None
+    resource = None
     if attack is not None and not attack.ready:
         res = args.attack_resource or _resource_path(args.model)
+        if not res.exists() and isinstance(meta.get("attack_resource"), str) and meta.get("attack") == args.attack:
+            res = Path(meta["attack_resource"])  # a purified model's: the resource of the model it came from
         if not res.exists():
             raise ValueError(f"attack {args.attack!r} needs its resource to build the triggered test set; "
                              f"pass --attack-resource (no {res})")
         attack.load_resource(checkpoint.load_state(res))
+        resource = res
     evaluate = attacks.evaluator(ds, attack, target)
     idx = (data.balanced_clean_subset(ds.train.y, args.clean_ratio, args.seed) if args.clean_balanced
            else data.clean_subset(len(ds.train), args.clean_ratio, args.seed))
@@ -382,9 +475,9 @@ def cmd_purify(args: argparse.Namespace) -> int:
     t0 = time.time()
     result = defense.run(model, clean, methods.build("supervised"), cfg, evaluate, _log)
     after = evaluate(result.model)
-    out = args.out or args.model.with_name(args.model.name.split(".")[0] + ".purified.safetensors")
     checkpoint.save_model(result.model, out, arch=arch, arch_kw=arch_kw, defense=defense.name,
-                          config=repr(cfg), source=str(args.model))
+                          config=repr(cfg), source=str(args.model), **_carried(meta, args, target, attack_kw,
+                                                                                data_name, data_kw, resource))
     print(f"\n{'':8}{'ACC':>8}{'ASR':>8}")
     for name, m in (("before", before), ("after", after)):
         print(f"{name:8}{m['acc']:7.2f}%" + (f"{m['asr']:7.2f}%" if "asr" in m else f"{'-':>8}"))
@@ -397,10 +490,16 @@ def cmd_backdoor(args: argparse.Namespace) -> int:
     from tscray.optim import OptimConfig
 
     _setup(args)
-    ds = _load_data(args.data, args.data_root, dict(args.data_kw))
+    _check_out(args.out)
+    data_kw = _options(args.data_kw, "--data-kw")
+    ds = _load_data(args.data, args.data_root, data_kw)
     _check_target(args.target, ds)
     _build_model(args.arch, ds, args.arch_kw or {})  # bad options fail here, before any training
-    attack = attacks.build(args.attack, **(args.attack_kw or {}))
+    try:
+        attack = attacks.build(args.attack, **(args.attack_kw or {}))
+    except TypeError as err:
+        raise ValueError(f"--attack-kw: attack {args.attack!r} does not take {json.dumps(args.attack_kw)[:120]}: "
+                         f"{str(err)[:160]}") from None
     recipe = attacks.TrainRecipe(args.epochs, args.batch_size, OptimConfig(lr=args.lr))
     _log(f"training {args.arch} on {ds.name} with {args.attack} at {args.rate:.1%} poison, target {args.target}")
     resource = attack.prepare(ds, args.rate, args.target, args.seed, args.device)
@@ -409,7 +508,7 @@ def cmd_backdoor(args: argparse.Namespace) -> int:
     m = bd.evaluate(bd.model)
     checkpoint.save_model(bd.model, args.out, arch=args.arch, arch_kw=args.arch_kw or {}, attack=args.attack,
                           attack_kw=args.attack_kw or {}, rate=args.rate, target=args.target, data=ds.name,
-                          data_kw=dict(args.data_kw), seed=args.seed)
+                          data_kw=data_kw, seed=args.seed)
     _log(f"backdoored model: {_fmt(m)}; wrote {args.out}")
     if resource is not None:
         res = checkpoint.save_tensors(resource, _resource_path(args.out), attack=args.attack,

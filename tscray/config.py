@@ -695,6 +695,7 @@ def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> S
     return spec
 
 
+MAX_IMAGE_SIZE = 4096  # a larger side is a typo, not an image a classifier here trains on (4096² × 3 bytes each)
 DATA_KW = {"image_size": int, "download": bool, "train_per_class": int, "test_per_class": int, "workers": int,
            "cache_dir": str, "test_ratio": float, "split_seed": int, "mean": list, "std": list}
 
@@ -740,25 +741,37 @@ def _check_data_kw(raw: Any, grid: Grid, ssl: SSLSpec, problems: list[str]) -> d
         if not isinstance(kw, dict):
             problems.append(f"data_kw.{name}: expected a mapping of options, got {_short(kw)}")
             continue
-        accepted = _loader_options(name)
-        for key, value in kw.items():
-            want = DATA_KW.get(key)
-            if want is None or key not in accepted:
-                problems.append(f"data_kw.{name}.{key}: unknown option; {name} accepts: {', '.join(accepted)}")
-            elif want is int and key == "split_seed" and (not _is_int(value) or value < 0):
-                problems.append(f"data_kw.{name}.{key}: {_short(value)} is not a non-negative integer")
-            elif want is int and key != "split_seed" and (not _is_int(value) or value < 1):
-                problems.append(f"data_kw.{name}.{key}: {_short(value)} is not a positive integer")
-            elif want is float and (not _is_num(value) or not 0 < value < 1):
-                problems.append(f"data_kw.{name}.{key}: {_short(value)} is not a number in (0, 1)")
-            elif want is list and (not isinstance(value, list) or not value or not all(map(_is_num, value))):
-                problems.append(f"data_kw.{name}.{key}: {_short(value)} is not a list of numbers, one per channel")
-            elif want is bool and not isinstance(value, bool):
-                problems.append(f"data_kw.{name}.{key}: {_short(value)} is not true/false")
-            elif want is str and (not isinstance(value, str) or not value):
-                problems.append(f"data_kw.{name}.{key}: {_short(value)} is not a non-empty path")
+        problems += data_options_problems(name, kw, f"data_kw.{name}.")
         out[name] = dict(kw)
     return out
+
+
+def data_options_problems(name: str, kw: dict[str, Any], prefix: str) -> list[str]:
+    """What is wrong with dataset ``name``'s load options ``kw`` (sweeps' ``data_kw``, the CLI's ``--data-kw``),
+    each problem prefixed with where the option was written."""
+    accepted = _loader_options(name)
+    problems = []
+    for key, value in kw.items():
+        want = DATA_KW.get(key)
+        if want is None or key not in accepted:
+            problems.append(f"{prefix}{key}: unknown option; {name} accepts: {', '.join(accepted)}")
+        elif want is int and key == "split_seed" and (not _is_int(value) or not 0 <= value < 2**63):
+            problems.append(f"{prefix}{key}: {_short(value)} is not a non-negative integer")
+        elif want is int and key == "image_size" and (not _is_int(value) or not 1 <= value <= MAX_IMAGE_SIZE):
+            problems.append(f"{prefix}{key}: {_short(value)} is not an integer in 1..{MAX_IMAGE_SIZE}")
+        elif want is int and key not in ("split_seed", "image_size") and (not _is_int(value) or value < 1):
+            problems.append(f"{prefix}{key}: {_short(value)} is not a positive integer")
+        elif want is float and (not _is_num(value) or not 0 < value < 1):
+            problems.append(f"{prefix}{key}: {_short(value)} is not a number in (0, 1)")
+        elif want is list and (not isinstance(value, list) or not value or not all(map(_is_num, value))):
+            problems.append(f"{prefix}{key}: {_short(value)} is not a list of finite numbers, one per channel")
+        elif key == "std" and not all(v > 0 for v in value):
+            problems.append(f"{prefix}{key}: {_short(value)} must be positive")
+        elif want is bool and not isinstance(value, bool):
+            problems.append(f"{prefix}{key}: {_short(value)} is not true/false")
+        elif want is str and (not isinstance(value, str) or not value):
+            problems.append(f"{prefix}{key}: {_short(value)} is not a non-empty path")
+    return problems
 
 
 def _loader_options(name: str) -> list[str]:

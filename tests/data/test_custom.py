@@ -167,6 +167,56 @@ def test_too_few_images_to_hold_out_a_test_split_is_an_error_not_an_empty_test_s
         data.load(str(tmp_path / "t.npz"), test_ratio=0.2)
 
 
+def test_damaged_or_odd_npz_files_are_one_clear_error(tmp_path):
+    """A bad CRC (zipfile.BadZipFile) and a zip of raw members (bytes, not arrays) gave tracebacks; a label of
+    10**9 built a set of 10**9 class indices (minutes, gigabytes); uint64 2**64-1 read as 'negative label -1'."""
+    import zipfile
+
+    x, y = arrays()
+    np.savez(tmp_path / "ok.npz", x=x, y=y)
+    raw = bytearray((tmp_path / "ok.npz").read_bytes())
+    raw[300] ^= 0xFF
+    (tmp_path / "crc.npz").write_bytes(bytes(raw))
+    with zipfile.ZipFile(tmp_path / "raw.npz", "w") as z:
+        z.writestr("x", "abc")
+        z.writestr("y", "def")
+    huge = y.copy()
+    huge[0] = 10**9
+    np.savez(tmp_path / "huge.npz", x=x, y=huge)
+    np.savez(tmp_path / "u64.npz", x=x, y=np.where(y == 0, np.uint64(2**64 - 1), y.astype(np.uint64)))
+    for name, msg in (("crc", "corrupt or not an .npz file"), ("raw", "are not .npy arrays"),
+                      ("huge", "hold label 1000000000 but only 40 images"), ("u64", "beyond any class index")):
+        with pytest.raises(ValueError, match=msg):
+            data.load(str(tmp_path / f"{name}.npz"))
+
+
+def test_folders_with_an_empty_class_nested_hidden_or_huge_images_are_handled(tmp_path, monkeypatch):
+    """An empty last class folder was dropped without a word (2 classes instead of 3); images in sub-folders of
+    a class were skipped; a macOS '._0.png' file aborted loading; a decompression bomb was a traceback."""
+    write_folder(tmp_path / "e", classes=("a", "b", "c"))
+    for f in (tmp_path / "e" / "c").iterdir():
+        f.unlink()
+    with pytest.raises(ValueError, match=r"class folder\(s\) \['c'\] hold no images"):
+        data.load(str(tmp_path / "e"))
+    write_folder(tmp_path / "n", classes=("a", "b"), n=5)
+    (tmp_path / "n" / "b" / "sub").mkdir()
+    for f in list((tmp_path / "n" / "b").glob("*.png")):
+        f.rename(tmp_path / "n" / "b" / "sub" / f.name)
+    (tmp_path / "n" / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    ds = data.load(str(tmp_path / "n"))
+    assert (ds.num_classes, len(ds.train) + len(ds.test)) == (2, 10)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20)  # 9×9 = 81 pixels: over twice the limit
+    with pytest.raises(ValueError, match="not a readable image"):
+        data.load(str(tmp_path / "n"))
+    monkeypatch.undo()
+    for c in ("a", "b"):
+        (tmp_path / "wide" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((4, 4), 70000 * (c == "a"), np.int32), "I").save(tmp_path / "wide" / c / f"{i}.tif")
+    with pytest.raises(ValueError, match="beyond 16 bits"):
+        data.load(str(tmp_path / "wide"))
+
+
 def test_16_bit_grey_images_keep_their_range_and_float_images_are_refused(tmp_path):
     """PIL's convert clips 16-bit grey at 255: a 16-bit PNG ramp loaded 99.6% white. Its full range now maps
     onto 0-255, in a user's folder and as a blend pattern; grey+alpha stays grey."""
@@ -229,7 +279,7 @@ def test_backdoor_and_purify_take_a_path_and_data_kw_and_bad_data_is_one_line(tm
     assert len(err) == 1 and "must be uint8 images" in err[0] and str(bad) in err[0]
     assert main(["backdoor", "--data", str(EXAMPLE), "--data-kw", "download=true",
                  "--out", str(tmp_path / "x.safetensors")]) == 2
-    assert "--data-kw: " in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+    assert "--data-kw download: unknown option" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
 
 
 def test_a_balanced_clean_subset_gives_every_class_its_share():

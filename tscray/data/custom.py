@@ -125,6 +125,8 @@ def _labels(p: Path, key: str, y: np.ndarray, n: int, xkey: str) -> torch.Tensor
         raise ValueError(f"{p}: {key} must be a vector of integer labels, got shape {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"{p}: {key} must be integers, got {y.dtype}")
+    if y.size and int(y.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"{p}: {key} hold label {int(y.max())}, beyond any class index")
     if len(y) != n:
         raise ValueError(f"{p}: {xkey} holds {n} images but {key} {len(y)} labels")
     return torch.from_numpy(y.astype(np.int64))
@@ -138,8 +140,11 @@ def _read_npz(p: Path) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.T
             arrays = {k: z[k] for k in z.files}
     except ValueError as err:  # object arrays need pickle, which is refused
         raise ValueError(f"{p}: unreadable as a plain .npz ({err})") from None
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zipfile.BadZipFile) as err:  # (a bad CRC: damaged bytes)
         raise ValueError(f"{p}: corrupt or not an .npz file ({err})") from None
+    odd = sorted(k for k, v in arrays.items() if not isinstance(v, np.ndarray))
+    if odd:  # zip members without a .npy header come back as raw bytes
+        raise ValueError(f"{p}: not an .npz of arrays (member(s) {odd} are not .npy arrays)")
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
         raise ValueError(f"{p}: missing array(s) {missing}; expected x (images), y (labels), optional "
@@ -163,6 +168,9 @@ def _check_labels(p: Path, y: torch.Tensor, num_classes: int | None, what: str) 
         k = int(present.max()) + 1
         if len(present) < 2:
             raise ValueError(f"{p}: one class only ({int(present[0])}); a classifier needs at least two")
+        if k > len(y):
+            raise ValueError(f"{p}: {what} hold label {k - 1} but only {len(y)} images: labels must be 0..K-1 "
+                             "with every class present")
         if len(present) != k:
             gaps = sorted(set(range(k)) - set(present.tolist()))[:5]
             raise ValueError(f"{p}: labels must be 0..K-1 with every class present; no image of class(es) "
@@ -209,6 +217,9 @@ def _read_folder(p: Path, image_size: int | None) -> tuple[tuple[torch.Tensor, t
         raise ValueError(f"{train_dir}: no class sub-folders (expected {train_dir}/<class>/*.png ...)")
     index = {c: i for i, c in enumerate(classes)}
     train_files = _files(train_dir, index)
+    empty = sorted(set(classes) - {f.relative_to(train_dir).parts[0] for f, _ in train_files})
+    if empty:  # (a last class left empty was dropped without a word: K came from the largest label)
+        raise ValueError(f"{train_dir}: class folder(s) {empty[:5]} hold no images")
     test_files = _files(test_dir, index) if train_dir != p and test_dir is not None else None
     images = [_decode(f) for f, _ in train_files + (test_files or [])]
     grey = all(im.shape[0] == 1 for im in images)
@@ -229,7 +240,9 @@ def _files(split: Path, index: dict[str, int]) -> list[tuple[Path, int]]:
     for d in _class_dirs(split):
         if d.name not in index:
             raise ValueError(f"{d}: class folder has no counterpart in the train split")
-        out += [(f, index[d.name]) for f in sorted(d.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+        # images anywhere below the class folder (as torchvision's ImageFolder); hidden files (macOS ._*) skipped
+        out += [(f, index[d.name]) for f in sorted(d.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                and not any(part.startswith(".") for part in f.relative_to(d).parts)]
     if not out:
         raise ValueError(f"{split}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
     return out
@@ -237,12 +250,18 @@ def _files(split: Path, index: dict[str, int]) -> list[tuple[Path, int]]:
 
 def _decode(path: Path) -> np.ndarray:
     """uint8 C×H×W: 1 channel for grey images, else RGB."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
     try:
-        with Image.open(path) as im:
-            im = eight_bit(im)
-            arr = np.asarray(im, dtype=np.uint8)
-            arr = arr[None] if im.mode == "L" else arr.transpose(2, 0, 1)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # PIL's note on palette transparency: harmless here
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # a huge image: refused, not decoded
+            with Image.open(path) as im:
+                im = eight_bit(im)
+                arr = np.asarray(im, dtype=np.uint8)
+                arr = arr[None] if im.mode == "L" else arr.transpose(2, 0, 1)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as err:
         raise ValueError(f"{path}: not a readable image ({err})") from None
     return np.ascontiguousarray(arr)

@@ -152,7 +152,10 @@ def eight_bit(img: "Any", grey: bool | None = None) -> "Any":
         raise ValueError("a 32-bit float image has no agreed value range; save it as an 8- or 16-bit image")
     if img.mode in DEEP_GREY_MODES:
         wide = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+        if wide.size and (wide.min() < 0 or wide.max() > 65535):
+            raise ValueError(f"a {img.mode}-mode image with values in {wide.min():g}..{wide.max():g}, beyond 16 "
+                             "bits: save it as an 8- or 16-bit image")
+        img = Image.fromarray(np.rint(wide / 257.0).astype(np.uint8), "L")
     if grey is None:
         grey = img.mode in GREY_MODES
     return img.convert("L" if grey else "RGB")
