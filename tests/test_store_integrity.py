@@ -280,3 +280,4 @@ def test_import_steps_with_a_spec_copies_only_that_sweeps_steps_and_its_run_then
     before = dict(new.computations())
     run_local(plan.trials[0].steps, Context(new))
     assert new.computations() == before  # the imported model was reused, not trained again
+

@@ -127,8 +127,18 @@ def _trial_id(name: str) -> str:
     return name[len("trial-"):-len(".parquet")]
 
 
+def _parquet(data: bytes, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file's table from its bytes. The reader's last reference can be dropped by a task on pyarrow's
+    thread pool after the call returns; when it wrapped Python bytes, a release during interpreter shutdown
+    needs the GIL and aborts the process ("terminate called without an active exception", exit 134:
+    `tscray status` about one run in eight). The bytes are copied into arrow's memory first."""
+    buf = pa.allocate_buffer(len(data))  # arrow's own memory: no Python object for a late release to touch
+    memoryview(buf).cast("B")[:] = data
+    return pq.read_table(pa.BufferReader(buf), columns=columns, pre_buffer=False, use_threads=False)
+
+
 def _read_file(store: Store, name: str) -> pa.Table:
-    table = _conform(pq.read_table(io.BytesIO(store.read_bytes(f"results/{name}"))))
+    table = _conform(_parquet(store.read_bytes(f"results/{name}")))
     if table.num_rows == 0:
         raise ValueError("no rows")
     return table
@@ -158,7 +168,7 @@ def finished_steps(store: Store) -> dict[str, frozenset[str]]:
 def _step_keys(store: Store, name: str) -> frozenset[str] | None:
     """The step keys of the rows of ``results/name`` (only that column is read); None if unreadable."""
     try:
-        keys = pq.read_table(io.BytesIO(store.read_bytes(f"results/{name}")), columns=["step_key"])
+        keys = _parquet(store.read_bytes(f"results/{name}"), columns=["step_key"])
     except (OSError, ValueError, KeyError, pa.ArrowException):
         return None
     return frozenset(keys.column("step_key").to_pylist())
