@@ -281,3 +281,18 @@ def test_import_steps_with_a_spec_copies_only_that_sweeps_steps_and_its_run_then
     run_local(plan.trials[0].steps, Context(new))
     assert new.computations() == before  # the imported model was reused, not trained again
 
+
+
+def test_stray_files_among_steps_and_a_folder_among_results_are_ignored(finished, tmp_path, capsys):
+    """A desktop's `steps/.DS_Store` stopped status, verify and import-steps ('Cannot list directory'); a folder
+    named `results/x.parquet` made verify --repair ask for a rerun of a trial with an empty id."""
+    src, trials = finished
+    store = copy_store(src, tmp_path / "s")
+    (tmp_path / "s" / "steps" / ".DS_Store").write_bytes(b"\0")
+    (tmp_path / "s" / "results" / "x.parquet").mkdir()
+    assert main(["status", str(tmp_path / "s")]) == 0
+    assert f"trials: {len(trials)}/{len(trials)} finished" in capsys.readouterr().out
+    assert main(["verify", str(tmp_path / "s"), "--repair"]) == 0
+    assert "store is intact" in capsys.readouterr().out
+    assert main(["import-steps", str(tmp_path / "s"), str(tmp_path / "t")]) == 0
+    assert Store(str(tmp_path / "t")).step_keys() == store.step_keys()

@@ -120,7 +120,7 @@ DAMAGED_DIR = "results-damaged"
 
 
 def _names(store: Store) -> list[str]:
-    return [n for n in store.listdir("results") if n.endswith(".parquet")]
+    return [n for n in store.files("results") if n.endswith(".parquet")]
 
 
 def _trial_id(name: str) -> str:

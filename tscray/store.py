@@ -100,6 +100,17 @@ class Store:
         sel = pafs.FileSelector(self.path(rel), allow_not_found=True, recursive=False)
         return sorted(posixpath.basename(i.path) for i in self.fs.get_file_info(sel))
 
+    def files(self, rel: str) -> list[str]:
+        """The plain files in ``rel`` (not its folders)."""
+        sel = pafs.FileSelector(self.path(rel), allow_not_found=True, recursive=False)
+        return sorted(posixpath.basename(i.path) for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File)
+
+    def subdirs(self, rel: str) -> list[str]:
+        """The folders in ``rel`` (a stray file there, such as a desktop's .DS_Store, is not one)."""
+        sel = pafs.FileSelector(self.path(rel), allow_not_found=True, recursive=False)
+        return sorted(posixpath.basename(i.path) for i in self.fs.get_file_info(sel)
+                      if i.type == pafs.FileType.Directory)
+
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
 
@@ -217,8 +228,8 @@ class Store:
     def step_keys(self) -> dict[str, list[str]]:
         """Existing (manifested) steps by kind."""
         out: dict[str, list[str]] = {}
-        for kind in self.listdir("steps"):
-            out[kind] = [k for k in self.listdir(f"steps/{kind}") if self.has_step(kind, k)]
+        for kind in self.subdirs("steps"):
+            out[kind] = [k for k in self.subdirs(f"steps/{kind}") if self.has_step(kind, k)]
         return out
 
     # ------------------------------------------------------------ leases

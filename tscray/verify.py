@@ -54,8 +54,8 @@ class VerifyReport:
 def verify_store(store: Store, repair: bool = False, deep: bool = True) -> VerifyReport:
     """Check (and with ``repair`` fix) a sweep store; ``deep=False`` checks sizes only, not hashes."""
     rep = VerifyReport()
-    for kind in store.listdir("steps"):
-        for key in store.listdir(f"steps/{kind}"):
+    for kind in store.subdirs("steps"):
+        for key in store.subdirs(f"steps/{kind}"):
             if not store.has_step(kind, key):
                 rep.incomplete.append(f"{kind}/{key}")
                 continue
@@ -65,7 +65,7 @@ def verify_store(store: Store, repair: bool = False, deep: bool = True) -> Verif
                 rep.damaged_steps[f"{kind}/{key}"] = problem
     bad: list[str] = []
     results.read(store, bad)
-    rep.result_files = len([n for n in store.listdir("results") if n.endswith(".parquet")])
+    rep.result_files = len([n for n in store.files("results") if n.endswith(".parquet")])
     rep.damaged_results = bad
     if store.exists(sweep_record.NAME):  # (the CLI refuses a folder without one before this)
         try:
