@@ -296,3 +296,12 @@ def test_stray_files_among_steps_and_a_folder_among_results_are_ignored(finished
     assert "store is intact" in capsys.readouterr().out
     assert main(["import-steps", str(tmp_path / "s"), str(tmp_path / "t")]) == 0
     assert Store(str(tmp_path / "t")).step_keys() == store.step_keys()
+
+
+def test_results_with_a_stage_the_rows_do_not_have_names_the_stages(finished, capsys):
+    """`tscray results DIR --stage FINAL` printed 'no result rows yet' and exited 0 on a storage full of rows."""
+    src, _ = finished
+    assert main(["results", str(src), "--stage", "FINAL"]) == 2
+    err = capsys.readouterr().err
+    assert "no rows of stage 'FINAL'" in err and "final" in err and "stage2" in err
+    assert main(["results", str(src), "--stage", "stage2"]) == 0

@@ -669,6 +669,9 @@ def cmd_results(args: argparse.Namespace) -> int:
     table = results.read(_open_store(args.storage), bad)
     _warn_damaged(bad)
     rows = table.to_pylist()
+    stages = sorted({r["stage"] for r in rows if r["stage"]})
+    if args.stage != "all" and rows and args.stage not in stages:  # (it read as "no result rows yet")
+        raise ValueError(f"--stage: no rows of stage {args.stage!r}; stages here: {', '.join(stages)}, all")
     if args.stage != "all":
         rows = [r for r in rows if r["stage"] == args.stage]
     if args.csv:
