@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 
@@ -180,3 +182,41 @@ def test_an_unquoted_on_in_a_spec_is_the_word_not_true(tmp_path):
         load_spec(path, check_data=False)
     path.write_text("name: s\ngrid: {defense: [tsc], rounds: [1], t: [0.5]}\ndefense: {clean_balanced: True}\n")
     assert load_spec(path, check_data=False).defense.clean_balanced is True
+
+
+def test_a_spec_of_grid_blocks_reads_back_from_its_record_as_the_same_trials():
+    """sweep.json holds spec.to_dict(); it wrote the blocks under a `grids` key that validation ignored (it was
+    even listed as allowed), so a spec written with `grids:` by hand silently ran the default grid."""
+    import json
+
+    from tscray.plan import make_plan
+
+    raw = {"name": "b", "grid": [{"attack": ["badnets"], "defense": ["none"]},
+                                 {"attack": ["blended"], "defense": ["tsc"], "rounds": [1], "t": [0.5]}]}
+    spec = validate(raw, check_data=False)
+    again = json.loads(json.dumps(spec.to_dict()))
+    again.pop("ssl")
+    assert {t.id for t in make_plan(validate(again, check_data=False)).trials} == {t.id for t in make_plan(spec).trials}
+    with pytest.raises(SpecError, match="grids: unknown key; allowed: name, grid, train"):
+        validate({"name": "b", "grids": raw["grid"]}, check_data=False)
+
+
+@pytest.mark.parametrize("raw, msg", [
+    ({"name": ".."}, "name: '..' must be"), ({"name": "a\nb"}, "control characters"),
+    ({"train": {"momentum": -3}}, "train.momentum: -3 is outside [0, ∞)"),
+    ({"train": {"weight_decay": -1}}, "train.weight_decay: -1 is outside"),
+    ({"eval": {"batch_size": 0}}, "eval.batch_size: 0 is outside [1, ∞)")])
+def test_values_that_failed_only_at_compute_or_escaped_the_storage_are_refused(raw, msg):
+    """A name of `..` put the default storage (runs/{name}) in the working directory; a negative momentum or
+    an eval batch of 0 passed validation and failed after Ray had started."""
+    with pytest.raises(SpecError, match=re.escape(msg)):
+        validate({"name": "x", **raw}, check_data=False)
+
+
+def test_exponent_floats_are_numbers_as_in_yaml_1_2():
+    """`lr: 1e-3` read as the string '1e-3' ('is not a number'): YAML 1.1 wants 1.0e-3."""
+    from tscray import spec_yaml
+
+    assert spec_yaml.load("a: 1e-3\nb: -2E+2\nc: 1_0e1\nd: 1e\ne: e5") == {"a": 0.001, "b": -200.0, "c": 100.0,
+                                                                        "d": "1e", "e": "e5"}
+    assert validate({"name": "x", **spec_yaml.load("train: {lr: 1e-3}")}, check_data=False).train.lr == 0.001

@@ -206,7 +206,9 @@ class SweepSpec:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source"}
         out = {k: (v.to_dict() if isinstance(v, (DefenseSpec, Grid)) else dataclasses.asdict(v)
                    if dataclasses.is_dataclass(v) and not isinstance(v, type) else v) for k, v in d.items()}
-        out["grids"] = [g.to_dict() for g in self.grids]
+        del out["grids"]
+        if self.grids:  # the blocks as written: validating this again gives the same trials, not their union's
+            out["grid"] = [g.to_dict() for g in self.grids]
         return out
 
 
@@ -275,7 +277,7 @@ def _grid_checks() -> dict[str, Check]:
 
 def _fields(cls: type) -> dict[str, dataclasses.Field]:
     """The fields a YAML section may set (not the ones validation fills in)."""
-    return {f.name: f for f in dataclasses.fields(cls) if f.name not in ("field_axes", "source")}
+    return {f.name: f for f in dataclasses.fields(cls) if f.name not in ("field_axes", "source", "grids")}
 
 
 def _check_scalar(path: str, value: Any, default: Any, problems: list[str]) -> Any:
@@ -631,8 +633,10 @@ def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> S
         if key not in top:
             problems.append(f"{key}: unknown key; allowed: {', '.join(top)}")
     name = raw.get("name")
-    if not isinstance(name, str) or not name or any(c in name for c in "/\\ "):
-        problems.append(f"name: {_short(name)} must be a non-empty string without spaces or slashes")
+    if (not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\ ")
+            or not name.isprintable()):
+        problems.append(f"name: {_short(name)} must be a non-empty string without spaces, slashes or control "
+                        "characters, and not . or .. (it names the default storage folder)")
         name = "invalid"
     grids = _grid_blocks(raw.get("grid"), problems)
     grid = _union(grids)
@@ -640,6 +644,7 @@ def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> S
         "epochs": _range(0, math.inf, False, True, integer=True),
         "batch_size": _range(1, math.inf, False, True, integer=True),
         "lr": _range(0, math.inf, True, True), "target": _range(0, math.inf, False, True, integer=True),
+        "momentum": _range(0, math.inf, False, True), "weight_decay": _range(0, math.inf, False, True),
         "method": _names(lambda: list(SWEEP_METHODS), "training method"),
         "optimizer": _names(lambda: ["sgd", "adam"], "optimizer")})
     raw_ssl = raw.get("ssl")
@@ -653,7 +658,8 @@ def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> S
     defense = _defense_section(raw.get("defense"), grid, problems)
     grids = _preset_axes(raw.get("grid"), grids, defense.preset)
     grid = _union(grids)
-    ev = _section(EvalSpec, raw.get("eval"), "eval", problems, {"curve_ts": _range(0, 1, False, False)})
+    ev = _section(EvalSpec, raw.get("eval"), "eval", problems, {"curve_ts": _range(0, 1, False, False),
+                                                                  "batch_size": _range(1, math.inf, False, True, integer=True)})
     raw_res = raw.get("resources")
     if isinstance(raw_res, dict) and isinstance(raw_res.get("channels_last"), bool):
         # true/false, its old values (true was the default: NHWC on CUDA only). YAML 1.1 also reads an unquoted

@@ -7,7 +7,8 @@ that graph with memoisation, and construction happens only below ``MAX_VALUES``.
 mapping, which PyYAML silently resolves to the last one, are an error naming the key and both lines; merge
 keys (``<<: *base``) keep their meaning: explicit keys override merged ones. Booleans are YAML 1.2's, ``true``
 and ``false`` only: YAML 1.1 (PyYAML's default) also reads an unquoted ``on``, ``off``, ``yes``, ``no`` as
-booleans, so ``channels_last: on`` silently meant ``true``; here those stay the words they are.
+booleans, so ``channels_last: on`` silently meant ``true``; here those stay the words they are. Floats are
+1.2's too: ``1e-3`` is a number (1.1 needs ``1.0e-3``).
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ _Loader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+# YAML 1.2 floats need no dot before an exponent: 1e-3 was the string '1e-3' (1.1 asks for 1.0e-3)
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
 
 
 def expanded_size(root: Node, limit: int = MAX_VALUES) -> int:
