@@ -220,3 +220,17 @@ def test_exponent_floats_are_numbers_as_in_yaml_1_2():
     assert spec_yaml.load("a: 1e-3\nb: -2E+2\nc: 1_0e1\nd: 1e\ne: e5") == {"a": 0.001, "b": -200.0, "c": 100.0,
                                                                         "d": "1e", "e": "e5"}
     assert validate({"name": "x", **spec_yaml.load("train: {lr: 1e-3}")}, check_data=False).train.lr == 0.001
+
+
+def test_duplicates_and_empty_blocks_in_a_grid_and_a_storage_override_through_a_file_are_refused(tmp_path, capsys):
+    """`defense.clean_ratio: [1, 1.0]` made two trials of one setting (two ids, one final step); an empty block in
+    a list of blocks added a trial of every default; `--storage FILE` passed the dry run and failed once Ray ran."""
+    with pytest.raises(SpecError, match=r"grid.defense.clean_ratio: duplicate values \[1, 1.0\]"):
+        validate({"name": "x", "grid": {"defense": ["tsc"], "defense.clean_ratio": [1, 1.0]}}, check_data=False)
+    with pytest.raises(SpecError, match=r"grid\[0\]: empty block"):
+        validate({"name": "x", "grid": [{}, {"defense": ["none"]}]}, check_data=False)
+    (tmp_path / "afile").write_text("hi")
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: x\ngrid: {defense: [none]}\ntrain: {epochs: 1}\n")
+    assert main(["sweep", str(spec), "--dry-run", "--storage", str(tmp_path / "afile" / "sub")]) == 2
+    assert "--storage: " in capsys.readouterr().err

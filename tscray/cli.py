@@ -528,6 +528,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         import dataclasses
 
         spec = dataclasses.replace(spec, mlflow_uri=args.mlflow_uri)
+    if args.storage and "://" not in args.storage:  # a local path: checked as the spec's own (it failed once Ray ran)
+        from tscray.config import _check_storage
+
+        problems: list[str] = []
+        _check_storage(args.storage, spec.name, problems)
+        if problems:
+            raise ValueError("--" + problems[0])
     uri = spec.storage_path(args.storage)
     store = Store(uri)
     store.probe()  # an unreachable storage: one line before any compute

@@ -372,7 +372,11 @@ def _grid_blocks(raw: Any, problems: list[str]) -> tuple[Grid, ...]:
         if not raw:
             problems.append("grid: empty list; give a mapping of axes or a list of them")
             return (Grid(),)
-        return tuple(_grid_block(block, f"grid[{i}]", problems) for i, block in enumerate(raw))
+        for i, block in enumerate(raw):
+            if block is None or block == {}:  # (it added a trial of every axis's default)
+                problems.append(f"grid[{i}]: empty block; give at least one axis")
+        blocks = tuple(_grid_block(b, f"grid[{i}]", problems) for i, b in enumerate(raw) if b not in (None, {}))
+        return blocks or (Grid(),)
     return (_grid_block(raw, "grid", problems),)
 
 
@@ -399,7 +403,10 @@ def _grid_block(raw: Any, where: str, problems: list[str]) -> Grid:
 
 
 def _canon_value(v: Any) -> str:
+    """A value as the duplicate check compares it: 1 and 1.0 are one value (the field's type makes them equal)."""
     import json
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = float(v)
     return json.dumps(v, sort_keys=True, default=repr)
 
 
