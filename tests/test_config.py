@@ -234,3 +234,13 @@ def test_duplicates_and_empty_blocks_in_a_grid_and_a_storage_override_through_a_
     spec.write_text("name: x\ngrid: {defense: [none]}\ntrain: {epochs: 1}\n")
     assert main(["sweep", str(spec), "--dry-run", "--storage", str(tmp_path / "afile" / "sub")]) == 2
     assert "--storage: " in capsys.readouterr().err
+
+
+def test_a_field_axis_of_a_defense_outside_its_block_is_refused():
+    """`grid: {defense: [tsc], defense.mcr.curve_epochs: [1, 2, 3]}` planned one trial without a word."""
+    with pytest.raises(SpecError, match="defense.mcr.curve_epochs: a setting of mcr, which is not a defense of this "
+                                        r"block \(tsc\)"):
+        validate({"name": "x", "grid": {"defense": ["tsc"], "defense.mcr.curve_epochs": [1, 2, 3]}}, check_data=False)
+    spec = validate({"name": "x", "grid": {"defense": ["tsc", "mcr"], "defense.mcr.curve_epochs": [1, 2]}},
+                    check_data=False)
+    assert spec.grid.field_axes == (("defense.mcr.curve_epochs", (1, 2)),)

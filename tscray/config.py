@@ -476,6 +476,10 @@ def _check_field_axes(raw: dict[str, Any], grids: tuple[Grid, ...], source: str,
                 problems.append(f"{where}: train.method is one per sweep (supervised and SSL trials differ in "
                                 "kind); run one sweep per method")
                 continue
+            if len(parts) >= 3 and parts[0] == "defense" and parts[1] not in g.defense and parts[1] in _defense_names():
+                problems.append(f"{where}: a setting of {parts[1]}, which is not a defense of this block "
+                                f"({', '.join(g.defense)}): it would apply to no trial")
+                continue
             found: dict[str, list[int]] = {}
             for i, v in enumerate(values):
                 sub = copy.deepcopy(base)
