@@ -244,3 +244,19 @@ def test_a_field_axis_of_a_defense_outside_its_block_is_refused():
     spec = validate({"name": "x", "grid": {"defense": ["tsc", "mcr"], "defense.mcr.curve_epochs": [1, 2]}},
                     check_data=False)
     assert spec.grid.field_axes == (("defense.mcr.curve_epochs", (1, 2)),)
+
+
+def test_a_spec_read_from_a_pipe_and_an_empty_spec(tmp_path):
+    """`tscray sweep <(cat spec.yaml)` said 'file: /dev/fd/63 does not exist'; an empty file said 'got NoneType'."""
+    import os
+
+    r, w = os.pipe()
+    os.write(w, b"name: piped\ngrid: {defense: [none]}\n")
+    os.close(w)
+    try:
+        assert load_spec(f"/dev/fd/{r}", check_data=False).name == "piped"
+    finally:
+        os.close(r)
+    (tmp_path / "e.yaml").write_text("# nothing yet\n")
+    with pytest.raises(SpecError, match="e.yaml is empty"):
+        load_spec(tmp_path / "e.yaml")

@@ -930,7 +930,7 @@ def _check_external_archs(spec: SweepSpec, problems: list[str]) -> None:
 def load_spec(path: str | Path, check_data: bool = True) -> SweepSpec:
     """Read and validate a sweep YAML file."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir() or not path.exists():  # (a pipe, such as <(cat spec.yaml), is read like a file)
         raise SpecError([f"file: {path} is a folder, not a YAML file" if path.is_dir() else f"file: {path} does not exist"],
                         str(path))
     from tscray import spec_yaml
@@ -943,4 +943,6 @@ def load_spec(path: str | Path, check_data: bool = True) -> SweepSpec:
         raw = spec_yaml.load(text, str(path))
     except spec_yaml.SpecYAMLError as err:
         raise SpecError([str(err)], str(path)) from None
+    if raw is None:
+        raise SpecError([f"file: {path} is empty (nothing but blanks or comments)"], str(path))
     return validate(raw, str(path), check_data)
