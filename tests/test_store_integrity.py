@@ -305,3 +305,14 @@ def test_results_with_a_stage_the_rows_do_not_have_names_the_stages(finished, ca
     err = capsys.readouterr().err
     assert "no rows of stage 'FINAL'" in err and "final" in err and "stage2" in err
     assert main(["results", str(src), "--stage", "stage2"]) == 0
+
+
+def test_status_counts_only_planned_trials_and_names_foreign_result_files(finished, tmp_path, capsys):
+    """A result file copied in from another sweep read as 'trials: 2/1 finished'."""
+    src, trials = finished
+    copy_store(src, tmp_path / "s")
+    results.write_trial(Store(str(tmp_path / "s")), "0123456789ab", [{"sweep": "other", "trial_id": "0123456789ab",
+                                                                      "stage": "final", "acc": 1.0, "asr": 1.0}])
+    assert main(["status", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert f"trials: {len(trials)}/{len(trials)} finished; 1 result file(s) of trials no recorded spec plans" in out

@@ -584,18 +584,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     results.read(store, bad)
     done = results.done_trials(store) - {n[len("results/trial-"):-len(".parquet")] for n in bad}
     total_trials, total_steps, specs = info["trials"], info["steps"], 1
-    if info.get("history"):  # slices or earlier grids ran here too: count every recorded spec's trials and steps
-        from tscray import sweep_record
+    from tscray import sweep_record
 
-        plans = sweep_record.plans(info)
-        if plans:
-            specs = len(plans)
-            total_trials = len({t.id for p in plans for t in p.trials})
-            total_steps = len({k for p in plans for k in p.steps})
+    plans = sweep_record.plans(info)  # every recorded spec: slices or earlier grids may have run here too
+    foreign = 0
+    if plans:
+        specs = len(plans)
+        planned = {t.id for p in plans for t in p.trials}
+        total_trials, total_steps = len(planned), len({k for p in plans for k in p.steps})
+        foreign = len(done - planned)  # result files copied in from another sweep: not this one's trials
+        done &= planned
     print(f"sweep {info['spec']['name']} ({info['sweep_id']}) at {store.uri}"
           + (f" ({specs} specs ran on it; counts are over all of them)" if specs > 1 else ""))
     print(f"trials: {len(done)}/{total_trials} finished"
-          + (f" ({len(bad)} unreadable result file(s): run `tscray verify --repair`)" if bad else ""))
+          + (f" ({len(bad)} unreadable result file(s): run `tscray verify --repair`)" if bad else "")
+          + (f"; {foreign} result file(s) of trials no recorded spec plans" if foreign else ""))
     print(f"steps : {sum(len(v) for v in steps.values())}/{total_steps} computed "
           f"({', '.join(f'{k} {len(v)}' for k, v in sorted(steps.items()))})"
           + (f"; {damaged} damaged (recomputed on the next run; `tscray verify` for details)" if damaged else ""))
