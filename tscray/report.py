@@ -140,10 +140,10 @@ def axis_parts(df: pd.DataFrame) -> list[tuple[pd.DataFrame, str, str]]:
     return parts
 
 
-def figure_vs_axis(df: pd.DataFrame, axis: str, out: Path, fmt: str,
-                   tsc_setting: tuple[int, float] | None = None) -> Path | None:
-    """Final ACC and ASR of each defense against a numeric field axis (clean-set size, curve epochs...):
-    the rows Table 1 shows (TSC and MCR at its setting), mean over attacks and seeds, ±1 std bands."""
+def _axis_rows(df: pd.DataFrame, axis: str,
+               tsc_setting: tuple[int, float] | None) -> tuple["Selection", pd.DataFrame] | None:
+    """Table 1's defended rows with a numeric ``axis`` holding two values or more (None otherwise: a
+    non-numeric axis is Table 1's to show)."""
     sel = select(df, tsc_setting)
     if sel is None or axis not in sel.rows:
         return None
@@ -152,9 +152,18 @@ def figure_vs_axis(df: pd.DataFrame, axis: str, out: Path, fmt: str,
     try:
         rows = rows.assign(**{axis: rows[axis].astype(float)})
     except (TypeError, ValueError):
-        return None  # not numbers: Table 1 shows it
-    if rows[axis].nunique() < 2:
         return None
+    return (sel, rows) if rows[axis].nunique() >= 2 else None
+
+
+def figure_vs_axis(df: pd.DataFrame, axis: str, out: Path, fmt: str,
+                   tsc_setting: tuple[int, float] | None = None) -> Path | None:
+    """Final ACC and ASR of each defense against a numeric field axis (clean-set size, curve epochs...):
+    the rows Table 1 shows (TSC and MCR at its setting), mean over attacks and seeds, ±1 std bands."""
+    found = _axis_rows(df, axis, tsc_setting)
+    if found is None:
+        return None
+    sel, rows = found
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6), sharex=True)
     for d in defense_order(rows.defense.unique()):
         g = rows[rows.defense == d].groupby(axis)
@@ -184,17 +193,12 @@ def vs_axis_by_setting(df: pd.DataFrame, axis: str, out: Path, fmt: str,
     ``vs_<axis>.md`` / ``.csv`` and a figure with one line per setting (±1 std bars). The mean over attacks
     in ``fig_vs_<axis>`` hides what a clean-set study is after: one attack removed at every size, another at
     none. None when the rows hold one setting (that figure then says it all)."""
-    sel = select(df, tsc_setting)
-    if sel is None or axis not in sel.rows:
+    found = _axis_rows(df, axis, tsc_setting)
+    if found is None:
         return None
-    rows = sel.rows.dropna(subset=[axis])
-    rows = rows[rows.defense != "none"]
-    try:
-        rows = rows.assign(**{axis: rows[axis].astype(float)})
-    except (TypeError, ValueError):
-        return None
+    sel, rows = found
     setting = [k for k in sel.keys if k != axis and k in rows and rows[k].nunique(dropna=False) > 1]
-    if rows[axis].nunique() < 2 or not setting:
+    if not setting:
         return None
     per_seed = rows.groupby(["defense", *setting, axis, "seed"], dropna=False)[["acc", "asr"]].mean().reset_index()
     table = (per_seed.groupby(["defense", *setting, axis], dropna=False)
