@@ -174,3 +174,25 @@ def test_axis_columns_of_different_types_and_blocks_read_together(tmp_path):
     df = results.read(store).to_pandas().set_index("trial_id")
     assert df.loc["a", "defense.tsc.curve_epochs"] == 5 and df.loc["b", "defense.tsc.curve_epochs"] == 2.5
     assert df.loc["c", "train.attack_kw"] == '{"k": 4}' and df["train.attack_kw"].isna().sum() == 2
+
+
+def test_a_preset_axis_takes_each_presets_rounds_and_t_where_the_block_names_none():
+    """``defense.preset: [paper, small]`` without ``rounds``/``t``: the small trial runs E_TSC 4 at t 0.5, as
+    ``defense: {preset: small}`` does (it ran the paper's 3 and 0.4 under the small preset's other fields)."""
+    raw = raw_of(**{"defense.preset": ["paper", "small"]})
+    del raw["grid"]["rounds"], raw["grid"]["t"]
+    spec = validate(raw)
+    got = sorted((t.params["defense.preset"], t.params["rounds"], t.params["t"]) for t in make_plan(spec).trials)
+    assert got == [("paper", 3, 0.4), ("small", 4, 0.5)]
+    alone = dict(raw, defense={**raw["defense"], "preset": "small"})
+    alone["grid"] = {k: v for k, v in raw["grid"].items() if k != "defense.preset"}
+    assert [(t.params["rounds"], t.params["t"]) for t in make_plan(validate(alone)).trials] == [(4, 0.5)]
+    stored = json.loads(json.dumps(spec.to_dict()))
+    stored.pop("ssl")
+    again = validate(stored, check_data=False)
+    assert [t.id for t in make_plan(again).trials] == [t.id for t in make_plan(spec).trials]
+    raw["grid"]["t"] = [0.3]  # a named axis holds for every preset
+    got = sorted((t.params["defense.preset"], t.params["rounds"], t.params["t"]) for t in make_plan(validate(raw)).trials)
+    assert got == [("paper", 3, 0.3), ("small", 4, 0.3)]
+    bad = raw_of(**{"defense.preset": ["paper", "fast"]})
+    assert any(p.startswith("grid.defense.preset[1]") for p in problems(bad)), problems(bad)

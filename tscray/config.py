@@ -598,21 +598,39 @@ def _defense_section(raw: Any, grid: Grid, problems: list[str]) -> DefenseSpec:
 
 def _preset_axes(raw: Any, grids: tuple[Grid, ...], preset: str) -> tuple[Grid, ...]:
     """A grid block that names no ``rounds`` or ``t`` takes them from TSC's recipe under the spec's preset
-    (``small``: E_TSC 4, t 0.5; ``ssl``: 2, 0.25), not the paper's 3 and 0.4 whatever the preset says."""
+    (``small``: E_TSC 4, t 0.5; ``ssl``: 2, 0.25), not the paper's 3 and 0.4 whatever the preset says.
+
+    A block sweeping ``defense.preset`` is split into one block per preset, each taking the ``rounds`` and
+    ``t`` it does not name from its own preset (one shared value would run the ``small`` trials at the
+    paper's E_TSC and t)."""
     from tscray import defenses
 
-    try:
-        cfg = defenses.get("tsc").config.preset(preset)
-    except ValueError:  # an unknown preset, already reported
-        return grids
+    def recipe(name: str) -> Any:
+        try:
+            return defenses.get("tsc").config.preset(name)
+        except (ValueError, TypeError):  # an unknown preset, already reported
+            return None
+
     blocks = raw if isinstance(raw, list) else [raw]
     if len(blocks) != len(grids):
         return grids
-    out = []
+    out: list[Grid] = []
     for block, g in zip(blocks, grids):
         named = set(block) if isinstance(block, dict) else set()
-        out.append(dataclasses.replace(g, rounds=g.rounds if "rounds" in named else (cfg.rounds,),
-                                       t=g.t if "t" in named else (cfg.t,)))
+        axes = dict(g.field_axes)
+        names = axes.get("defense.preset")
+        if names is None or {"rounds", "t"} <= named:
+            parts = [(g, preset)]
+        else:
+            parts = [(dataclasses.replace(g, field_axes=tuple((k, (v,) if k == "defense.preset" else vs)
+                                                              for k, vs in g.field_axes)), v) for v in names]
+        for part, name in parts:
+            cfg = recipe(name) if isinstance(name, str) else None
+            if cfg is None:
+                out.append(part)
+                continue
+            out.append(dataclasses.replace(part, rounds=g.rounds if "rounds" in named else (cfg.rounds,),
+                                           t=g.t if "t" in named else (cfg.t,)))
     return tuple(out)
 
 
@@ -667,7 +685,7 @@ def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> S
         "probe_batch_size": _range(1, math.inf, False, True, integer=True),
         "knn_k": _range(1, math.inf, False, True, integer=True)})
     defense = _defense_section(raw.get("defense"), grid, problems)
-    grids = _preset_axes(raw.get("grid"), grids, defense.preset)
+    given, grids = grids, _preset_axes(raw.get("grid"), grids, defense.preset)
     grid = _union(grids)
     ev = _section(EvalSpec, raw.get("eval"), "eval", problems, {"curve_ts": _range(0, 1, False, False),
                                                                   "batch_size": _range(1, math.inf, False, True, integer=True)})
@@ -697,8 +715,8 @@ def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> S
     if not problems:
         _check_method(grid, train, raw, problems)
         _check_defenses(grid, train, problems)
-    if any(g.field_axes for g in grids):
-        _check_field_axes(raw, grids, source, check_data, problems)
+    if any(g.field_axes for g in given):
+        _check_field_axes(raw, given, source, check_data, problems)  # (as written: blocks not split by preset)
     spec = SweepSpec(name=name, grid=grid, grids=grids if len(grids) > 1 else (), train=train, defense=defense, eval=ev, ssl=ssl, resources=res,
                      data_kw=data_kw, source=_without_field_axes(raw), **scalars)
     if check_data and not problems:
