@@ -44,7 +44,14 @@ def test_good_spec_and_shipped_sweeps_validate():
     ({"name": "x", "defense": {"clean_ratio": 0}}, "defense.clean_ratio: 0 is outside (0, 1]"),
     ({"name": "x", "defense": {"preset": "fast"}}, "unknown preset 'fast'"),
     ({"name": "x", "defense": {"tsc": {"curve_epoch": 3}}}, "defense.tsc: unknown tsc setting(s) ['curve_epoch']"),
-    ({"name": "x", "defense": {"tsc": {"t": 0.3}}}, "defense.tsc.t: set through the grid"),
+    ({"name": "x", "defense": {"tsc": {"t": 0.3}}}, "defense.tsc.t: set through the grid axis t"),
+    ({"name": "x", "defense": {"tsc": {"seed": 3}}}, "defense.tsc.seed: set through the grid axis seed"),
+    ({"name": "x", "defense": {"tsc": {"eval_ts": [0.5]}}}, "defense.tsc.eval_ts: set through eval.curve_ts"),
+    # the settings it lists are the ones it takes (rounds, t, seed and eval_ts are refused here)
+    ({"name": "x", "defense": {"tsc": {"curve_epoch": 3}}},
+     "defense.tsc: unknown tsc setting(s) ['curve_epoch']; allowed: batch_size, curve_batch_size, curve_epochs, "
+     "curve_optim, curve_steps, finetune_epochs, finetune_last, finetune_optim, match_batch_size, match_batches, probes, optimiser knobs (curve_lr, "
+     "finetune_lr, ...)"),
     ({"name": "x", "defense": {"tsc": {"probes": "post"}}}, "defense.tsc: probes must be one of auto, raw, relu"),
     ({"name": "x", "resources": {"gpus_per_step": -1}}, "resources.gpus_per_step: -1 is outside [0, ∞)"),
     ({"name": "x", "eval": {"curve_ts": [2]}}, "eval.curve_ts[0]: 2 is outside [0, 1]"),
@@ -77,7 +84,8 @@ def test_cli_exits_2_and_writes_nothing_on_a_bad_spec(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     (tmp_path / "syntax.yaml").write_text("name: [unclosed")
     assert main(["sweep", str(tmp_path / "syntax.yaml")]) == 2
-    assert "YAML syntax" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "YAML syntax" in err and f'in "{tmp_path / "syntax.yaml"}", line 1' in err and "<unicode string>" not in err
     assert main(["sweep", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
 

@@ -583,7 +583,8 @@ def _defense_section(raw: Any, grid: Grid, problems: list[str]) -> DefenseSpec:
         value = dict(value or {})
         reserved = {*d.axes, "eval_ts", "seed"}
         for key in sorted(reserved & set(value)):
-            problems.append(f"defense.{name}.{key}: set through the grid or eval section, not here")
+            where = "eval.curve_ts" if key == "eval_ts" else f"the grid axis {key}"
+            problems.append(f"defense.{name}.{key}: set through {where}, not here")
             value.pop(key)
         overrides[name] = value
         if name not in grid.defense and not value:

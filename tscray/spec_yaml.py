@@ -95,6 +95,7 @@ def load(text: str, source: str = "spec") -> Any:
     if size > MAX_BYTES:
         raise SpecYAMLError(f"{source} is {size:,} bytes; a sweep spec is at most {MAX_BYTES:,}")
     loader = _Loader(text)
+    loader.name = source  # its marks say where: 'in "spec.yaml", line 3', not 'in "<unicode string>"'
     try:
         node = loader.get_single_node()
         if node is None:

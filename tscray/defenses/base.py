@@ -103,7 +103,10 @@ class Defense:
         names = {f.name for f in dataclasses.fields(self.config)}
         unknown = sorted(set(overrides) - names)
         if unknown:
-            raise ValueError(f"unknown {self.name} setting(s) {unknown}; allowed: {sorted(names)}")
+            settable = sorted(names - {*self.axes, "seed", "eval_ts"})  # those are set by the grid and eval
+            knobs = [f"{p}_lr" if p else "lr" for p in _optim_fields(self.config).values()]
+            more = f", optimiser knobs ({', '.join(knobs)}, ...)" if knobs else ""
+            raise ValueError(f"unknown {self.name} setting(s) {unknown}; allowed: {', '.join(settable)}{more}")
         return dataclasses.replace(base, **overrides)
 
 
