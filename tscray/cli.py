@@ -308,13 +308,24 @@ def _carried(meta: dict[str, Any], args: argparse.Namespace, target: int, attack
     """What a purified model records of the backdoored one, so that reading it again measures ASR against
     the same target, trigger and data (it recorded only the architecture and defense before)."""
     out: dict[str, Any] = {k: meta[k] for k in ("rate", "seed") if k in meta}
-    out.update(target=target, data=data_name, data_kw=data_kw)
+    out.update(target=target, data=_recorded_data(data_name), data_kw=data_kw)
     attack = args.attack or meta.get("attack")
     if attack:
         out.update(attack=attack, attack_kw=attack_kw if args.attack else meta.get("attack_kw", {}))
     if resource is not None:
         out["attack_resource"] = str(Path(resource).expanduser().resolve())
     return out
+
+
+def _recorded_data(name: str) -> str:
+    """The dataset as a checkpoint records it: a path made absolute (``--data shapes.npz`` recorded as given
+    was not found by ``purify`` run from another folder), a registered name as it is."""
+    from tscray import data
+    from tscray.data import custom
+
+    if name in data.DATASETS or not custom.is_path(name):
+        return name
+    return str(Path(name).expanduser().resolve())
 
 
 def _same_data(a: str, b: str) -> bool:
@@ -507,12 +518,13 @@ def cmd_backdoor(args: argparse.Namespace) -> int:
                                   args.arch_kw, lambda e, n, loss: _log(f"epoch {e}/{n} loss {loss:.4f}"))
     m = bd.evaluate(bd.model)
     checkpoint.save_model(bd.model, args.out, arch=args.arch, arch_kw=args.arch_kw or {}, attack=args.attack,
-                          attack_kw=args.attack_kw or {}, rate=args.rate, target=args.target, data=ds.name,
-                          data_kw=data_kw, seed=args.seed)
+                          attack_kw=args.attack_kw or {}, rate=args.rate, target=args.target,
+                          data=_recorded_data(ds.name), data_kw=data_kw, seed=args.seed)
     _log(f"backdoored model: {_fmt(m)}; wrote {args.out}")
     if resource is not None:
         res = checkpoint.save_tensors(resource, _resource_path(args.out), attack=args.attack,
-                                      attack_kw=args.attack_kw or {}, target=args.target, data=ds.name, seed=args.seed)
+                                      attack_kw=args.attack_kw or {}, target=args.target,
+                                      data=_recorded_data(ds.name), seed=args.seed)
         _log(f"wrote the attack's resource to {res} (purify reads it to rebuild the trigger)")
     return 0
 

@@ -313,3 +313,26 @@ def test_clean_balanced_reaches_the_steps_and_leaves_other_keys_alone():
     from tscray.config import SpecError
     with pytest.raises(SpecError, match="defense.clean_balanced"):
         validate({**base, "defense": {"clean_balanced": "yes"}})
+
+
+def test_a_relative_data_path_is_recorded_absolute_so_purify_finds_it_from_anywhere(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from tscray.checkpoint import read_meta
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    shutil.copy(EXAMPLE, work / "shapes.npz")
+    monkeypatch.chdir(work)
+    assert main(["backdoor", "--data", "shapes.npz", "--arch", "cnn", "--arch-kw", '{"widths": [8, 8, 8, 8]}',
+                 "--epochs", "1", "--batch-size", "100", "--out", "bd.safetensors"]) == 0
+    assert read_meta(work / "bd.safetensors")["data"] == str(work / "shapes.npz")  # it was "shapes.npz"
+    monkeypatch.chdir(elsewhere)
+    assert main(["purify", "--model", str(work / "bd.safetensors"), "--attack", "badnets", "--rounds", "1",
+                 "--curve-epochs", "1", "--finetune-epochs", "1", "--clean-ratio", "0.1", "--batch-size", "50",
+                 "--out", "p.safetensors"]) == 0, capsys.readouterr().err
+    assert read_meta(elsewhere / "p.safetensors")["data"] == str(work / "shapes.npz")
+    assert main(["purify", "--model", str(work / "bd.safetensors"), "--data", "../work/shapes.npz", "--attack",
+                 "badnets", "--rounds", "1", "--curve-epochs", "1", "--finetune-epochs", "1", "--clean-ratio", "0.1",
+                 "--batch-size", "50", "--out", "q.safetensors"]) == 0, capsys.readouterr().err
+    assert read_meta(elsewhere / "q.safetensors")["data"] == str(work / "shapes.npz")  # was "../work/shapes.npz"
