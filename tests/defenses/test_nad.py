@@ -273,9 +273,11 @@ def test_nad_removes_badnets_keeping_accuracy(badnets_reduced, say):
     (1 thread) and 84.0 / 5.6 (2 threads), seed 1 85.0 / 2.7, seed 2 83.0 / 6.7; teachers' ASR 48-60; the
     β = 0 control 86.2 / 56.9. This test's own runs: 2 threads (before 86.6 / 96.2) teacher 84.6 / 58.4,
     NAD 84.0 / 5.6, control 87.2 / 59.8; 1 thread (before 86.6 / 96.0) teacher 84.4 / 58.9, NAD 83.2 / 3.1,
-    control 86.2 / 45.6. BackdoorBench's leaderboard (PreActResNet-18, CIFAR-10): 89.9 / 2.1.
-    Thresholds: ASR < 15 (worst 6.7), ACC at most 6 points under before (worst drop 3.6), ASR at least 25
-    points under the control's (smallest gap 42).
+    control 86.2 / 45.6; on another machine of the same kind, 2 threads (before 86.8 / 96.0) teacher
+    84.2 / 62.9, NAD 84.8 / 5.1, control 86.4 / 35.6. BackdoorBench's leaderboard (PreActResNet-18,
+    CIFAR-10): 89.9 / 2.1. Thresholds: ASR < 15 (worst 6.7), ACC at most 6 points under before (worst drop
+    3.6), ASR at least 20 points under the control's (smallest gap 30.5: the control's ASR spreads 35-60
+    between machines and thread counts, so the old 25 kept only 5.5 points of margin).
     About 40 s of CPU on one core for NAD and the control (the fixture's training aside).
     """
     bd, clean, before = badnets_reduced
@@ -295,4 +297,4 @@ def test_nad_removes_badnets_keeping_accuracy(badnets_reduced, say):
     assert before["asr"] >= 90.0
     assert after["asr"] < 15.0
     assert after["acc"] >= before["acc"] - 6.0
-    assert after["asr"] <= control["asr"] - 25.0
+    assert after["asr"] <= control["asr"] - 20.0
