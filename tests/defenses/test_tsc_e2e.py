@@ -5,7 +5,9 @@ the paper's supervised recipe (lr 0.02 cosine, 5 fine-tune epochs at lr 1e-4 aft
 random 5% clean subset = 500 images) with t = 0.5, E_TSC = 2 and 100 curve epochs. Batch 64 keeps
 ~8 steps per curve epoch, close to the paper's ~10 (2,500 images at batch 256); at batch 128 (4 steps)
 round 2 left ASR at 10-16%. Measured (1 thread): backdoored ACC 89.4 / ASR 99.9; TSC rounds 1-2:
-ASR 23.8 → 7.3, ACC 86.7 → 86.1 (3.3 points below).
+ASR 23.8 → 7.3, ACC 86.7 → 86.1 (3.3 points below). On another machine of the same kind: 1 thread,
+backdoored 89.8 / 99.8, ASR 23.6 → 8.0, ACC 87.0 → 86.1 (3.7 below); 2 threads, backdoored 89.7 / 99.8,
+ASR 55.1 → 11.4, ACC 87.1 → 85.9 (3.8 below). So ACC is asserted within 6 points (5 left 1.2 of margin).
 """
 
 import time
@@ -49,7 +51,7 @@ def test_tsc_removes_the_backdoor_keeping_accuracy(backdoored, say):
     say(f"TSC: {time.time() - t0:.0f}s for {cfg.rounds} rounds")
     final = bd.evaluate(res.model)
     assert final["asr"] < 15.0, final
-    assert final["acc"] >= before["acc"] - 5.0, (final, before)
+    assert final["acc"] >= before["acc"] - 6.0, (final, before)
     assert rows[0]["asr"] > rows[-1]["asr"]  # removal progresses over rounds
 
 
