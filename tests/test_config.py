@@ -7,6 +7,7 @@ from tscray.cli import main
 from tscray.config import SpecError, load_spec, validate
 from tscray.attacks import ATTACKS
 from tscray.ssl.attacks import SSL_ATTACKS
+from tscray.plan import make_plan
 
 GOOD = {"name": "x", "grid": {"t": [0.3, 0.5], "rounds": [1, 2]}}
 
@@ -28,7 +29,7 @@ def test_good_spec_and_shipped_sweeps_validate():
     ({"name": "x", "grid": {"colour": [1]}}, "grid.colour: unknown key"),
     ({"name": "x", "grid": {"t": [0.3, 1.5]}}, "grid.t[1]: 1.5 is outside (0, 1)"),
     ({"name": "x", "grid": {"t": [0]}}, "grid.t[0]: 0 is outside (0, 1)"),
-    ({"name": "x", "grid": {"rounds": [0]}}, "grid.rounds[0]: 0 is outside [1, ∞)"),
+    ({"name": "x", "grid": {"rounds": [0]}}, "grid.rounds[0]: 0 is outside [1, 1000]"),
     ({"name": "x", "grid": {"rounds": [1.5]}}, "grid.rounds[0]: 1.5 is not an integer"),
     ({"name": "x", "grid": {"poison_rate": [1.2]}}, "grid.poison_rate[0]: 1.2 is outside [0, 1]"),
     ({"name": "x", "grid": {"attack": ["badnetz"]}}, "grid.attack[0]: unknown attack 'badnetz'; allowed: " + ", ".join(sorted(ATTACKS.names() + SSL_ATTACKS.names()))),
@@ -268,3 +269,33 @@ def test_a_spec_read_from_a_pipe_and_an_empty_spec(tmp_path):
     (tmp_path / "e.yaml").write_text("# nothing yet\n")
     with pytest.raises(SpecError, match="e.yaml is empty"):
         load_spec(tmp_path / "e.yaml")
+
+
+@pytest.mark.parametrize("grid,needle", [
+    # planning makes a step per round: 10**20 rounds validated, then planning ate all memory
+    ({"defense": ["tsc"], "rounds": [200000]}, "grid.rounds[0]: 200000 is outside [1, 1000]"),
+    # seeds past 2**64 validated, then torch's manual_seed overflowed once compute had started
+    ({"seed": [2**64]}, "grid.seed[0]: 18446744073709551616 is outside [0, 4,294,967,295]"),
+])
+def test_values_that_would_fail_later_are_refused_up_front(grid, needle):
+    assert needle in problems({"name": "x", "grid": grid})
+    assert "clean_seed" in problems({"name": "x", "defense": {"clean_seed": 2**64}})
+
+
+def test_blocks_are_checked_on_their_own_and_named_by_block():
+    """A defense meets only its own block's architectures (nad beside cnn only, mlp in another block under
+    tsc, was refused as 'nad cannot purify mlp'); errors name the block and the position within it."""
+    ok = validate({"name": "x", "grid": [{"defense": ["tsc", "none"], "arch": ["mlp"]},
+                                         {"defense": ["nad"], "arch": ["cnn"]}]})
+    assert {(t.params["arch"], t.params["defense"]) for t in make_plan(ok).trials} == {
+        ("mlp", "tsc"), ("mlp", "none"), ("cnn", "nad")}
+    found = problems({"name": "x", "grid": [{"attack": ["badnets"]},
+                                            {"attack": ["blended", "ctrl"], "arch": ["simclr-cnn"]}]})
+    assert "grid[1].attack[1]: 'ctrl' is not a supervised attack" in found
+    assert "grid[1].arch[0]: 'simclr-cnn' is not a classifier" in found
+    assert "grid[0].defense[0]: nad cannot purify arch 'mlp'" in problems(
+        {"name": "x", "grid": [{"defense": ["nad"], "arch": ["mlp"]}]})
+    # an empty block (refused) does not shift the names of the blocks after it
+    found = problems({"name": "x", "grid": [{}, {"defense": ["tsc"], "t": [0.3]},
+                                            {"defense": ["tsc"], "train.epochs": [-1]}]})
+    assert "grid[2].train.epochs" in found and "grid[1].train.epochs" not in found

@@ -256,9 +256,13 @@ def _range(lo: float, hi: float, lo_open: bool, hi_open: bool, integer: bool = F
         if ok:
             return None
         lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
-        hi_s = "∞" if hi == math.inf else f"{hi:g}"
+        hi_s = "∞" if hi == math.inf else (f"{hi:,}" if isinstance(hi, int) and hi >= 10**6 else f"{hi:g}")
         return f"{_short(v)} is outside {lb}{lo:g}, {hi_s}{rb}"
     return check
+
+
+MAX_SEED = 2**32 - 1  # numpy's and every seeded generator's range (2**64 passed, then torch overflowed mid-run)
+MAX_ROUNDS = 1000  # planning makes a step per round: 10**20 rounds were accepted, then ate all memory
 
 
 def _grid_checks() -> dict[str, Check]:
@@ -268,9 +272,9 @@ def _grid_checks() -> dict[str, Check]:
         "arch": _arch_check,
         "attack": _names(_all_attack_names, "attack"),
         "poison_rate": _range(0, 1, False, False),
-        "seed": _range(0, math.inf, False, True, integer=True),
+        "seed": _range(0, MAX_SEED, False, False, integer=True),
         "defense": _names(_defense_names, "defense"),
-        "rounds": _range(1, math.inf, False, True, integer=True),
+        "rounds": _range(1, MAX_ROUNDS, False, False, integer=True),
         "t": _range(0, 1, True, True),
     }
 
@@ -380,6 +384,13 @@ def _grid_blocks(raw: Any, problems: list[str]) -> tuple[Grid, ...]:
     return (_grid_block(raw, "grid", problems),)
 
 
+def _block_names(raw: Any) -> list[str]:
+    """How errors name each block :func:`_grid_blocks` returns (empty blocks, refused, are not among them)."""
+    if isinstance(raw, list) and raw:
+        return [f"grid[{i}]" for i, b in enumerate(raw) if b not in (None, {})] or ["grid"]
+    return ["grid"]
+
+
 def _is_path(key: Any) -> bool:
     return isinstance(key, str) and "." in key
 
@@ -457,10 +468,10 @@ def _check_field_axes(raw: dict[str, Any], grids: tuple[Grid, ...], source: str,
         validate(base, source, check_data)
     except SpecError as err:
         base_problems = set(err.problems)
-    listed = isinstance(raw.get("grid"), list)
+    names = _block_names(raw.get("grid"))
     for b, g in enumerate(grids):
         for path, values in g.field_axes:
-            where = f"grid[{b}].{path}" if listed else f"grid.{path}"
+            where = f"{names[b] if b < len(names) else 'grid'}.{path}"
             head = path.split(".")[0]
             if head not in FIELD_AXIS_SECTIONS or "" in path.split("."):
                 problems.append(f"{where}: not a field axis; a dotted grid axis names a field of "
@@ -571,7 +582,7 @@ def _defense_section(raw: Any, grid: Grid, problems: list[str]) -> DefenseSpec:
     spec = _section(DefenseSpec, {k: v for k, v in raw.items() if k in scalars}, "defense",
                     problems, {"preset": _names(lambda: ["paper", "released", "small", "ssl"], "preset"),
                                "clean_ratio": _range(0, 1, True, False),
-                               "clean_seed": _range(0, math.inf, False, True, integer=True)})
+                               "clean_seed": _range(0, MAX_SEED, False, False, integer=True)})
     overrides: dict[str, dict[str, Any]] = {}
     configs: dict[str, Any] = {}
     for name in defenses.DEFENSES.names():
@@ -714,8 +725,9 @@ def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> S
         _check_storage(scalars["storage"], name if isinstance(name, str) else "", problems)
     data_kw = _check_data_kw(raw.get("data_kw"), grid, ssl, problems)
     if not problems:
-        _check_method(grid, train, raw, problems)
-        _check_defenses(grid, train, problems)
+        blocks = list(zip(_block_names(raw.get("grid")), given))
+        _check_method(blocks, grid, train, raw, problems)
+        _check_defenses(blocks, train, problems)
     if any(g.field_axes for g in given):
         _check_field_axes(raw, given, source, check_data, problems)  # (as written: blocks not split by preset)
     spec = SweepSpec(name=name, grid=grid, grids=grids if len(grids) > 1 else (), train=train, defense=defense, eval=ev, ssl=ssl, resources=res,
@@ -823,22 +835,25 @@ def _loader_options(name: str) -> list[str]:
     return [k for k in params if k in DATA_KW]
 
 
-def _check_method(grid: Grid, train: TrainSpec, raw: dict[str, Any], problems: list[str]) -> None:
-    """Attacks and architectures must fit the training method (classifiers vs self-supervised encoders)."""
+def _check_method(blocks: list[tuple[str, Grid]], grid: Grid, train: TrainSpec, raw: dict[str, Any],
+                  problems: list[str]) -> None:
+    """Attacks and architectures must fit the training method (classifiers vs self-supervised encoders);
+    each is named at its block and position."""
     from tscray import attacks
     from tscray.ssl.attacks import SSL_ATTACKS
 
     ssl = train.method != "supervised"
     allowed = SSL_ATTACKS.names() if ssl else attacks.ATTACKS.names()
-    for i, a in enumerate(grid.attack):
-        if a not in allowed:
-            kind = "self-supervised" if ssl else "supervised"
-            problems.append(f"grid.attack[{i}]: {a!r} is not a {kind} attack (train.method: {train.method}); "
-                            f"allowed: {', '.join(allowed)}")
-    for i, a in enumerate(grid.arch):
-        if ssl != a.startswith("simclr-"):
-            want = "an encoder (simclr-<backbone>)" if ssl else "a classifier (not simclr-*)"
-            problems.append(f"grid.arch[{i}]: {a!r} is not {want} for train.method: {train.method}")
+    for where, g in blocks:
+        for i, a in enumerate(g.attack):
+            if a not in allowed:
+                kind = "self-supervised" if ssl else "supervised"
+                problems.append(f"{where}.attack[{i}]: {a!r} is not a {kind} attack (train.method: {train.method}); "
+                                f"allowed: {', '.join(allowed)}")
+        for i, a in enumerate(g.arch):
+            if ssl != a.startswith("simclr-"):
+                want = "an encoder (simclr-<backbone>)" if ssl else "a classifier (not simclr-*)"
+                problems.append(f"{where}.arch[{i}]: {a!r} is not {want} for train.method: {train.method}")
     if not ssl and raw.get("ssl") is not None:
         problems.append("ssl: applies only with train.method: simclr")
     registry = SSL_ATTACKS if ssl else attacks.ATTACKS
@@ -850,30 +865,40 @@ def _check_method(grid: Grid, train: TrainSpec, raw: dict[str, Any], problems: l
                 problems.append(f"train.attack_kw: attack {a!r}: {err}")
 
 
-def _check_defenses(grid: Grid, train: TrainSpec, problems: list[str]) -> None:
-    """Every defense of the grid supports the training method and every architecture of the grid."""
-    from tscray import defenses, models
+def _check_defenses(blocks: list[tuple[str, Grid]], train: TrainSpec, problems: list[str]) -> None:
+    """Every defense of a block supports the training method and every architecture of that block (a
+    defense is not paired with another block's architectures: no trial does that)."""
+    from tscray import defenses
     from tscray.defenses.layers import UnsupportedModel
 
-    for i, name in enumerate(grid.defense):
-        if name == "none":
-            continue
-        d = defenses.get(name)
-        if train.method not in d.methods:
-            problems.append(f"grid.defense[{i}]: {name} does not support train.method: {train.method} "
-                            f"(it supports {', '.join(d.methods)})")
-            continue
-        if d.check_model is None:
-            continue
-        for arch in grid.arch:
-            try:
-                model = models.build(arch, 10, 3, **arch_kw_for(train, arch))
-            except (TypeError, ValueError):
-                continue  # reported by the architecture's own check
-            try:
-                d.check_model(model)
-            except UnsupportedModel as err:
-                problems.append(f"grid.defense[{i}]: {name} cannot purify arch {arch!r}: {err}")
+    built: dict[str, Any] = {}  # one model per architecture, however many blocks name it
+    for where, g in blocks:
+        for i, name in enumerate(g.defense):
+            if name == "none":
+                continue
+            d = defenses.get(name)
+            if train.method not in d.methods:
+                problems.append(f"{where}.defense[{i}]: {name} does not support train.method: {train.method} "
+                                f"(it supports {', '.join(d.methods)})")
+                continue
+            if d.check_model is None:
+                continue
+            for arch in g.arch:
+                try:
+                    model = built[arch] if arch in built else built.setdefault(arch, _built(arch, train))
+                except (TypeError, ValueError):
+                    continue  # reported by the architecture's own check
+                try:
+                    d.check_model(model)
+                except UnsupportedModel as err:
+                    problems.append(f"{where}.defense[{i}]: {name} cannot purify arch {arch!r}: {err}")
+
+
+def _built(arch: str, train: TrainSpec) -> Any:
+    """A 10-class, 3-channel ``arch`` as the spec's options build it (for the defenses' model checks)."""
+    from tscray import models
+
+    return models.build(arch, 10, 3, **arch_kw_for(train, arch))
 
 
 def _check_data(spec: SweepSpec, problems: list[str]) -> None:
