@@ -196,3 +196,15 @@ def test_a_preset_axis_takes_each_presets_rounds_and_t_where_the_block_names_non
     assert got == [("paper", 3, 0.3), ("small", 4, 0.3)]
     bad = raw_of(**{"defense.preset": ["paper", "fast"]})
     assert any(p.startswith("grid.defense.preset[1]") for p in problems(bad)), problems(bad)
+
+
+def test_an_integer_written_for_a_float_setting_is_the_same_trial():
+    """``defense.clean_ratio: [1]`` and ``[1.0]`` are one setting: they had two trial ids (so a study resumed
+    from a spec written either way recomputed it), as named axes (``poison_rate: [1]``) never did."""
+    def ids(**axis):
+        return [t.id for t in make_plan(validate(raw_of(**axis))).trials]
+    assert ids(**{"defense.clean_ratio": [1]}) == ids(**{"defense.clean_ratio": [1.0]})
+    assert ids(**{"defense.tsc.curve_lr": [1, 0.5]}) == ids(**{"defense.tsc.curve_lr": [1.0, 0.5]})
+    assert ids(**{"train.lr": [1]}) == ids(**{"train.lr": [1.0]})
+    spec = validate(raw_of(**{"defense.tsc.curve_epochs": [2]}))  # an integer setting keeps its integers
+    assert type(make_plan(spec).trials[0].params["defense.tsc.curve_epochs"]) is int

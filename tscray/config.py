@@ -413,6 +413,46 @@ def _grid_block(raw: Any, where: str, problems: list[str]) -> Grid:
     return dataclasses.replace(grid, field_axes=tuple(axes))
 
 
+def _float_axes(g: Grid) -> Grid:
+    """Integers written for a float setting made floats (1 and 1.0 are one setting: one trial id, as for
+    the named axes); done once the values are checked, so errors quote them as written."""
+    if not g.field_axes:
+        return g
+    return dataclasses.replace(g, field_axes=tuple(
+        (path, tuple(float(v) if type(v) is int else v for v in values) if _is_float_field(path) else values)
+        for path, values in g.field_axes))
+
+
+def _is_float_field(path: str) -> bool:
+    """Whether dotted ``path`` names a float setting (a section field, a defense's field or optimiser knob)."""
+    import typing
+
+    from tscray.defenses.base import OPTIM_KEYS, _optim_fields
+    from tscray.optim import OptimConfig
+
+    def hint(cls: type, name: str) -> Any:
+        try:
+            return typing.get_type_hints(cls).get(name)
+        except Exception:  # an annotation that does not resolve: leave the values as written
+            return None
+    parts = path.split(".")
+    sections = {"train": TrainSpec, "defense": DefenseSpec, "eval": EvalSpec, "ssl": SSLSpec}
+    if len(parts) == 2 and parts[0] in sections:
+        return hint(sections[parts[0]], parts[1]) is float
+    if len(parts) != 3 or parts[0] != "defense" or parts[1] not in _defense_names():
+        return False
+    from tscray import defenses
+
+    cls, key = defenses.get(parts[1]).config, parts[2]
+    if key in {f.name for f in dataclasses.fields(cls)}:
+        return hint(cls, key) is float
+    for prefix in _optim_fields(cls).values():
+        stem = key[len(prefix) + 1:] if prefix and key.startswith(prefix + "_") else (key if not prefix else None)
+        if stem in OPTIM_KEYS:
+            return hint(OptimConfig, OPTIM_KEYS[stem]) is float
+    return False
+
+
 def _canon_value(v: Any) -> str:
     """A value as the duplicate check compares it: 1 and 1.0 are one value (the field's type makes them equal)."""
     import json
@@ -730,6 +770,8 @@ def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> S
         _check_defenses(blocks, train, problems)
     if any(g.field_axes for g in given):
         _check_field_axes(raw, given, source, check_data, problems)  # (as written: blocks not split by preset)
+        grids = tuple(_float_axes(g) for g in grids)
+        grid = _union(grids)
     spec = SweepSpec(name=name, grid=grid, grids=grids if len(grids) > 1 else (), train=train, defense=defense, eval=ev, ssl=ssl, resources=res,
                      data_kw=data_kw, source=_without_field_axes(raw), **scalars)
     if check_data and not problems:
