@@ -208,3 +208,23 @@ def test_an_integer_written_for_a_float_setting_is_the_same_trial():
     assert ids(**{"train.lr": [1]}) == ids(**{"train.lr": [1.0]})
     spec = validate(raw_of(**{"defense.tsc.curve_epochs": [2]}))  # an integer setting keeps its integers
     assert type(make_plan(spec).trials[0].params["defense.tsc.curve_epochs"]) is int
+
+
+def test_a_setting_named_like_an_axis_is_a_field_axis_for_a_defense_without_that_axis():
+    """i-bau has a rounds setting but not TSC's rounds axis: ``defense.i-bau.rounds: [2, 5]`` was refused
+    with 'set through the grid axis rounds', an axis i-bau ignores."""
+    raw = raw_of(defense=["i-bau"], **{"defense.i-bau.rounds": [1, 2]})
+    del raw["grid"]["rounds"], raw["grid"]["t"]
+    trials = make_plan(validate(raw)).trials
+    assert sorted(t.params["defense.i-bau.rounds"] for t in trials) == [1, 2]
+    assert sorted(t.settings.count('"rounds":2') for t in trials) == [0, 1]
+    assert "set through the grid axis rounds" in "\n".join(problems(raw_of(**{"defense.tsc.rounds": [2]})))
+
+
+def test_a_whole_defense_mapping_axis_applies_to_that_defense_only():
+    """``defense.tsc: [{...}, {...}]`` beside mcr made two identical MCR trials."""
+    trials = make_plan(validate(raw_of(defense=["tsc", "mcr"], **{"defense.tsc": [{"curve_epochs": 1},
+                                                                                  {"curve_epochs": 2}]}))).trials
+    assert sorted(t.params["defense"] for t in trials) == ["mcr", "tsc", "tsc"]
+    assert "grid.defense.mcr: a setting of mcr, which is not a defense of this block" in "\n".join(
+        problems(raw_of(**{"defense.mcr": [{"curve_epochs": 1}]})))

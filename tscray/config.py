@@ -413,6 +413,13 @@ def _grid_block(raw: Any, where: str, problems: list[str]) -> Grid:
     return dataclasses.replace(grid, field_axes=tuple(axes))
 
 
+def _defense_axes(name: str) -> tuple[str, ...]:
+    """The grid axes (rounds, t) defense ``name`` takes; for another defense they are plain settings."""
+    from tscray import defenses
+
+    return defenses.get(name).axes
+
+
 def _float_axes(g: Grid) -> Grid:
     """Integers written for a float setting made floats (1 and 1.0 are one setting: one trial id, as for
     the named axes); done once the values are checked, so errors quote them as written."""
@@ -519,7 +526,8 @@ def _check_field_axes(raw: dict[str, Any], grids: tuple[Grid, ...], source: str,
                                 "defense.tsc.curve_epochs)")
                 continue
             parts = path.split(".")
-            if len(parts) == 3 and parts[0] == "defense" and parts[2] in (*DEFENSE_AXES, "seed", "eval_ts"):
+            if (len(parts) == 3 and parts[0] == "defense" and parts[1] in _defense_names()
+                    and parts[2] in (*_defense_axes(parts[1]), "seed", "eval_ts")):
                 axis = {"eval_ts": "eval.curve_ts (not a grid axis)"}.get(parts[2], f"the grid axis {parts[2]}")
                 problems.append(f"{where}: set through {axis}, not a field axis")
                 continue
@@ -527,7 +535,7 @@ def _check_field_axes(raw: dict[str, Any], grids: tuple[Grid, ...], source: str,
                 problems.append(f"{where}: train.method is one per sweep (supervised and SSL trials differ in "
                                 "kind); run one sweep per method")
                 continue
-            if len(parts) >= 3 and parts[0] == "defense" and parts[1] not in g.defense and parts[1] in _defense_names():
+            if len(parts) >= 2 and parts[0] == "defense" and parts[1] not in g.defense and parts[1] in _defense_names():
                 problems.append(f"{where}: a setting of {parts[1]}, which is not a defense of this block "
                                 f"({', '.join(g.defense)}): it would apply to no trial")
                 continue

@@ -415,7 +415,7 @@ def _applies(path: str, defense: str) -> bool:
     parts = path.split(".")
     if parts[0] != "defense":
         return True
-    if len(parts) > 2 and parts[1] in DEFENSES:
+    if len(parts) >= 2 and parts[1] in DEFENSES:  # defense.tsc.curve_epochs, or the whole defense.tsc
         return defense == parts[1]
     return defense != "none"
 
