@@ -299,3 +299,14 @@ def test_blocks_are_checked_on_their_own_and_named_by_block():
     found = problems({"name": "x", "grid": [{}, {"defense": ["tsc"], "t": [0.3]},
                                             {"defense": ["tsc"], "train.epochs": [-1]}]})
     assert "grid[2].train.epochs" in found and "grid[1].train.epochs" not in found
+
+
+def test_integers_and_floats_are_yaml_1_2s():
+    """YAML 1.1 read ``seed: 010`` as 8 and ``1:30`` as 90 without a word, and ``0o10``, ``+.5``, ``.5e3``
+    as strings; the README promises 1.2."""
+    from tscray import spec_yaml
+
+    got = spec_yaml.load("a: [010, 0o10, 0x1F, 1:30, +.5, .5e3, -.5, 1_000, -3, +4, 3., .inf, 0b1, 1.2.3]")["a"]
+    assert got == [10, 8, 31, "1:30", 0.5, 500.0, -0.5, 1000, -3, 4, 3.0, float("inf"), "0b1", "1.2.3"]
+    assert [type(v) for v in got[:4]] == [int, int, int, str]
+    assert validate({"name": "x", **spec_yaml.load("grid: {seed: [010]}")}, check_data=False).grid.seed == (10,)

@@ -7,8 +7,8 @@ that graph with memoisation, and construction happens only below ``MAX_VALUES``.
 mapping, which PyYAML silently resolves to the last one, are an error naming the key and both lines; merge
 keys (``<<: *base``) keep their meaning: explicit keys override merged ones. Booleans are YAML 1.2's, ``true``
 and ``false`` only: YAML 1.1 (PyYAML's default) also reads an unquoted ``on``, ``off``, ``yes``, ``no`` as
-booleans, so ``channels_last: on`` silently meant ``true``; here those stay the words they are. Floats are
-1.2's too: ``1e-3`` is a number (1.1 needs ``1.0e-3``).
+booleans, so ``channels_last: on`` silently meant ``true``; here those stay the words they are. Numbers are
+1.2's too: ``1e-3`` and ``+.5`` are floats, ``010`` is ten, ``1:30`` is a string.
 """
 
 from __future__ import annotations
@@ -46,14 +46,30 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-_BOOL = "tag:yaml.org,2002:bool"
+_BOOL, _INT, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _INT, _FLOAT)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-# YAML 1.2 floats need no dot before an exponent: 1e-3 was the string '1e-3' (1.1 asks for 1.0e-3)
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+# YAML 1.2 (core schema) numbers. Integers: 010 is ten (1.1: octal eight), 0o10 is eight (1.1: a string),
+# 1:30 is a string (1.1: sexagesimal 90). Floats need no dot before an exponent (1e-3; 1.1 asks for 1.0e-3)
+# nor a digit before the point (+.5, .5e3). Underscores between digits stay allowed, as they always were.
+_Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+)$"),
                               list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    _FLOAT, re.compile(r"^(?:[-+]?(?:\.[0-9][0-9_]*|[0-9][0-9_]*\.[0-9_]*|[0-9][0-9_]*(?=[eE]))(?:[eE][-+]?[0-9]+)?"
+                       r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+.0123456789"))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: Node) -> int:
+    text = str(loader.construct_scalar(node)).replace("_", "")  # type: ignore[arg-type]
+    sign = -1 if text.startswith("-") else 1
+    text = text.lstrip("-+")
+    base = 8 if text.startswith("0o") else 16 if text.startswith("0x") else 10
+    return sign * int(text[2:] if base != 10 else text, base)
+
+
+_Loader.add_constructor(_INT, _construct_int)
 
 
 def expanded_size(root: Node, limit: int = MAX_VALUES) -> int:
