@@ -108,6 +108,10 @@ def test_sweeps_take_external_architectures(user_module: str) -> None:
 @pytest.mark.parametrize("arch, train, message", [
     ("torchvision:nope", {}, "grid.arch[0]: architecture 'torchvision:nope': torchvision has no"),
     ("cnn", {"arch_kw": {"width_mult": 0.5}}, "train.arch_kw: architecture 'cnn' does not take"),
+    # (it reached a conv as channel count '0': "not all arguments converted during string formatting")
+    ("cnn", {"arch_kw": {"widths": {"0": 8}}}, "option 'widths' must be a non-empty list of positive integers"),
+    ("cnn", {"arch_kw": {"widths": [8, 0]}}, "option 'widths' must be a non-empty list of positive integers"),
+    ("resnet18", {"arch_kw": {"width": "8"}}, "option 'width' must be an integer, got '8'"),
     ("{mod}:build_net", {"arch_kw": {"width": "x"}}, "grid.arch: '{mod}:build_net' on fashion-mnist-embedded"),
 ])
 def test_sweeps_refuse_unusable_architectures_before_compute(user_module: str, arch: str, train: dict,

@@ -8,6 +8,9 @@ definitions, derived from the graph and verified for external ones.
 
 from __future__ import annotations
 
+import typing
+from typing import Any
+
 from torch import nn
 
 from tscray.models.registry import MODELS
@@ -25,7 +28,28 @@ def build(name: str, num_classes: int, in_channels: int = 3, input_hw: tuple[int
         return encoder.SSLEncoder(backbone, in_channels, num_classes=num_classes, input_hw=input_hw, **kw)  # type: ignore[arg-type]  # backbone options
     if external.is_external(name):
         return external.build(name, num_classes, in_channels, input_hw, **kw)
-    return MODELS.get(name)(num_classes=num_classes, in_channels=in_channels, **kw)
+    builder = MODELS.get(name)
+    _check_options(builder, kw)
+    return builder(num_classes=num_classes, in_channels=in_channels, **kw)
+
+
+def _check_options(builder: Any, kw: dict[str, object]) -> None:
+    """Options of the types the builder declares (``widths: {'0': 8}`` reached a conv as a channel count
+    ``'0'`` and failed inside torch with 'not all arguments converted during string formatting')."""
+    try:
+        target = builder.__init__ if isinstance(builder, type) else builder  # type: ignore[misc]
+        hints = typing.get_type_hints(target)
+    except Exception:  # an annotation that does not resolve: the builder checks its own options
+        return
+    for key, value in kw.items():
+        hint = hints.get(key)
+        if hint is int and (type(value) is not int):
+            raise ValueError(f"option {key!r} must be an integer, got {value!r}"[:200])
+        if hint is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"option {key!r} must be a number, got {value!r}"[:200])
+        if hint == tuple[int, ...] and (not isinstance(value, (list, tuple)) or not value
+                                        or any(type(v) is not int or v < 1 for v in value)):
+            raise ValueError(f"option {key!r} must be a non-empty list of positive integers, got {value!r}"[:200])
 
 
 def names() -> list[str]:
