@@ -570,8 +570,8 @@ def dataset_entry(value: Any) -> Any:
         value = value["path"]
         if value in DATASETS:  # {path: cifar10} means a file or folder called cifar10
             return str(Path(value).expanduser().resolve())
-    if isinstance(value, str) and value not in DATASETS and custom.is_path(value):
-        return str(Path(value).expanduser().resolve())
+    if isinstance(value, str) and value.strip() and value not in DATASETS and custom.is_path(value):
+        return str(Path(value).expanduser().resolve())  # ("" named the current folder)
     return value
 
 
@@ -589,6 +589,8 @@ def _dataset_check(v: Any) -> str | None:
 
     if isinstance(v, str) and (v in DATASETS or Path(v).is_absolute()):
         return None
+    if isinstance(v, dict) and list(v) == ["path"]:
+        return f"{_short(v)}: path must be a non-empty string (an .npz file or an image folder)"
     if isinstance(v, dict):
         return (f"{_short(v)}: a dataset mapping takes one key, path (an .npz file or an image folder)")
     return (f"unknown dataset {_short(v)}; allowed: {', '.join(DATASETS.names())}, or a path to your own data "

@@ -253,12 +253,20 @@ def test_sweeps_take_a_path_validate_it_up_front_and_key_data_kw_by_it(tmp_path,
         validate({"name": "x", "grid": {"dataset": [str(tmp_path / "one.npz"), {"path": 3}, "nope"]},
                   "data_kw": {str(tmp_path / "one.npz"): {"test_ratio": 2, "download": True}}})
     got = "\n".join(e.value.problems)
-    assert "grid.dataset[1]: {'path': 3}: a dataset mapping takes one key, path" in got
+    assert "grid.dataset[1]: {'path': 3}: path must be a non-empty string" in got
     assert "grid.dataset[2]: unknown dataset 'nope'" in got
     assert f"data_kw.{tmp_path / 'one.npz'}.test_ratio: 2 is not a number in (0, 1)" in got
     assert f"data_kw.{tmp_path / 'one.npz'}.download: unknown option" in got
     with pytest.raises(SpecError, match="one class only"):
         validate({"name": "x", "grid": {"dataset": [str(tmp_path / "one.npz")]}})
+
+
+def test_an_empty_dataset_path_is_refused_not_read_as_the_current_folder():
+    for entry, want in (("", "grid.dataset[0]: unknown dataset ''"),
+                        ({"path": ""}, "grid.dataset[0]: {'path': ''}: path must be a non-empty string")):
+        with pytest.raises(SpecError) as e:
+            validate({"name": "x", "grid": {"dataset": [entry]}})
+        assert want in "\n".join(e.value.problems)  # it said '<cwd>: no class sub-folders'
 
 
 def test_backdoor_and_purify_take_a_path_and_data_kw_and_bad_data_is_one_line(tmp_path, capsys):
