@@ -67,6 +67,13 @@ def test_a_duplicate_key_is_an_error_naming_the_key_and_both_lines(tmp_path):
     assert "duplicate key 'tsc' at line 4 (first at line 3)" in nested[0]
 
 
+def test_two_merge_keys_in_one_mapping_are_an_error(tmp_path):
+    """PyYAML kept one of two ``<<`` keys and dropped the other without a word."""
+    problems = spec_error(tmp_path, "name: x\nb: &b {t: [0.4]}\ngrid:\n  <<: *b\n  <<: {rounds: [3]}\n")
+    assert problems == ["two merge keys (<<) in one mapping, at lines 4 and 5; merge several mappings with one: "
+                        "<<: [*a, *b]"]
+
+
 def test_merge_keys_still_work_and_explicit_keys_override_them(tmp_path):
     path = tmp_path / "spec.yaml"
     path.write_text("name: x\ngrid:\n  - &all {attack: [badnets], seed: [0], defense: [none]}\n"

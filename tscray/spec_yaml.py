@@ -30,8 +30,14 @@ class SpecYAMLError(ValueError):
 class _Loader(yaml.SafeLoader):
     def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
+        merge: int | None = None
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
+                line = key_node.start_mark.line + 1
+                if merge is not None:  # PyYAML keeps one of them, silently
+                    raise SpecYAMLError(f"two merge keys (<<) in one mapping, at lines {merge} and {line}; "
+                                        "merge several mappings with one: <<: [*a, *b]")
+                merge = line
                 continue
             key = self.construct_object(key_node, deep=True)
             try:
