@@ -228,3 +228,19 @@ def test_a_whole_defense_mapping_axis_applies_to_that_defense_only():
     assert sorted(t.params["defense"] for t in trials) == ["mcr", "tsc", "tsc"]
     assert "grid.defense.mcr: a setting of mcr, which is not a defense of this block" in "\n".join(
         problems(raw_of(**{"defense.mcr": [{"curve_epochs": 1}]})))
+
+
+def test_per_attack_and_per_architecture_option_axes_apply_to_their_own_trials_only():
+    """``train.attack_kw.wanet.k: [3, 4]`` made two identical trials of every other attack of the block
+    (one backdoored model, two ids); in a block without wanet it applied to no trial and is refused."""
+    plan = make_plan(validate(raw_of(attack=["badnets", "wanet"], defense=["tsc", "none"],
+                                     **{"train.attack_kw.wanet.k": [3, 4]})))
+    got = sorted((t.params["attack"], t.params["defense"], t.params.get("train.attack_kw.wanet.k"))
+                 for t in plan.trials)
+    assert got == [("badnets", "none", None), ("badnets", "tsc", None), ("wanet", "none", 3), ("wanet", "none", 4),
+                   ("wanet", "tsc", 3), ("wanet", "tsc", 4)]
+    assert len(by_kind(plan)["backdoor"]) == 3
+    assert "grid.train.attack_kw.wanet.k: options of attack wanet, which is not in this block" in "\n".join(
+        problems(raw_of(**{"train.attack_kw.wanet.k": [3, 4]})))
+    assert "grid.train.arch_kw.resnet18.width: options of architecture resnet18" in "\n".join(
+        problems(raw_of(**{"train.arch_kw.resnet18.width": [4, 8]})))

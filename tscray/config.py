@@ -413,6 +413,12 @@ def _grid_block(raw: Any, where: str, problems: list[str]) -> Grid:
     return dataclasses.replace(grid, field_axes=tuple(axes))
 
 
+def _names_one(section: str, key: str) -> bool:
+    from tscray.plan import _names_one as names_one
+
+    return names_one(section, key)
+
+
 def _defense_axes(name: str) -> tuple[str, ...]:
     """The grid axes (rounds, t) defense ``name`` takes; for another defense they are plain settings."""
     from tscray import defenses
@@ -534,6 +540,13 @@ def _check_field_axes(raw: dict[str, Any], grids: tuple[Grid, ...], source: str,
             if path == "train.method":
                 problems.append(f"{where}: train.method is one per sweep (supervised and SSL trials differ in "
                                 "kind); run one sweep per method")
+                continue
+            if (len(parts) >= 3 and parts[0] == "train" and parts[1] in ("attack_kw", "arch_kw")
+                    and parts[2] not in (g.attack if parts[1] == "attack_kw" else g.arch)
+                    and _names_one(parts[1], parts[2])):
+                kind = "attack" if parts[1] == "attack_kw" else "architecture"
+                problems.append(f"{where}: options of {kind} {parts[2]}, which is not in this block "
+                                f"({', '.join(g.attack if parts[1] == 'attack_kw' else g.arch)}): it would apply to no trial")
                 continue
             if len(parts) >= 2 and parts[0] == "defense" and parts[1] not in g.defense and parts[1] in _defense_names():
                 problems.append(f"{where}: a setting of {parts[1]}, which is not a defense of this block "

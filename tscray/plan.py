@@ -407,12 +407,17 @@ def root_params(step: Step) -> dict[str, Any]:
     return root_step(step).params
 
 
-def _applies(path: str, defense: str) -> bool:
-    """Whether dotted field axis ``path`` changes a trial of ``defense``: ``defense.<name>.*`` only that
-    defense's, other ``defense.*`` fields every defense's (not an undefended model's), the rest every trial."""
+def _applies(path: str, defense: str, attack: str | None = None, arch: str | None = None) -> bool:
+    """Whether dotted field axis ``path`` changes a trial of ``defense`` (on ``attack`` and ``arch``):
+    ``defense.<name>.*`` only that defense's, other ``defense.*`` fields every defense's (not an undefended
+    model's); ``train.attack_kw.<attack>.*`` only that attack's and ``train.arch_kw.<arch>.*`` only that
+    architecture's trials (the per-attack and per-architecture forms); the rest every trial."""
     from tscray.defenses import DEFENSES
 
     parts = path.split(".")
+    if parts[0] == "train" and len(parts) >= 3 and parts[1] in ("attack_kw", "arch_kw"):
+        owner = attack if parts[1] == "attack_kw" else arch
+        return owner is None or not _names_one(parts[1], parts[2]) or owner == parts[2]
     if parts[0] != "defense":
         return True
     if len(parts) >= 2 and parts[1] in DEFENSES:  # defense.tsc.curve_epochs, or the whole defense.tsc
@@ -420,38 +425,66 @@ def _applies(path: str, defense: str) -> bool:
     return defense != "none"
 
 
+def _names_one(section: str, key: str) -> bool:
+    """Whether ``key`` under ``train.attack_kw`` / ``train.arch_kw`` names one attack / architecture."""
+    if section == "attack_kw":
+        from tscray.attacks import ATTACKS
+        from tscray.ssl.attacks import SSL_ATTACKS
+
+        return key in ATTACKS or key in SSL_ATTACKS
+    from tscray import models
+    from tscray.models import external
+
+    return key in models.names() or external.is_external(key)
+
+
 def relevant(point: dict[str, Any]) -> dict[str, Any]:
-    """Drop grid axes that do not apply to the point's defense (those it does not declare, and field axes
-    of other defenses), so equal trials collapse."""
+    """Drop grid axes that do not apply to the point (defense axes it does not declare, field axes of other
+    defenses, attacks or architectures), so equal trials collapse."""
     from tscray.config import DEFENSE_AXES
     from tscray.defenses import DEFENSES
 
     name = point["defense"]
     used = DEFENSES.get(name).axes if name != "none" else ()
+    attack, arch = point.get("attack"), point.get("arch")
     return {k: v for k, v in point.items()
-            if ("." in k and _applies(k, name)) or ("." not in k and (k not in DEFENSE_AXES or k in used))}
+            if ("." in k and _applies(k, name, attack, arch)) or ("." not in k and (k not in DEFENSE_AXES or k in used))}
 
 
 class _Block:
-    """One grid block's axes, and for each defense which of them apply (the others collapse)."""
+    """One grid block's axes, and for each (defense, attack, architecture) which of them apply (the others
+    collapse)."""
 
     def __init__(self, g: Any) -> None:
-        from tscray.config import DEFENSE_AXES, GRID_AXES
-        from tscray.defenses import DEFENSES
+        from tscray.config import GRID_AXES
 
         self.names = (*GRID_AXES, *(path for path, _ in g.field_axes))
         self.values = (*(tuple(getattr(g, a)) for a in GRID_AXES), *(tuple(vs) for _, vs in g.field_axes))
-        self.dropped: dict[str, tuple[int, ...]] = {}  # defense -> positions of the axes that do not apply
-        for d in g.defense:
-            used = DEFENSES.get(d).axes if d != "none" else ()
-            self.dropped[d] = tuple(i for i, a in enumerate(self.names)
-                                    if (a in DEFENSE_AXES and a not in used) or ("." in a and not _applies(a, d)))
+        self.defenses = set(g.defense)
+        self._dropped: dict[tuple[str, Any, Any], tuple[int, ...]] = {}
+        specific = any(p.split(".")[:2] in (["train", "attack_kw"], ["train", "arch_kw"]) for p, _ in g.field_axes)
+        # without per-attack or per-architecture axes, what applies depends on the defense alone
+        self.by_defense = None if specific else {d: self.dropped(d, None, None) for d in g.defense}
+
+    def dropped(self, defense: str, attack: Any, arch: Any) -> tuple[int, ...]:
+        """Positions of the axes that do not apply to a point of ``defense`` on ``attack`` and ``arch``."""
+        key = (defense, attack, arch)
+        out = self._dropped.get(key)
+        if out is None:
+            from tscray.config import DEFENSE_AXES
+            from tscray.defenses import DEFENSES
+
+            used = DEFENSES.get(defense).axes if defense != "none" else ()
+            out = self._dropped[key] = tuple(
+                i for i, a in enumerate(self.names)
+                if (a in DEFENSE_AXES and a not in used) or ("." in a and not _applies(a, defense, attack, arch)))
+        return out
 
     def holds(self, point: dict[str, Any]) -> bool:
         """Whether this block has a point equal to ``point`` (an earlier block's duplicate is skipped)."""
-        gone = self.dropped.get(point["defense"])
-        if gone is None:
+        if point["defense"] not in self.defenses:
             return False
+        gone = self.dropped(point["defense"], point.get("attack"), point.get("arch"))
         kept = [i for i in range(len(self.names)) if i not in gone]
         return (len(kept) == len(point) and all(self.names[i] in point for i in kept)
                 and all(point[self.names[i]] in self.values[i] for i in kept))
@@ -478,7 +511,8 @@ def _points(spec: SweepSpec, root_major: bool = False) -> Iterator[tuple[dict[st
     blocks = [_Block(g) for g in (spec.grids or (spec.grid,))]
     for b, block in enumerate(blocks):
         names, values, earlier = block.names, block.values, blocks[:b]
-        di = names.index("defense")
+        di, ai, ri = names.index("defense"), names.index("attack"), names.index("arch")
+        by_defense = block.by_defense
         firsts = tuple(vs[0] if vs else None for vs in values)
         order = tuple(range(len(names)))
         if root_major:
@@ -490,7 +524,7 @@ def _points(spec: SweepSpec, root_major: bool = False) -> Iterator[tuple[dict[st
         last: Any = None  # the outer axes of the last point yielded: a group starts where they change
         for c in itertools.product(*[values[i] for i in order]):
             combo = back(c) if root_major else c
-            gone = block.dropped[combo[di]]
+            gone = by_defense[combo[di]] if by_defense is not None else block.dropped(combo[di], combo[ai], combo[ri])
             if any(combo[i] is not firsts[i] for i in gone):
                 continue  # repeats the point with these axes at their first value
             p = {a: v for i, (a, v) in enumerate(zip(names, combo)) if i not in gone} if gone else dict(zip(names, combo))
