@@ -485,9 +485,18 @@ def _without_field_axes(raw: dict[str, Any]) -> dict[str, Any]:
     return {**raw, "grid": strip(grid)} if "grid" in raw else dict(raw)
 
 
+def _path_parts(path: str) -> list[str]:
+    """A dotted path's keys; ``data_kw.<dataset>.<option>`` keeps the dataset whole, since a path to the
+    user's own data has dots of its own (``data_kw./data/digits.npz.image_size``)."""
+    parts = path.split(".")
+    if parts[0] == "data_kw" and len(parts) > 3:
+        return [parts[0], ".".join(parts[1:-1]), parts[-1]]
+    return parts
+
+
 def _set_path(raw: dict[str, Any], path: str, value: Any) -> None:
     """Set ``a.b.c`` in a nested mapping, creating the mappings on the way."""
-    parts = path.split(".")
+    parts = _path_parts(path)
     d = raw
     for i, part in enumerate(parts[:-1]):
         nxt = d.get(part)
@@ -526,7 +535,7 @@ def _check_field_axes(raw: dict[str, Any], grids: tuple[Grid, ...], source: str,
         for path, values in g.field_axes:
             where = f"{names[b] if b < len(names) else 'grid'}.{path}"
             head = path.split(".")[0]
-            if head not in FIELD_AXIS_SECTIONS or "" in path.split("."):
+            if head not in FIELD_AXIS_SECTIONS or "" in _path_parts(path):
                 problems.append(f"{where}: not a field axis; a dotted grid axis names a field of "
                                 f"{', '.join(FIELD_AXIS_SECTIONS)} (e.g. defense.clean_ratio, train.epochs, "
                                 "defense.tsc.curve_epochs)")

@@ -344,3 +344,14 @@ def test_a_relative_data_path_is_recorded_absolute_so_purify_finds_it_from_anywh
                  "badnets", "--rounds", "1", "--curve-epochs", "1", "--finetune-epochs", "1", "--clean-ratio", "0.1",
                  "--batch-size", "50", "--out", "q.safetensors"]) == 0, capsys.readouterr().err
     assert read_meta(elsewhere / "q.safetensors")["data"] == str(work / "shapes.npz")  # was "../work/shapes.npz"
+
+
+def test_a_data_kw_axis_names_a_dataset_path_with_dots():
+    """``data_kw./…/shapes.npz.image_size`` was split at every dot: 'not a dataset of this sweep', naming
+    the very path given."""
+    from tscray.plan import make_plan
+
+    spec = validate({"name": "x", "grid": {"dataset": [str(EXAMPLE)], "defense": ["none"],
+                                           f"data_kw.{EXAMPLE}.image_size": [16, 24]}})
+    got = sorted(s.params["data_kw"]["image_size"] for s in make_plan(spec).steps.values() if s.kind == "backdoor")
+    assert got == [16, 24]
