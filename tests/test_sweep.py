@@ -534,3 +534,26 @@ def test_a_sweep_on_s3_tracked_by_an_mlflow_server_survives_a_kill(tmp_path):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=30)
         s3.stop()
+
+
+def test_workers_killed_for_memory_stop_the_sweep_with_one_resumable_message(tmp_path, monkeypatch):
+    """Ray's memory monitor killing every worker (another process had taken 19 GB) reached the driver as
+    Tune's RuntimeError("Caught unexpected exception: ...") from the OutOfMemoryError: a traceback and no
+    word on resuming. It is the sweep's stop: one message, the advice, the store kept."""
+    import ray.exceptions
+    from ray import tune
+
+    from tscray.sweep import SweepStopped, run_sweep
+
+    def fit(self):
+        try:
+            raise ray.exceptions.OutOfMemoryError("10 worker(s) were killed due to the node running low on memory.")
+        except ray.exceptions.OutOfMemoryError as err:
+            raise RuntimeError(f"Caught unexpected exception: {err}") from err
+    monkeypatch.setattr(tune.Tuner, "fit", fit)
+    raw = tiny(tmp_path / "run", defense=["none"])
+    with pytest.raises(SweepStopped) as stopped:
+        run_sweep(validate(raw))
+    msg = str(stopped.value)
+    assert msg.startswith("Ray stopped the sweep (OutOfMemoryError: 10 worker(s) were killed")
+    assert "lower resources.workers" in msg and "rerun the same command to resume" in msg

@@ -332,9 +332,16 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
             stop.set()
             ticker.join(timeout=5)
             summary["stats"] = ray.get(coord.get_stats.remote())
-        except ray.exceptions.RayError as err:
-            raise SweepStopped(f"Ray stopped the sweep ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                               f"every finished step and trial is in {uri}: rerun the same command to resume") from None
+        except (ray.exceptions.RayError, RuntimeError) as err:
+            # Tune wraps some of Ray's errors (workers killed for memory) as RuntimeError("Caught unexpected ...")
+            cause = err if isinstance(err, ray.exceptions.RayError) else err.__cause__
+            if not isinstance(cause, ray.exceptions.RayError):
+                raise
+            hint = (" The node ran out of memory (this sweep's or another process's): lower resources.workers or "
+                    "set resources.memory_gb_per_step." if isinstance(cause, ray.exceptions.OutOfMemoryError) else "")
+            raise SweepStopped(f"Ray stopped the sweep ({type(cause).__name__}: {str(cause).splitlines()[0][:200]})."
+                               f"{hint} Every finished step and trial is in {uri}: rerun the same command to "
+                               "resume") from None
         summary["errors"] = sum(1 for i in range(len(grid)) if grid[i].error is not None)
     finally:
         stop.set()
