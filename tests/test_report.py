@@ -379,3 +379,25 @@ def test_tsc_stages_use_the_stage2_point_as_output_when_the_last_round_is_not_fi
 def test_no_round_rows_skip_the_stages_section(tmp_path):
     rep = make_report(zoo_rows(), tmp_path, "png")
     assert any(s.startswith("TSC stages by round") for s in rep.skipped)
+
+
+def test_a_log_axis_is_labelled_at_its_values_only():
+    """Clean ratios 0.02-0.25 on a log axis were labelled at every minor tick (2×10⁻², 3×10⁻², 4×10⁻², ...),
+    which overlapped into an unreadable row; a narrow range keeps a linear axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tscray.report import _log_axis
+
+    fig, (wide, narrow) = plt.subplots(1, 2)
+    for ax in (wide, narrow):
+        ax.plot([0.02, 0.05, 0.1, 0.25], [1, 2, 3, 4])
+    _log_axis(wide, [0.02, 0.05, 0.1, 0.25, 0.05])
+    _log_axis(narrow, [0.1, 0.2, 0.5])
+    fig.canvas.draw()
+    assert wide.get_xscale() == "log" and narrow.get_xscale() == "linear"
+    assert [t.get_text() for t in wide.get_xticklabels()] == ["0.02", "0.05", "0.1", "0.25"]
+    assert not [t.get_text() for t in wide.get_xticklabels(minor=True) if t.get_text()]
+    plt.close(fig)

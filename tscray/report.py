@@ -177,14 +177,28 @@ def figure_vs_axis(df: pd.DataFrame, axis: str, out: Path, fmt: str,
         ax.set_xlabel(axis)
         ax.set_ylabel(f"final {metric} (%)")
         ax.grid(alpha=0.3)
-        if rows[axis].min() > 0 and rows[axis].max() / rows[axis].min() >= 10:
-            ax.set_xscale("log")
+        _log_axis(ax, rows[axis].unique())
     axes[1].set_ylim(-2, 102)
     axes[1].legend(fontsize=7, loc="upper right")
     notes = "; ".join(s.why for s in sel.settings.values() if s.why)
     fig.suptitle(textwrap.fill(f"Final ACC / ASR against {axis}: mean over attacks and seeds, bands ±1 std"
                                + (f". {notes}" if notes else ""), 130), fontsize=8)
     return _finish(fig, out / f"fig_vs_{_slug(axis)}.{fmt}")
+
+
+def _log_axis(ax: Any, values: Any) -> None:
+    """A log x axis where the values span 10x or more, ticked and labelled at the values themselves (the
+    default labels every minor tick, '2×10⁻² 3×10⁻² 4×10⁻²...', which overlap); else the axis as it is."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+
+    vals = sorted({float(v) for v in values})
+    if not vals or vals[0] <= 0 or vals[-1] / vals[0] < 10:
+        return
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(vals))
+    ax.set_xticklabels([f"{v:g}" for v in vals])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def vs_axis_by_setting(df: pd.DataFrame, axis: str, out: Path, fmt: str,
@@ -248,8 +262,7 @@ def vs_axis_by_setting(df: pd.DataFrame, axis: str, out: Path, fmt: str,
             ax.set_title(f"{defense_label(d)}: final {metric}", fontsize=9)
             ax.set_ylabel(f"{metric} (%)")
             ax.grid(alpha=0.3)
-            if min(values) > 0 and max(values) / min(values) >= 10:
-                ax.set_xscale("log")
+            _log_axis(ax, values)
         ax_asr.legend(fontsize=7, loc="upper right")
     for ax in axes[-1]:
         ax.set_xlabel(axis)
