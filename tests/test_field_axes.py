@@ -244,3 +244,14 @@ def test_per_attack_and_per_architecture_option_axes_apply_to_their_own_trials_o
         problems(raw_of(**{"train.attack_kw.wanet.k": [3, 4]})))
     assert "grid.train.arch_kw.resnet18.width: options of architecture resnet18" in "\n".join(
         problems(raw_of(**{"train.arch_kw.resnet18.width": [4, 8]})))
+
+
+def test_a_block_without_tsc_takes_t_from_its_own_defenses_recipe():
+    """MCR alone under ``preset: small`` ran at TSC's small t 0.5 (MCR has no small preset: its paper t is
+    0.4); under ``ssl`` it keeps MCR's own 0.25; beside TSC the block's shared t is TSC's."""
+    def points(preset, defs):
+        raw = {"name": "x", "defense": {"preset": preset}, "grid": {"defense": defs}}
+        return sorted({(t.params["defense"], t.params["t"]) for t in make_plan(validate(raw)).trials})
+    assert points("small", ["mcr"]) == [("mcr", 0.4)]
+    assert points("ssl", ["mcr"]) == [("mcr", 0.25)]
+    assert points("small", ["tsc", "mcr"]) == [("mcr", 0.5), ("tsc", 0.5)]

@@ -681,19 +681,24 @@ def _defense_section(raw: Any, grid: Grid, problems: list[str]) -> DefenseSpec:
 
 
 def _preset_axes(raw: Any, grids: tuple[Grid, ...], preset: str) -> tuple[Grid, ...]:
-    """A grid block that names no ``rounds`` or ``t`` takes them from TSC's recipe under the spec's preset
-    (``small``: E_TSC 4, t 0.5; ``ssl``: 2, 0.25), not the paper's 3 and 0.4 whatever the preset says.
+    """A grid block that names no ``rounds`` or ``t`` takes them from its defense's recipe under the spec's
+    preset (TSC's ``small``: E_TSC 4, t 0.5; ``ssl``: 2, 0.25), not the paper's 3 and 0.4 whatever the preset
+    says. The recipe is TSC's where the block has TSC, else that of the block's one defense with these axes
+    (MCR: t 0.4 under ``small``, a preset it lacks, whose t 0.5 is TSC's; 0.25 under ``ssl``).
 
     A block sweeping ``defense.preset`` is split into one block per preset, each taking the ``rounds`` and
     ``t`` it does not name from its own preset (one shared value would run the ``small`` trials at the
     paper's E_TSC and t)."""
     from tscray import defenses
 
-    def recipe(name: str) -> Any:
-        try:
-            return defenses.get("tsc").config.preset(name)
-        except (ValueError, TypeError):  # an unknown preset, already reported
-            return None
+    def recipe(owner: str, name: str) -> Any:
+        config = defenses.get(owner).config
+        for candidate in (name, "paper"):  # (a defense without the preset runs its paper recipe)
+            try:
+                return config.preset(candidate)
+            except (ValueError, TypeError):
+                continue
+        return None
 
     blocks = raw if isinstance(raw, list) else [raw]
     if len(blocks) != len(grids):
@@ -701,20 +706,24 @@ def _preset_axes(raw: Any, grids: tuple[Grid, ...], preset: str) -> tuple[Grid, 
     out: list[Grid] = []
     for block, g in zip(blocks, grids):
         named = set(block) if isinstance(block, dict) else set()
-        axes = dict(g.field_axes)
-        names = axes.get("defense.preset")
-        if names is None or {"rounds", "t"} <= named:
+        with_axes = [d for d in g.defense if d != "none" and d in _defense_names() and _defense_axes(d)]
+        owner = "tsc" if "tsc" in g.defense else (with_axes[0] if len(with_axes) == 1 else None)
+        names = dict(g.field_axes).get("defense.preset")
+        if owner is None:
+            parts: list[tuple[Grid, Any]] = [(g, None)]
+        elif names is None or {"rounds", "t"} <= named:
             parts = [(g, preset)]
         else:
             parts = [(dataclasses.replace(g, field_axes=tuple((k, (v,) if k == "defense.preset" else vs)
                                                               for k, vs in g.field_axes)), v) for v in names]
         for part, name in parts:
-            cfg = recipe(name) if isinstance(name, str) else None
-            if cfg is None:
-                out.append(part)
+            cfg = recipe(owner, name) if owner is not None and isinstance(name, str) else None
+            if cfg is None or (name not in ("paper", "released", "small", "ssl")):
+                out.append(part)  # (an unknown preset: already reported)
                 continue
-            out.append(dataclasses.replace(part, rounds=g.rounds if "rounds" in named else (cfg.rounds,),
-                                           t=g.t if "t" in named else (cfg.t,)))
+            out.append(dataclasses.replace(
+                part, rounds=g.rounds if "rounds" in named or not hasattr(cfg, "rounds") else (cfg.rounds,),
+                t=g.t if "t" in named or not hasattr(cfg, "t") else (cfg.t,)))
     return tuple(out)
 
 
