@@ -261,6 +261,7 @@ def _range(lo: float, hi: float, lo_open: bool, hi_open: bool, integer: bool = F
     return check
 
 
+PRESETS = ("paper", "released", "small", "ssl")  # defense.preset's values
 MAX_SEED = 2**32 - 1  # numpy's and every seeded generator's range (2**64 passed, then torch overflowed mid-run)
 MAX_ROUNDS = 1000  # planning makes a step per round: 10**20 rounds were accepted, then ate all memory
 
@@ -413,10 +414,22 @@ def _grid_block(raw: Any, where: str, problems: list[str]) -> Grid:
     return dataclasses.replace(grid, field_axes=tuple(axes))
 
 
-def _names_one(section: str, key: str) -> bool:
-    from tscray.plan import _names_one as names_one
+def option_owner(path: str) -> str | None:
+    """``attack`` or ``arch`` where dotted ``path`` sets one attack's or architecture's options
+    (``train.attack_kw.wanet.k``, ``train.arch_kw.resnet18.width``: the per-attack and per-architecture
+    forms), else None."""
+    parts = path.split(".")
+    if len(parts) < 3 or parts[0] != "train" or parts[1] not in ("attack_kw", "arch_kw"):
+        return None
+    if parts[1] == "attack_kw":
+        from tscray.attacks import ATTACKS
+        from tscray.ssl.attacks import SSL_ATTACKS
 
-    return names_one(section, key)
+        return "attack" if parts[2] in ATTACKS or parts[2] in SSL_ATTACKS else None
+    from tscray import models
+    from tscray.models import external
+
+    return "arch" if parts[2] in models.names() or external.is_external(parts[2]) else None
 
 
 def _defense_axes(name: str) -> tuple[str, ...]:
@@ -440,7 +453,7 @@ def _is_float_field(path: str) -> bool:
     """Whether dotted ``path`` names a float setting (a section field, a defense's field or optimiser knob)."""
     import typing
 
-    from tscray.defenses.base import OPTIM_KEYS, _optim_fields
+    from tscray.defenses.base import _optim_fields, optim_knob
     from tscray.optim import OptimConfig
 
     def hint(cls: type, name: str) -> Any:
@@ -459,11 +472,8 @@ def _is_float_field(path: str) -> bool:
     cls, key = defenses.get(parts[1]).config, parts[2]
     if key in {f.name for f in dataclasses.fields(cls)}:
         return hint(cls, key) is float
-    for prefix in _optim_fields(cls).values():
-        stem = key[len(prefix) + 1:] if prefix and key.startswith(prefix + "_") else (key if not prefix else None)
-        if stem in OPTIM_KEYS:
-            return hint(OptimConfig, OPTIM_KEYS[stem]) is float
-    return False
+    flat = optim_knob(_optim_fields(cls), key)
+    return flat is not None and hint(OptimConfig, flat[1]) is float
 
 
 def _canon_value(v: Any) -> str:
@@ -550,12 +560,11 @@ def _check_field_axes(raw: dict[str, Any], grids: tuple[Grid, ...], source: str,
                 problems.append(f"{where}: train.method is one per sweep (supervised and SSL trials differ in "
                                 "kind); run one sweep per method")
                 continue
-            if (len(parts) >= 3 and parts[0] == "train" and parts[1] in ("attack_kw", "arch_kw")
-                    and parts[2] not in (g.attack if parts[1] == "attack_kw" else g.arch)
-                    and _names_one(parts[1], parts[2])):
-                kind = "attack" if parts[1] == "attack_kw" else "architecture"
+            owner = option_owner(path)
+            if owner is not None and parts[2] not in getattr(g, owner):
+                kind = "attack" if owner == "attack" else "architecture"
                 problems.append(f"{where}: options of {kind} {parts[2]}, which is not in this block "
-                                f"({', '.join(g.attack if parts[1] == 'attack_kw' else g.arch)}): it would apply to no trial")
+                                f"({', '.join(getattr(g, owner))}): it would apply to no trial")
                 continue
             if len(parts) >= 2 and parts[0] == "defense" and parts[1] not in g.defense and parts[1] in _defense_names():
                 problems.append(f"{where}: a setting of {parts[1]}, which is not a defense of this block "
@@ -652,7 +661,7 @@ def _defense_section(raw: Any, grid: Grid, problems: list[str]) -> DefenseSpec:
             problems.append(f"defense.{str(key)[:40]}: unknown key; allowed: {', '.join(scalars)}, and one "
                             f"mapping of settings per defense ({', '.join(defenses.DEFENSES.names())})")
     spec = _section(DefenseSpec, {k: v for k, v in raw.items() if k in scalars}, "defense",
-                    problems, {"preset": _names(lambda: ["paper", "released", "small", "ssl"], "preset"),
+                    problems, {"preset": _names(lambda: list(PRESETS), "preset"),
                                "clean_ratio": _range(0, 1, True, False),
                                "clean_seed": _range(0, MAX_SEED, False, False, integer=True)})
     overrides: dict[str, dict[str, Any]] = {}
@@ -718,7 +727,7 @@ def _preset_axes(raw: Any, grids: tuple[Grid, ...], preset: str) -> tuple[Grid, 
                                                               for k, vs in g.field_axes)), v) for v in names]
         for part, name in parts:
             cfg = recipe(owner, name) if owner is not None and isinstance(name, str) else None
-            if cfg is None or (name not in ("paper", "released", "small", "ssl")):
+            if cfg is None or name not in PRESETS:
                 out.append(part)  # (an unknown preset: already reported)
                 continue
             out.append(dataclasses.replace(
@@ -951,7 +960,7 @@ def _check_method(blocks: list[tuple[str, Grid]], grid: Grid, train: TrainSpec, 
 def _check_defenses(blocks: list[tuple[str, Grid]], train: TrainSpec, problems: list[str]) -> None:
     """Every defense of a block supports the training method and every architecture of that block (a
     defense is not paired with another block's architectures: no trial does that)."""
-    from tscray import defenses
+    from tscray import defenses, models
     from tscray.defenses.layers import UnsupportedModel
 
     built: dict[str, Any] = {}  # one model per architecture, however many blocks name it
@@ -968,20 +977,15 @@ def _check_defenses(blocks: list[tuple[str, Grid]], train: TrainSpec, problems: 
                 continue
             for arch in g.arch:
                 try:
-                    model = built[arch] if arch in built else built.setdefault(arch, _built(arch, train))
+                    if arch not in built:
+                        built[arch] = models.build(arch, 10, 3, **arch_kw_for(train, arch))
                 except (TypeError, ValueError):
                     continue  # reported by the architecture's own check
+                model = built[arch]
                 try:
                     d.check_model(model)
                 except UnsupportedModel as err:
                     problems.append(f"{where}.defense[{i}]: {name} cannot purify arch {arch!r}: {err}")
-
-
-def _built(arch: str, train: TrainSpec) -> Any:
-    """A 10-class, 3-channel ``arch`` as the spec's options build it (for the defenses' model checks)."""
-    from tscray import models
-
-    return models.build(arch, 10, 3, **arch_kw_for(train, arch))
 
 
 def _check_data(spec: SweepSpec, problems: list[str]) -> None:

@@ -414,28 +414,18 @@ def _applies(path: str, defense: str, attack: str | None = None, arch: str | Non
     architecture's trials (the per-attack and per-architecture forms); the rest every trial."""
     from tscray.defenses import DEFENSES
 
+    from tscray.config import option_owner
+
     parts = path.split(".")
-    if parts[0] == "train" and len(parts) >= 3 and parts[1] in ("attack_kw", "arch_kw"):
-        owner = attack if parts[1] == "attack_kw" else arch
-        return owner is None or not _names_one(parts[1], parts[2]) or owner == parts[2]
+    owner = option_owner(path)
+    if owner is not None:
+        given = attack if owner == "attack" else arch
+        return given is None or given == parts[2]
     if parts[0] != "defense":
         return True
     if len(parts) >= 2 and parts[1] in DEFENSES:  # defense.tsc.curve_epochs, or the whole defense.tsc
         return defense == parts[1]
     return defense != "none"
-
-
-def _names_one(section: str, key: str) -> bool:
-    """Whether ``key`` under ``train.attack_kw`` / ``train.arch_kw`` names one attack / architecture."""
-    if section == "attack_kw":
-        from tscray.attacks import ATTACKS
-        from tscray.ssl.attacks import SSL_ATTACKS
-
-        return key in ATTACKS or key in SSL_ATTACKS
-    from tscray import models
-    from tscray.models import external
-
-    return key in models.names() or external.is_external(key)
 
 
 def relevant(point: dict[str, Any]) -> dict[str, Any]:
@@ -456,13 +446,13 @@ class _Block:
     collapse)."""
 
     def __init__(self, g: Any) -> None:
-        from tscray.config import GRID_AXES
+        from tscray.config import GRID_AXES, option_owner
 
         self.names = (*GRID_AXES, *(path for path, _ in g.field_axes))
         self.values = (*(tuple(getattr(g, a)) for a in GRID_AXES), *(tuple(vs) for _, vs in g.field_axes))
         self.defenses = set(g.defense)
         self._dropped: dict[tuple[str, Any, Any], tuple[int, ...]] = {}
-        specific = any(p.split(".")[:2] in (["train", "attack_kw"], ["train", "arch_kw"]) for p, _ in g.field_axes)
+        specific = any(option_owner(p) for p, _ in g.field_axes)
         # without per-attack or per-architecture axes, what applies depends on the defense alone
         self.by_defense = None if specific else {d: self.dropped(d, None, None) for d in g.defense}
 

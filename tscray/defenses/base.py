@@ -130,6 +130,16 @@ def _optim_fields(cls: type) -> dict[str, str]:
             if isinstance(getattr(defaults, f.name), OptimConfig)}
 
 
+def optim_knob(prefixes: dict[str, str], key: str) -> tuple[str, str] | None:
+    """``(optimiser field, knob)`` a flat key names (``curve_lr`` → ``("curve_optim", "lr")``), given the
+    config's optimiser fields and prefixes (:func:`_optim_fields`); None for any other key."""
+    for field_name, prefix in prefixes.items():
+        stem = key[len(prefix) + 1:] if prefix and key.startswith(prefix + "_") else (key if not prefix else None)
+        if stem in OPTIM_KEYS:
+            return field_name, OPTIM_KEYS[stem]
+    return None
+
+
 OPTIM_KEYS = {"optimizer": "name", "lr": "lr", "momentum": "momentum", "weight_decay": "weight_decay",
               "schedule": "schedule", "t_max": "t_max", "l2": "l2",
               "t_max_ratio": "t_max_ratio"}
@@ -212,13 +222,11 @@ def resolve_config(defense: Defense, preset: str, overrides: Mapping[str, Any], 
                 optim.setdefault(key, {})[knob] = v
                 _check_value(f"{key}.{k}", knob, v, getattr(getattr(base, key), knob, None), problems)
             continue
-        for field_name, prefix in prefixes.items():
-            stem = key[len(prefix) + 1:] if prefix and key.startswith(prefix + "_") else (key if not prefix else None)
-            if stem in OPTIM_KEYS:
-                optim.setdefault(field_name, {})[OPTIM_KEYS[stem]] = value
-                _check_value(key, OPTIM_KEYS[stem], value, getattr(getattr(base, field_name), OPTIM_KEYS[stem]),
-                             problems)
-                break
+        flat = optim_knob(prefixes, key)
+        if flat is not None:
+            field_name, knob = flat
+            optim.setdefault(field_name, {})[knob] = value
+            _check_value(key, knob, value, getattr(getattr(base, field_name), knob), problems)
         else:
             plain[key] = value
             if hasattr(base, key):
