@@ -319,13 +319,10 @@ def _carried(meta: dict[str, Any], args: argparse.Namespace, target: int, attack
 
 def _recorded_data(name: str) -> str:
     """The dataset as a checkpoint records it: a path made absolute (``--data shapes.npz`` recorded as given
-    was not found by ``purify`` run from another folder), a registered name as it is."""
-    from tscray import data
-    from tscray.data import custom
+    was not found by ``purify`` run from another folder), as a sweep's grid does; a registered name as is."""
+    from tscray.config import dataset_entry
 
-    if name in data.DATASETS or not custom.is_path(name):
-        return name
-    return str(Path(name).expanduser().resolve())
+    return dataset_entry(name)
 
 
 def _same_data(a: str, b: str) -> bool:
