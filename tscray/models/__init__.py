@@ -8,6 +8,7 @@ definitions, derived from the graph and verified for external ones.
 
 from __future__ import annotations
 
+import functools
 import typing
 from typing import Any
 
@@ -33,14 +34,21 @@ def build(name: str, num_classes: int, in_channels: int = 3, input_hw: tuple[int
     return builder(num_classes=num_classes, in_channels=in_channels, **kw)
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(builder: Any) -> dict[str, Any]:
+    """The builder's parameter annotations, resolved once per builder ({} where one does not resolve: the
+    builder then checks its own options)."""
+    try:
+        target = builder.__init__ if isinstance(builder, type) else builder  # type: ignore[misc]
+        return typing.get_type_hints(target)
+    except Exception:
+        return {}
+
+
 def _check_options(builder: Any, kw: dict[str, object]) -> None:
     """Options of the types the builder declares (``widths: {'0': 8}`` reached a conv as a channel count
     ``'0'`` and failed inside torch with 'not all arguments converted during string formatting')."""
-    try:
-        target = builder.__init__ if isinstance(builder, type) else builder  # type: ignore[misc]
-        hints = typing.get_type_hints(target)
-    except Exception:  # an annotation that does not resolve: the builder checks its own options
-        return
+    hints = _hints(builder)
     for key, value in kw.items():
         hint = hints.get(key)
         if hint is int and (type(value) is not int):
