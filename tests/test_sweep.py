@@ -66,6 +66,10 @@ def test_sweep_shares_steps_survives_a_killed_worker_and_logs_once(tmp_path):
     # the progress line's counters are balanced at the end, through the killed worker's retry too
     assert summary["stats"]["computing"] == summary["stats"]["busy"] == 0
     assert summary["stats"]["workers"] >= 1
+    # the ETA's measurements: every computed step once, by kind, with its work and its measured seconds
+    work = summary["stats"]["work"]
+    assert sum(n for n, _, _ in work.values()) == summary["stats"]["computed"]
+    assert set(work) >= {"backdoor", "tsc_round"} and all(w > 0 and s > 0 for _, w, s in work.values())
     plan, table, counts = check_complete(tmp_path / "run", raw)
     assert len(counts) == len(plan.steps) and set(counts.values()) == {1}  # each step computed exactly once
     assert summary["stats"]["reused"] > 0  # 7 trials asked for one backdoored model at once

@@ -2,6 +2,8 @@
 
 import io
 
+import pytest
+
 from tscray.store import Store
 from tscray.sweep import _finish
 
@@ -42,13 +44,15 @@ def test_progress_line_counts_started_trials_apart_from_the_steps_that_compute()
     from tscray.sweep import TrialCounts, progress_line
 
     progress = TrialCounts(total=56, done=3, running={f"t{i}" for i in range(8)}, start=0.0)
-    stats = {"computed": 10, "reused": 5, "inflight": 5, "computing": 2, "busy": 2, "workers": 2, "waiting": 0}
-    line = progress_line(progress, stats, to_compute=110, elapsed=100.0)
+    stats = {"computed": 10, "reused": 5, "inflight": 5, "computing": 2, "busy": 2, "workers": 2, "waiting": 0,
+             "work": {"backdoor": [10, 10.0, 200.0]}}
+    todo = {"backdoor": (110, 110.0)}
+    line = progress_line(progress, stats, todo, elapsed=100.0)
     assert "running" not in line
     assert "3/56 done, 8 started, 0 failed" in line
     assert "10/110 computed, 5 reused, 2 computing on 2/2 workers, 3 queued" in line
     assert "ETA 1000s" in line and "another driver" not in line
-    line = progress_line(progress, {**stats, "inflight": 6, "waiting": 1, "computed": 0}, 110, 5.0)
+    line = progress_line(progress, {**stats, "inflight": 6, "waiting": 1, "computed": 0, "work": {}}, todo, 5.0)
     assert "2 computing on 2/2 workers, 3 queued, 1 waiting for another driver" in line
     assert "ETA" not in line  # nothing computed yet: no rate to extrapolate
 
@@ -59,7 +63,10 @@ def test_the_progress_line_counts_only_steps_the_pending_trials_need():
     an ETA 23% too long when 489 were left."""
     from tscray.config import validate
     from tscray.plan import make_plan
-    from tscray.sweep import steps_to_compute
+    from tscray.sweep import steps_to_compute as by_kind
+
+    def steps_to_compute(pending, stored):
+        return sum(n for n, _ in by_kind(pending, stored).values())
 
     def plan_of(attacks):
         return make_plan(validate({"name": "s", "storage": "/tmp/unused", "train": {"epochs": 1},
@@ -77,3 +84,36 @@ def test_the_progress_line_counts_only_steps_the_pending_trials_need():
     # the backdoored model is stored: it and its inputs (read only to compute it) are not computed again
     assert steps_to_compute(pending, lambda step: step.key == backdoor.key) == len(one.steps) - 1 - len(below)
     assert steps_to_compute(pending, lambda step: True) == 0
+
+
+def test_the_eta_weighs_each_step_by_its_work_within_its_kind():
+    """The ETA counted steps alike: in the clean-scale study a 2,500-image TSC round costs 10x a 200-image one, so
+    the ETA after the small rounds was 12x short, and it swung between 13,000 and 85,000 s. Each kind's measured
+    seconds per unit of :func:`step_work` (epochs x clean-set share) now prices that kind's remaining steps."""
+    from tscray.config import validate
+    from tscray.plan import make_plan, step_work
+    from tscray.sweep import TrialCounts, estimate_eta, progress_line, steps_to_compute
+
+    plan = make_plan(validate({"name": "s", "storage": "/tmp/unused", "train": {"epochs": 3},
+                               "defense": {"tsc": {"curve_epochs": 20, "finetune_epochs": 2}},
+                               "grid": {"attack": ["badnets"], "defense": ["tsc"], "rounds": [1],
+                                        "defense.clean_ratio": [0.02, 0.25]}}))
+    rounds = {s.params["clean_ratio"]: s for s in plan.steps.values() if s.kind == "tsc_round"}
+    assert step_work(rounds[0.25]) == pytest.approx(12.5 * step_work(rounds[0.02]))
+    assert step_work(rounds[0.02]) == pytest.approx(0.02 * 22)  # curve + fine-tune epochs
+    backdoor = next(s for s in plan.steps.values() if s.kind == "backdoor")
+    assert step_work(backdoor) == 3
+    todo = steps_to_compute(list(plan.trials), lambda step: False)
+    assert todo["tsc_round"] == (2, pytest.approx(step_work(rounds[0.02]) + step_work(rounds[0.25])))
+
+    # 5 small rounds took 10 s each, 5 rounds 12.5x their size are left: 625 s of work, at the wall time's rate
+    small, big = step_work(rounds[0.02]), step_work(rounds[0.25])
+    todo = {"tsc_round": (10, 5 * small + 5 * big), "backdoor": (1, 3.0)}
+    done = {"tsc_round": [5, 5 * small, 50.0], "backdoor": [1, 3.0, 30.0]}
+    assert estimate_eta(todo, done, elapsed=40.0) == pytest.approx(40.0 * 625 / 80)
+    # a kind not measured yet is priced at the mean seconds of a computed step
+    todo["stage"] = (2, 7.0)
+    assert estimate_eta(todo, done, elapsed=40.0) == pytest.approx(40.0 * (625 + 2 * 80 / 6) / 80)
+    assert estimate_eta(todo, {}, elapsed=40.0) != estimate_eta(todo, {}, elapsed=40.0)  # NaN: nothing measured
+    stats = {"computed": 6, "reused": 0, "inflight": 2, "computing": 2, "busy": 2, "workers": 2, "work": done}
+    assert f"ETA {40.0 * (625 + 2 * 80 / 6) / 80:4.0f}s" in progress_line(TrialCounts(total=10), stats, todo, 40.0)

@@ -313,6 +313,24 @@ class Step:
         return Step(d["kind"], d["params"], tuple(Step.from_dict(i) for i in d["inputs"]))
 
 
+def _epochs(obj: Any) -> float:
+    """The sum of every count named ``*epochs`` in a step's parameters (a TSC round's curve and fine-tune epochs)."""
+    if isinstance(obj, dict):
+        return sum((float(v) if k.endswith("epochs") and isinstance(v, (int, float)) and not isinstance(v, bool)
+                    else _epochs(v)) for k, v in obj.items())
+    return 0.0
+
+
+def step_work(step: Step) -> float:
+    """A step's cost relative to other steps of its kind: its passes over data (epochs) times the share of the
+    data it passes over (``clean_ratio``). Only ratios within a kind are meaningful; the progress line turns them
+    into seconds with each kind's measured rate, so that a 2,500-image TSC round weighs its 10x a 200-image one."""
+    p = step.params
+    ratio = p.get("clean_ratio")
+    scale = float(ratio) if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and ratio > 0 else 1.0
+    return max(_epochs(p), 1.0) * scale
+
+
 @dataclass(frozen=True)
 class Stage:
     """A step of a trial's chain: its round, and the record stages whose ACC/ASR the trial reports to Tune

@@ -25,7 +25,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from tscray.plan import Step
+from tscray.plan import Step, step_work
 
 NAMESPACE = "tscray"
 TRIAL_CPU = 0.005  # what a light Tune trial reserves; workers leave room for many of them
@@ -108,6 +108,7 @@ class Coordinator:
         self.ahead_running: dict[str, asyncio.Future] = {}  # steps being computed ahead
         self.joined: set[str] = set()  # of those, the ones a trial has asked for since
         self.stats["ahead"] = 0
+        self.work: dict[str, list[float]] = {}  # kind -> [steps computed, their step_work, their seconds]
 
     def _new_worker(self) -> Any:
         r = self.res
@@ -185,7 +186,8 @@ class Coordinator:
     async def get_stats(self) -> dict[str, Any]:
         busy = len(self.workers) - self.free.qsize() if self.free is not None else 0
         return {**self.stats, "inflight": len(self.inflight), "workers": len(self.workers),
-                "busy": busy, "computing": self.computing, "waiting": len(self.waiting)}
+                "busy": busy, "computing": self.computing, "waiting": len(self.waiting),
+                "work": {k: list(v) for k, v in self.work.items()}}
 
     async def worker_pids(self) -> list[int]:
         return list(await asyncio.gather(*(w.pid.remote() for w in self.workers)))
@@ -258,6 +260,10 @@ class Coordinator:
                 return self.store.manifest(step.kind, step.key)
             manifest = await self._dispatch(step)
             self.stats["computed"] += 1
+            done = self.work.setdefault(step.kind, [0, 0.0, 0.0])
+            done[0] += 1
+            done[1] += step_work(step)
+            done[2] += float(manifest.get("seconds") or 0.0)
             return manifest
         finally:
             self.held.discard(step.key)
