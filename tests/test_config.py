@@ -310,3 +310,19 @@ def test_integers_and_floats_are_yaml_1_2s():
     assert got == [10, 8, 31, "1:30", 0.5, 500.0, -0.5, 1000, -3, 4, 3.0, float("inf"), "0b1", "1.2.3"]
     assert [type(v) for v in got[:4]] == [int, int, int, str]
     assert validate({"name": "x", **spec_yaml.load("grid: {seed: [010]}")}, check_data=False).grid.seed == (10,)
+
+
+def test_a_bad_data_file_is_named_at_its_block_and_position(tmp_path):
+    """A bad file was named 'grid.dataset' whichever block and position held it; with two blocks of datasets a
+    user had to find it by its path. It is named where it is first used."""
+    bad = tmp_path / "bad.npz"
+    bad.write_text("not an archive")
+    gone = str(tmp_path / "gone.npz")
+    found = problems({"name": "x", "grid": [{"dataset": ["fashion-mnist-embedded", {"path": gone}]},
+                                            {"dataset": [str(bad)]}, {"dataset": [str(bad)], "seed": [1]}]})
+    assert f"grid[0].dataset[1]: {gone}: no such file or folder" in found
+    assert f"grid[1].dataset[0]: {bad}: corrupt or not an .npz file" in found
+    assert "grid[2]" not in found  # the same file is reported once, where it is first used
+    assert problems({"name": "x", "grid": {"dataset": [str(bad)]}}).startswith("grid.dataset[0]: ")
+    assert problems({"name": "x", "train": {"method": "simclr"}, "grid": {"arch": ["simclr-cnn"], "attack":
+                     ["badencoder"]}, "ssl": {"downstream": str(bad)}}).startswith("ssl.downstream: ")

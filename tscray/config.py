@@ -825,7 +825,7 @@ def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> S
     spec = SweepSpec(name=name, grid=grid, grids=grids if len(grids) > 1 else (), train=train, defense=defense, eval=ev, ssl=ssl, resources=res,
                      data_kw=data_kw, source=_without_field_axes(raw), **scalars)
     if check_data and not problems:
-        _check_data(spec, problems)
+        _check_data(spec, list(zip(_block_names(raw.get("grid")), given)), problems)
     if not problems:
         _check_arch_kw(spec, problems)
     if check_data and not problems:
@@ -988,19 +988,24 @@ def _check_defenses(blocks: list[tuple[str, Grid]], train: TrainSpec, problems: 
                     problems.append(f"{where}.defense[{i}]: {name} cannot purify arch {arch!r}: {err}")
 
 
-def _check_data(spec: SweepSpec, problems: list[str]) -> None:
+def _check_data(spec: SweepSpec, blocks: list[tuple[str, Grid]], problems: list[str]) -> None:
     """Datasets read from disk need an existing data root; the user's own data is read and checked now, so
-    a bad file fails here and not after compute started."""
+    a bad file fails here and not after compute started (named at the first block and position using it)."""
     from tscray import data
     from tscray.data import data_root
 
+    where: dict[str, str] = {}
+    for block, g in blocks:
+        for i, d in enumerate(g.dataset):
+            where.setdefault(d, f"{block}.dataset[{i}]")
+    where.setdefault(spec.ssl.downstream, "ssl.downstream")
     counts: dict[str, int | None] = {}
     for name in dict.fromkeys((*spec.grid.dataset, spec.ssl.downstream)):
         if name and name not in data.DATASETS:
             try:
                 counts[name] = data.load(name, **spec.data_kw.get(name, {})).num_classes
             except (ValueError, TypeError, FileNotFoundError) as err:
-                problems.append(f"grid.dataset: {err}")
+                problems.append(f"{where.get(name, 'grid.dataset')}: {err}")
         elif name:
             counts[name] = data.declared_classes(name)
     # the target is a class of the labelled data: the grid's datasets, or an SSL sweep's downstream task
