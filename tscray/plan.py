@@ -432,7 +432,7 @@ def _applies(path: str, defense: str, attack: str | None = None, arch: str | Non
     architecture's trials (the per-attack and per-architecture forms); the rest every trial."""
     from tscray.defenses import DEFENSES
 
-    from tscray.config import option_owner
+    from tscray.spec_grid import option_owner
 
     parts = path.split(".")
     owner = option_owner(path)
@@ -464,7 +464,8 @@ class _Block:
     collapse)."""
 
     def __init__(self, g: Any) -> None:
-        from tscray.config import GRID_AXES, option_owner
+        from tscray.config import GRID_AXES
+        from tscray.spec_grid import option_owner
 
         self.names = (*GRID_AXES, *(path for path, _ in g.field_axes))
         self.values = (*(tuple(getattr(g, a)) for a in GRID_AXES), *(tuple(vs) for _, vs in g.field_axes))
