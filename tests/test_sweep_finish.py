@@ -91,7 +91,7 @@ def test_the_eta_weighs_each_step_by_its_work_within_its_kind():
     the ETA after the small rounds was 12x short, and it swung between 13,000 and 85,000 s. Each kind's measured
     seconds per unit of :func:`step_work` (epochs x clean-set share) now prices that kind's remaining steps."""
     from tscray.config import validate
-    from tscray.plan import make_plan, step_work
+    from tscray.plan import cost_class, make_plan, step_work
     from tscray.sweep import TrialCounts, estimate_eta, progress_line, steps_to_compute
 
     plan = make_plan(validate({"name": "s", "storage": "/tmp/unused", "train": {"epochs": 3},
@@ -115,5 +115,13 @@ def test_the_eta_weighs_each_step_by_its_work_within_its_kind():
     todo["stage"] = (2, 7.0)
     assert estimate_eta(todo, done, elapsed=40.0) == pytest.approx(40.0 * (625 + 2 * 80 / 6) / 80)
     assert estimate_eta(todo, {}, elapsed=40.0) != estimate_eta(todo, {}, elapsed=40.0)  # NaN: nothing measured
+
     stats = {"computed": 6, "reused": 0, "inflight": 2, "computing": 2, "busy": 2, "workers": 2, "work": done}
     assert f"ETA {40.0 * (625 + 2 * 80 / 6) / 80:4.0f}s" in progress_line(TrialCounts(total=10), stats, todo, 40.0)
+
+    # a baseline defense's steps are priced per defense (NC's step costs many times FP's)
+    plan = make_plan(validate({"name": "s", "storage": "/tmp/unused", "train": {"epochs": 1},
+                               "grid": {"defense": ["nc", "fp", "tsc"], "rounds": [1]}}))
+    todo = steps_to_compute(list(plan.trials), lambda step: False)
+    assert {"defense:nc", "defense:fp", "tsc_round", "backdoor"} <= set(todo)
+    assert {cost_class(s) for s in plan.steps.values()} == set(todo)

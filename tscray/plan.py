@@ -321,8 +321,15 @@ def _epochs(obj: Any) -> float:
     return 0.0
 
 
+def cost_class(step: Step) -> str:
+    """Steps whose costs :func:`step_work` compares: one kind, and for a baseline defense's step one defense (NC's
+    step costs many times FP's)."""
+    name = step.params.get("defense") if step.kind == "defense" else None
+    return f"{step.kind}:{name}" if isinstance(name, str) else step.kind
+
+
 def step_work(step: Step) -> float:
-    """A step's cost relative to other steps of its kind: its passes over data (epochs) times the share of the
+    """A step's cost relative to other steps of its :func:`cost_class`: its passes over data (epochs) times the share of the
     data it passes over (``clean_ratio``). Only ratios within a kind are meaningful; the progress line turns them
     into seconds with each kind's measured rate, so that a 2,500-image TSC round weighs its 10x a 200-image one."""
     p = step.params

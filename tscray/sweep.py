@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from tscray.config import SweepSpec
-from tscray.plan import Done, Plan, PlanSummary, Step, Trial, make_plan, step_work
+from tscray.plan import Done, Plan, PlanSummary, Step, Trial, cost_class, make_plan, step_work
 from tscray.store import Store
 
 Print = Callable[[str], None]
@@ -107,7 +107,7 @@ def _make_progress_callback(progress: TrialCounts):
     return ProgressCallback()
 
 
-Work = dict[str, tuple[int, float]]  # step kind -> (steps, their summed step_work)
+Work = dict[str, tuple[int, float]]  # cost class (a step kind) -> (steps, their summed step_work)
 
 
 def progress_line(progress: TrialCounts, stats: dict[str, Any], todo: Work, elapsed: float) -> str:
@@ -128,7 +128,7 @@ def progress_line(progress: TrialCounts, stats: dict[str, Any], todo: Work, elap
 
 
 def estimate_eta(todo: Work, done: dict[str, list[float]], elapsed: float) -> float:
-    """Seconds left: each kind's remaining work at that kind's measured seconds per unit of work (a kind not yet
+    """Seconds left: each cost class's remaining work at its measured seconds per unit of work (a class not yet
     measured at the mean seconds of a computed step), scaled by the wall time the measured seconds took (which
     folds in how many workers ran at once). NaN until a step has been computed. Counting steps alike swung
     the clean-scale study's ETA between 13,000 and 85,000 s: its 2,500-image rounds cost 10x its 200-image ones."""
@@ -147,10 +147,10 @@ def estimate_eta(todo: Work, done: dict[str, list[float]], elapsed: float) -> fl
 
 
 def steps_to_compute(pending: list[Trial], stored: Callable[[Step], bool]) -> Work:
-    """The distinct steps the ``pending`` trials still need computed, by kind (count and :func:`step_work`): their
-    chains' steps and the inputs of those not ``stored``. A stored step's inputs are never read again, and steps
-    only finished trials need (a study resumed from copied result files) are never computed, so neither counts
-    toward the progress line."""
+    """The distinct steps the ``pending`` trials still need computed, by :func:`cost_class` (count and
+    :func:`step_work`): their chains' steps and the inputs of those not ``stored``. A stored step's inputs are
+    never read again, and steps only finished trials need (a study resumed from copied result files) are never
+    computed, so neither counts toward the progress line."""
     seen: set[str] = set()
     todo = [stage.step for t in pending for stage in t.chain]
     out: dict[str, tuple[int, float]] = {}
@@ -161,8 +161,8 @@ def steps_to_compute(pending: list[Trial], stored: Callable[[Step], bool]) -> Wo
         seen.add(step.key)
         if stored(step):
             continue
-        n, work = out.get(step.kind, (0, 0.0))
-        out[step.kind] = (n + 1, work + step_work(step))
+        n, work = out.get(cost_class(step), (0, 0.0))
+        out[cost_class(step)] = (n + 1, work + step_work(step))
         todo.extend(step.inputs)
     return out
 

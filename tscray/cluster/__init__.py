@@ -25,7 +25,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from tscray.plan import Step, step_work
+from tscray.plan import Step, cost_class, step_work
 
 NAMESPACE = "tscray"
 TRIAL_CPU = 0.005  # what a light Tune trial reserves; workers leave room for many of them
@@ -108,7 +108,7 @@ class Coordinator:
         self.ahead_running: dict[str, asyncio.Future] = {}  # steps being computed ahead
         self.joined: set[str] = set()  # of those, the ones a trial has asked for since
         self.stats["ahead"] = 0
-        self.work: dict[str, list[float]] = {}  # kind -> [steps computed, their step_work, their seconds]
+        self.work: dict[str, list[float]] = {}  # cost class -> [steps computed, their step_work, their seconds]
 
     def _new_worker(self) -> Any:
         r = self.res
@@ -260,7 +260,7 @@ class Coordinator:
                 return self.store.manifest(step.kind, step.key)
             manifest = await self._dispatch(step)
             self.stats["computed"] += 1
-            done = self.work.setdefault(step.kind, [0, 0.0, 0.0])
+            done = self.work.setdefault(cost_class(step), [0, 0.0, 0.0])
             done[0] += 1
             done[1] += step_work(step)
             done[2] += float(manifest.get("seconds") or 0.0)
