@@ -189,7 +189,7 @@ def test_an_unreadable_result_file_hides_no_rows_and_is_rebuilt_from_the_manifes
 def test_set_aside_moves_only_unreadable_files(tmp_path):
     store = Store(str(tmp_path))
     buf = io.BytesIO()
-    pq.write_table(pa.table({"trial_id": ["a"], "stage": ["final"]}), buf)
+    pq.write_table(pa.table({c: ["a" if c == "trial_id" else None] for c in results.REQUIRED}), buf)
     store.write_bytes("results/trial-a.parquet", buf.getvalue())
     store.write_bytes("results/trial-b.parquet", b"PAR1 not really")
     store.write_bytes("results/trial-c.parquet", b"")
@@ -316,3 +316,57 @@ def test_status_counts_only_planned_trials_and_names_foreign_result_files(finish
     assert main(["status", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out
     assert f"trials: {len(trials)}/{len(trials)} finished; 1 result file(s) of trials no recorded spec plans" in out
+
+
+def test_a_copied_or_incomplete_result_file_is_damage_not_rows_counted_again(finished, tmp_path, capsys):
+    """A copy of a trial's file ('trial-<id> (1).parquet', as a file manager names it) was read as more rows of
+    that trial: the report averaged it in twice. A file missing a core column read it as nulls: a trial without
+    its ASR still counted as a run. Both are damaged files now: skipped, named, and set aside by --repair."""
+    src, trials = finished
+    store = copy_store(src, tmp_path / "s")
+    good = results.read(store).to_pandas()
+    folder = tmp_path / "s" / "results"
+    victim = folder / f"trial-{trials[0].id}.parquet"
+    (folder / f"trial-{trials[0].id} (1).parquet").write_bytes(victim.read_bytes())
+    other = folder / f"trial-{trials[1].id}.parquet"
+    expected = pq.read_table(other)
+    pq.write_table(expected.drop_columns(["asr"]), other)
+
+    bad: list[str] = []
+    table = results.read(store, bad).to_pandas()
+    assert sorted(bad) == sorted([f"results/trial-{trials[0].id} (1).parquet", f"results/trial-{trials[1].id}.parquet"])
+    assert len(table) == len(good) - expected.num_rows  # the copy adds nothing; the incomplete file is left out
+    assert table.trial_id.nunique() == len(trials) - 1
+    with pytest.raises(ValueError, match=r"missing column\(s\) asr"):
+        results._read_file(store, other.name)
+    with pytest.raises(ValueError, match=f"rows of trial\\(s\\) {trials[0].id} in the file of trial {trials[0].id} \\(1\\)"):
+        results._read_file(store, f"trial-{trials[0].id} (1).parquet")
+    assert main(["verify", str(tmp_path / "s"), "--repair"]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"trial-{t.id}.parquet" for t in trials)
+    assert pq.read_table(other).to_pandas().equals(expected.to_pandas())  # rebuilt from the manifests
+    assert results.read(store).num_rows == len(good)
+
+
+def test_report_and_results_leave_out_another_sweeps_result_files(finished, tmp_path, capsys):
+    """A result file copied in from another sweep was averaged into this sweep's Table 1 (status already said
+    it was no trial of this storage). The report and `tscray results` leave it out and name it."""
+    src, trials = finished
+    store = copy_store(src, tmp_path / "s")
+    assert main(["report", str(tmp_path / "s"), "--no-mlflow", "--out", str(tmp_path / "before")]) == 0
+    theirs = [{**r, "sweep": "other", "trial_id": "0123456789ab", "asr": 99.0}
+              for r in results.read(store).to_pylist() if r["trial_id"] == trials[0].id]
+    results.write_trial(store, "0123456789ab", theirs)
+    assert main(["results", str(tmp_path / "s"), "--csv", str(tmp_path / "rows.csv")]) == 0
+    err = capsys.readouterr().err
+    assert "left out 1 result file(s) of trials no recorded spec of this storage plans" in err
+    assert "trial-0123456789ab.parquet" in err
+    import pandas as pd
+    assert set(pd.read_csv(tmp_path / "rows.csv").trial_id) == {t.id for t in trials}
+    assert main(["report", str(tmp_path / "s"), "--no-mlflow", "--out", str(tmp_path / "rep")]) == 0
+    assert "left out 1 result file(s)" in capsys.readouterr().err
+    for name in ("table1.csv", "table1_long.csv", "tsc_grid.csv"):  # the same numbers as before the copy came in
+        assert (tmp_path / "rep" / name).read_text() == (tmp_path / "before" / name).read_text(), name
+    # the status count and the rows agree: every planned trial, none of the other sweep's
+    assert main(["status", str(tmp_path / "s")]) == 0
+    assert f"trials: {len(trials)}/{len(trials)} finished; 1 result file(s)" in capsys.readouterr().out

@@ -634,6 +634,13 @@ def _warn_damaged(bad: list[str]) -> None:
               f"{' ...' if len(bad) > 3 else ''} (`tscray verify --repair` rebuilds their rows)", file=sys.stderr)
 
 
+def _warn_foreign(foreign: list[str]) -> None:
+    if foreign:
+        print(f"warning: left out {len(foreign)} result file(s) of trials no recorded spec of this storage plans: "
+              f"{', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''} (copied in from another sweep?)",
+              file=sys.stderr)
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from tscray.verify import verify_store
 
@@ -684,9 +691,18 @@ def cmd_import_steps(args: argparse.Namespace) -> int:
 def cmd_results(args: argparse.Namespace) -> int:
     from tscray import results
 
+    from tscray import sweep_record
+
+    store = _open_store(args.storage)
+    try:
+        planned = set(sweep_record.trials(sweep_record.read(store))) or None
+    except ValueError:  # an unreadable sweep.json: every readable file's rows (`tscray verify` names it)
+        planned = None
     bad: list[str] = []
-    table = results.read(_open_store(args.storage), bad)
+    foreign: list[str] = []
+    table = results.read(store, bad, planned, foreign)
     _warn_damaged(bad)
+    _warn_foreign(foreign)
     rows = table.to_pylist()
     stages = sorted({r["stage"] for r in rows if r["stage"]})
     if args.stage != "all" and rows and args.stage not in stages:  # (it read as "no result rows yet")
@@ -722,8 +738,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     store = _open_store(args.storage)
     out = args.out or (Path(store.uri) / "report" if "://" not in store.uri else Path("report"))
     bad: list[str] = []  # unreadable result files, named once the report's single read found them
-    rep = report_sweep(store, out, args.format, mlflow=not args.no_mlflow, tsc_setting=args.tsc_setting, damaged=bad)
+    foreign: list[str] = []
+    rep = report_sweep(store, out, args.format, mlflow=not args.no_mlflow, tsc_setting=args.tsc_setting, damaged=bad,
+                       foreign=foreign)
     _warn_damaged(bad)
+    _warn_foreign(foreign)
     for p in rep.figures + rep.tables:
         print(f"wrote {p}")
     for s in rep.skipped:

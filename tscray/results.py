@@ -137,11 +137,24 @@ def _parquet(data: bytes, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(pa.BufferReader(buf), columns=columns, pre_buffer=False, use_threads=False)
 
 
+# what every result file has had since the first tscray: without them rows cannot be told apart or placed
+REQUIRED = ("trial_id", "defense", "attack", "seed", "round", "stage", "acc", "asr", "step_key")
+
+
 def _read_file(store: Store, name: str) -> pa.Table:
-    table = _conform(_parquet(store.read_bytes(f"results/{name}")))
-    if table.num_rows == 0:
+    """A trial's rows. A file missing a core column, or holding rows of another trial than its name says (a
+    copy such as ``trial-<id> (1).parquet``), is damaged: read as it stands, it counted a trial twice or
+    read a missing ASR as no value."""
+    raw = _parquet(store.read_bytes(f"results/{name}"))
+    missing = [c for c in REQUIRED if c not in raw.column_names]
+    if missing:
+        raise ValueError(f"missing column(s) {', '.join(missing)}")
+    if raw.num_rows == 0:
         raise ValueError("no rows")
-    return table
+    ids = set(raw.column("trial_id").to_pylist())
+    if ids != {_trial_id(name)}:
+        raise ValueError(f"rows of trial(s) {', '.join(sorted(map(str, ids)))[:80]} in the file of trial {_trial_id(name)}")
+    return _conform(raw)
 
 
 def done_trials(store: Store, check: bool = False) -> set[str]:
@@ -190,11 +203,18 @@ def damaged(store: Store) -> list[str]:
     return bad
 
 
-def read(store: Store, damaged: list[str] | None = None) -> pa.Table:
+def read(store: Store, damaged: list[str] | None = None, planned: Collection[str] | None = None,
+         foreign: list[str] | None = None) -> pa.Table:
     """All readable result rows of a sweep (an empty table with the schema when there are none); the
-    paths of unreadable files are appended to ``damaged``."""
+    paths of unreadable files are appended to ``damaged``. With ``planned`` (the trial ids the storage's
+    recorded specs plan), files of other trials (copied in from another sweep) are left out and their paths
+    appended to ``foreign``."""
     tables = []
     for n in _names(store):
+        if planned is not None and _trial_id(n) not in planned:
+            if foreign is not None:
+                foreign.append(f"results/{n}")
+            continue
         try:
             tables.append(_read_file(store, n))
         except (OSError, ValueError, KeyError, pa.ArrowException):

@@ -381,14 +381,18 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
 
 
 def report_sweep(store: Store, out: Path, fmt: str = "png", mlflow: bool = True, tracker: Any = None,
-                 tsc_setting: tuple[int, float] | None = None, damaged: list[str] | None = None):
-    """Write the sweep's report and log it (and the Parquet) to the sweep's MLflow parent run."""
+                 tsc_setting: tuple[int, float] | None = None, damaged: list[str] | None = None,
+                 foreign: list[str] | None = None):
+    """Write the sweep's report and log it (and the Parquet) to the sweep's MLflow parent run. Only trials the
+    storage's recorded specs plan are reported: result files copied in from another sweep are named in
+    ``foreign`` (their rows had been averaged into this sweep's cells)."""
     from tscray import results, sweep_record
     from tscray.report import make_report
 
     info = sweep_record.read(store)
-    rep = make_report(results.read(store, damaged).to_pandas(), out, fmt, title=f"tscray sweep {info['spec']['name']}",
-                      tsc_setting=tsc_setting)
+    planned = set(sweep_record.trials(info)) or None  # (no recorded spec this tscray reads: every file)
+    rows = results.read(store, damaged, planned, foreign).to_pandas()
+    rep = make_report(rows, out, fmt, title=f"tscray sweep {info['spec']['name']}", tsc_setting=tsc_setting)
     if mlflow:
         if tracker is None:
             from tscray.tracking import Tracker, default_uri
