@@ -401,3 +401,38 @@ def test_a_log_axis_is_labelled_at_its_values_only():
     assert [t.get_text() for t in wide.get_xticklabels()] == ["0.02", "0.05", "0.1", "0.25"]
     assert not [t.get_text() for t in wide.get_xticklabels(minor=True) if t.get_text()]
     plt.close(fig)
+
+
+def test_an_axis_some_trials_do_not_sweep_counts_each_trial_once_and_never_pools_other_values(tmp_path):
+    """A TSC-only axis (defense.tsc.curve_epochs 50 / 100) beside NC and MCR, and a second grid block (blended)
+    without the axis. NC and MCR rows are repeated at each value so Table 1 sets them beside TSC; the defense
+    cost then counted each of their trials twice (8 for 4) and each setting twice. The blended TSC trials ran at
+    the spec's curve epochs: they were labelled 'nan' and averaged into both values' Figure 5."""
+    from tscray.report import axis_parts
+
+    spec_value = "as in the spec"
+    rows = []
+    for seed in (0, 1):
+        for d, secs in (("nc", 10.0 + seed), ("mcr", 4.0)):
+            rows.append(final_row(d, 88.0, 50.0, seed=seed, t=0.4 if d == "mcr" else None, trial_id=f"{d}{seed}",
+                                  defense_seconds=secs))
+        for epochs, asr in ((50, 30.0), (100, 5.0)):
+            rows.append(final_row("tsc", 85.0, asr + seed, seed=seed, e=3, t=0.4, trial_id=f"t{epochs}{seed}",
+                                  defense_seconds=20.0, **{"defense.tsc.curve_epochs": epochs}))
+        rows.append(final_row("tsc", 84.0, 70.0, attack="blended", seed=seed, e=3, t=0.4, trial_id=f"b{seed}",
+                              defense_seconds=20.0))
+    df = pd.DataFrame(rows)
+    make_report(df, tmp_path, "png")
+    cost = pd.read_csv(tmp_path / "defense_cost.csv").set_index("defense")
+    assert cost.trials["nc"] == 2 and cost.trials["mcr"] == 2 and cost.trials["tsc"] == 6
+    assert cost.seconds_std["nc"] == pytest.approx(np.std([10.0, 11.0], ddof=1), abs=0.01)
+    assert cost.settings["nc"] == 1 and cost.settings["tsc"] == 3  # badnets at 50, at 100; blended at the spec's
+    md = (tmp_path / "table1.md").read_text()
+    assert "nan" not in md and "| blended · – |" in md
+    parts = {note: rows for rows, _, note in axis_parts(df)}
+    assert set(parts) == {"defense.tsc.curve_epochs 50", "defense.tsc.curve_epochs 100",
+                          f"defense.tsc.curve_epochs {spec_value}"}
+    at50 = parts["defense.tsc.curve_epochs 50"]
+    assert set(at50[at50.defense == "tsc"].trial_id) == {"t500", "t501"}  # never the blended trials
+    assert set(at50[at50.defense != "tsc"].trial_id) == {"nc0", "nc1", "mcr0", "mcr1"}  # the axis leaves them alone
+    assert set(parts[f"defense.tsc.curve_epochs {spec_value}"].query("defense == 'tsc'").trial_id) == {"b0", "b1"}

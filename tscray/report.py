@@ -128,16 +128,41 @@ def axis_parts(df: pd.DataFrame) -> list[tuple[pd.DataFrame, str, str]]:
     axes = field_axes(df)
     if not axes:
         return [(df, "", "")]
-    combos = df[axes].dropna(how="all").drop_duplicates()
+    free = {a: df[a].isna() & ~_applies_to(df, a) for a in axes}
+    # a trial the axis changes but whose block did not sweep it ran at the spec's value: a part of its own
+    values = pd.DataFrame({a: df[a].astype(object).where(df[a].notna() | free[a], SPEC_VALUE) for a in axes})
+    combos = values[~pd.concat(free, axis=1).all(axis=1)].drop_duplicates()
     combos = combos.assign(_o=combos.apply(lambda r: [_axis_rank(v) for v in r], axis=1)).sort_values("_o")
     parts = []
     for _, combo in combos.drop(columns="_o").iterrows():
         mask = pd.Series(True, index=df.index)
         for a, v in combo.items():
-            mask &= df[a].isna() if pd.isna(v) else (df[a] == v) | df[a].isna()
-        note = ", ".join(f"{a} {v}" for a, v in combo.items() if pd.notna(v))
+            mask &= free[a] if pd.isna(v) else (values[a] == v) | free[a]
+        note = ", ".join(f"{a} {_value(v)}" for a, v in combo.items() if pd.notna(v))
         parts.append((df[mask], "_" + _slug(note), note))
     return parts
+
+
+SPEC_VALUE = "as in the spec"  # a field axis' value shown for a trial whose grid block did not sweep it
+
+
+def _applies_to(df: pd.DataFrame, axis: str) -> pd.Series:
+    """Per row, whether field ``axis`` changes that trial (a ``defense.tsc.*`` axis not MCR's, ``defense.*`` not
+    the undefended model's, ``train.attack_kw.<attack>.*`` only that attack's)."""
+    from tscray.plan import _applies
+
+    cols = [c for c in ("defense", "attack", "arch") if c in df]
+    if "defense" not in cols:
+        return pd.Series(True, index=df.index)
+    memo: dict[tuple[Any, ...], bool] = {}
+    out = []
+    for row in df[cols].itertuples(index=False):
+        key = tuple(row)
+        if key not in memo:
+            kw = dict(zip(cols, key))
+            memo[key] = _applies(axis, str(kw["defense"]), kw.get("attack"), kw.get("arch"))
+        out.append(memo[key])
+    return pd.Series(out, index=df.index, dtype=bool)
 
 
 def _axis_rows(df: pd.DataFrame, axis: str,
@@ -357,6 +382,7 @@ def _final(df: pd.DataFrame) -> pd.DataFrame:
     ``defense.tsc.curve_epochs``) holds for every value of that axis in its setting: its row is repeated at
     each, so it sits beside the trials it is compared with."""
     d = df[df.stage == "final"].copy()
+    d["_spread"] = [()] * len(d)  # the field axes a row was repeated along
     d["method"] = d["method"].fillna("supervised") if "method" in d else "supervised"
     if "seed" not in d:
         d["seed"] = 0
@@ -365,9 +391,24 @@ def _final(df: pd.DataFrame) -> pd.DataFrame:
         has = d[a].notna()
         if has.all():
             continue
+        spread = ~has & ~_applies_to(d, a)  # (a trial the axis changes, from a block without it: its own row)
         values = d.loc[has, keys + [a]].drop_duplicates()
-        d = pd.concat([d[has], d[~has].drop(columns=[a]).merge(values, on=keys, how="left")], ignore_index=True)
+        copies = d[spread].drop(columns=[a]).merge(values, on=keys, how="left")
+        copies["_spread"] = copies["_spread"].map(lambda done, a=a: (*done, a))
+        d = pd.concat([d[~spread], copies], ignore_index=True)
     return d
+
+
+def _unspread(rows: pd.DataFrame) -> pd.DataFrame:
+    """``_final`` rows with each trial once, an axis it was repeated along unset again: what counts trials
+    (seconds per trial, settings defended, NC's detections), where the repeats would count it at every value."""
+    if "trial_id" not in rows or "_spread" not in rows:
+        return rows
+    u = rows.drop_duplicates("trial_id").copy()
+    for i, spread in u["_spread"].items():
+        for a in spread:
+            u.at[i, a] = np.nan
+    return u
 
 
 def _keys(d: pd.DataFrame) -> list[str]:
@@ -429,7 +470,7 @@ def _display(g: pd.DataFrame, keys: list[str]) -> tuple[list[str], str]:
 
 
 def _group_label(row: pd.Series, shown: list[str]) -> str:
-    return " · ".join(str(row[k]) for k in shown if k != "poison_rate")
+    return " · ".join(_value(row[k]) if "." in k else str(row[k]) for k in shown if k != "poison_rate")
 
 
 def _group_th(labels: list[str], i: int) -> str:
@@ -690,7 +731,8 @@ def defense_cost(df: pd.DataFrame, out: Path, tsc_setting: tuple[int, float] | N
     sel_ = select(df, tsc_setting)
     if sel_ is None:
         return None
-    sel, cells = sel_.rows[sel_.rows.defense != "none"], sel_.cells
+    sel = _unspread(sel_.rows[sel_.rows.defense != "none"])
+    cells = _cells(sel, sel_.keys)
     shown_setting = {d: _header_note(d, sel_.settings) for d in ("tsc", "mcr")}
     out_rows = []
     for d in defense_order(sel.defense.unique()):
@@ -732,7 +774,7 @@ def nc_detection(df: pd.DataFrame, out: Path) -> Section | None:
     if not cols:
         return None
     final = _final(df)
-    nc = final[final.defense == "nc"]
+    nc = _unspread(final[final.defense == "nc"])
     if nc.empty or nc[cols].isna().all().all():
         return None
     keys = _keys(final)
@@ -788,7 +830,7 @@ def grid_means(df: pd.DataFrame) -> dict[str, dict[str, Any]]:
         parts = (sorted(at.groupby(axes, dropna=False), key=lambda kv: [_axis_rank(v) for v in kv[0]])
                  if axes else [((), at)])
         for values, part in parts:
-            label = " · ".join([str(m), *(f"{a} {v}" for a, v in zip(axes, values))])
+            label = " · ".join([str(m), *(f"{a} {_value(v)}" for a, v in zip(axes, values))])
             g = part.groupby(["e_tsc", "t"])
             out[label] = {"acc": g.acc.mean().unstack("t"), "asr": g.asr.mean().unstack("t"),
                           "n": g.size().unstack("t"), "method": str(m)}
