@@ -30,3 +30,36 @@ def test_params_and_round_metrics_land_on_the_runs(tmp_path):
     history = t.client.get_metric_history(run.info.run_id, "asr")
     assert [(m.step, m.value) for m in history] == [(1, 50.0), (2, 7.5)]
     assert run.data.metrics == {"acc": 88.0, "asr": 7.5}
+
+
+def test_a_copied_storage_never_logs_into_the_original_and_a_report_logs_only_its_own_files(tmp_path, capsys):
+    """MLflow records a run's artifact folder as an absolute path: a report on a copy of a storage wrote its files
+    into the original storage's mlartifacts/ (and a report whose --out held other files uploaded them all,
+    the storage itself included when --out was the storage)."""
+    import shutil
+    from pathlib import Path
+    from urllib.parse import unquote, urlparse
+
+    orig = tmp_path / "orig"
+    t = Tracker(f"sqlite:///{orig / 'mlflow.db'}", "s", "abc", str(orig), {"name": "s"})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "table1.csv").write_text("a\n1\n")
+    (out / "someone_elses.bin").write_text("x")
+    t.log_files([out / "table1.csv"], "report")
+    logged = Path(unquote(urlparse(t.client.get_run(t.parent).info.artifact_uri).path)) / "report"
+    assert sorted(p.name for p in logged.iterdir()) == ["table1.csv"]
+    assert t.elsewhere is None and logged.is_relative_to(orig)
+
+    copy = tmp_path / "copy"
+    shutil.copytree(orig, copy)
+    c = Tracker(f"sqlite:///{copy / 'mlflow.db'}", "s", "abc", str(copy), {"name": "s"})
+    assert c.parent == t.parent and c.elsewhere is not None  # the copied database still points at orig/
+    (out / "fig.png").write_bytes(b"png")
+    c.log_files([out / "fig.png"], "report")
+    c.log_artifacts(str(out), "results")
+    assert sorted(p.name for p in logged.iterdir()) == ["table1.csv"]  # nothing written into the original
+    assert not (orig / "mlartifacts").joinpath("x").exists() and "outside the storage" in capsys.readouterr().err
+    # a database of the user's own, shared by storages, is left to its own locations
+    shared = Tracker(f"sqlite:///{tmp_path / 'shared.db'}", "s", "abc", str(copy), {"name": "s"})
+    assert shared.elsewhere is None

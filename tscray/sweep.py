@@ -400,7 +400,7 @@ def report_sweep(store: Store, out: Path, fmt: str = "png", mlflow: bool = True,
             spec = info["spec"]
             tracker = Tracker(spec.get("mlflow_uri") or default_uri(store.uri), spec["name"], info["sweep_id"],
                               store.uri, spec)
-        tracker.log_artifacts(str(out), "report")
+        tracker.log_files([p for p in (*rep.figures, *rep.tables, rep.index) if p is not None], "report")
     return rep
 
 

@@ -95,6 +95,7 @@ class Tracker:
             if self.parent == mine:
                 flat = _flatten(spec)
                 self._log_params(self.parent, {k: str(v)[:500] for k, v in list(flat.items())[:400]})
+        self.elsewhere = self._artifacts_elsewhere(uri, storage)
         self.children: dict[str, str] = {}
         for r in self.client.search_runs([self.exp_id], f"tags.tscray_parent = '{self.parent}'", max_results=50000):
             self.children[r.data.tags["tscray_trial_id"]] = r.info.run_id
@@ -143,9 +144,40 @@ class Tracker:
     def finish(self, trial_id: str, params: dict[str, Any], status: str) -> None:
         self.client.set_terminated(self.child(trial_id, params), status)
 
+    def _artifacts_elsewhere(self, uri: str, storage: str) -> str | None:
+        """The parent run's artifact folder when the storage's own database sends it outside the storage: a
+        copied or moved storage keeps the absolute artifact location MLflow recorded at the original."""
+        from urllib.parse import unquote, urlparse
+
+        if not uri.startswith("sqlite:///") or "://" in storage:
+            return None
+        root = Path(storage).resolve()
+        if Path(uri.removeprefix("sqlite:///")).resolve().parent != root:
+            return None  # a database of the user's own (shared by storages): its locations are its business
+        art = self.client.get_run(self.parent).info.artifact_uri or ""
+        if not art.startswith("file:"):
+            return None
+        return None if Path(unquote(urlparse(art).path)).resolve().is_relative_to(root) else art
+
+    def _may_log(self, what: str) -> bool:
+        if self.elsewhere is None:
+            return True
+        import sys
+
+        print(f"tscray: not logging the {what} to MLflow: this storage's MLflow runs keep their artifacts at "
+              f"{self.elsewhere}, outside the storage (it was copied or moved); the files stay where they were "
+              "written", file=sys.stderr)
+        return False
+
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
-        if Path(local_dir).is_dir():
+        if Path(local_dir).is_dir() and self._may_log(f"{artifact_path} folder"):
             self.client.log_artifacts(self.parent, local_dir, artifact_path)
+
+    def log_files(self, paths: list[Path], artifact_path: str) -> None:
+        """Log these files (not the whole folder they sit in: a report's --out may hold anything)."""
+        if paths and self._may_log(artifact_path):
+            for p in paths:
+                self.client.log_artifact(self.parent, str(p), artifact_path)
 
     def close(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent, status)
