@@ -370,3 +370,30 @@ def test_report_and_results_leave_out_another_sweeps_result_files(finished, tmp_
     # the status count and the rows agree: every planned trial, none of the other sweep's
     assert main(["status", str(tmp_path / "s")]) == 0
     assert f"trials: {len(trials)}/{len(trials)} finished; 1 result file(s)" in capsys.readouterr().out
+
+
+def test_verify_names_deleted_result_files_and_repair_rebuilds_them(finished, tmp_path, capsys):
+    """With every result file deleted, `status` read 0 finished while `verify` called the store intact, and
+    --repair rebuilt nothing though every step was stored. Trials whose steps are all stored but whose rows are
+    gone are named, and --repair writes their rows again without computing anything."""
+    src, trials = finished
+    store = copy_store(src, tmp_path / "s")
+    expected = results.read(store).to_pandas().sort_values(["trial_id", "step_key", "stage", "round"])
+    for f in (tmp_path / "s" / "results").iterdir():
+        f.unlink()
+    assert main(["verify", str(tmp_path / "s"), "--quick"]) == 1
+    out = capsys.readouterr().out
+    assert f"results: 0 files, 0 unreadable, {len(trials)} missing" in out and "store is intact" not in out
+    before = dict(store.computations())
+    assert main(["verify", str(tmp_path / "s"), "--repair"]) == 0
+    assert f"rebuilt the rows of {len(trials)} trial(s)" in capsys.readouterr().out
+    assert store.computations() == before
+    again = results.read(store).to_pandas().sort_values(["trial_id", "step_key", "stage", "round"])
+    assert again.reset_index(drop=True).equals(expected.reset_index(drop=True))
+    assert main(["verify", str(tmp_path / "s")]) == 0 and "store is intact" in capsys.readouterr().out
+    # a trial whose steps are not all stored is unfinished, not missing: the next run computes it
+    victim = trials[0].chain[-1].step
+    import shutil
+    shutil.rmtree(tmp_path / "s" / "steps" / victim.kind / victim.key)
+    (tmp_path / "s" / "results" / f"trial-{trials[0].id}.parquet").unlink()
+    assert main(["verify", str(tmp_path / "s"), "--quick"]) == 0

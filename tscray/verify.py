@@ -24,6 +24,7 @@ class VerifyReport:
     incomplete: list[str] = field(default_factory=list)  # step folders without a manifest (interrupted writes)
     result_files: int = 0
     damaged_results: list[str] = field(default_factory=list)
+    missing_results: list[str] = field(default_factory=list)  # trial ids with every step stored but no rows
     quarantined: list[str] = field(default_factory=list)
     rebuilt: list[str] = field(default_factory=list)  # trial ids whose rows were rebuilt
     to_rerun: list[str] = field(default_factory=list)  # trial ids the next run must finish
@@ -31,12 +32,15 @@ class VerifyReport:
 
     @property
     def clean(self) -> bool:
-        return not self.damaged_steps and not self.damaged_results and self.record_problem is None
+        return (not self.damaged_steps and not self.damaged_results and not self.missing_results
+                and self.record_problem is None)
 
     def lines(self) -> list[str]:
         out = [f"steps  : {self.steps} checked, {len(self.damaged_steps)} damaged"
                + (f", {len(self.incomplete)} interrupted writes (no manifest; harmless)" if self.incomplete else ""),
-               f"results: {self.result_files} files, {len(self.damaged_results)} unreadable"]
+               f"results: {self.result_files} files, {len(self.damaged_results)} unreadable"
+               + (f", {len(self.missing_results)} missing (trials with every step stored but no result file: "
+                  "--repair rebuilds their rows)" if self.missing_results else "")]
         out += [f"  damaged step {k}: {why}" for k, why in sorted(self.damaged_steps.items())]
         out += [f"  unreadable result file {p}" for p in self.damaged_results]
         if self.record_problem:
@@ -69,18 +73,35 @@ def verify_store(store: Store, repair: bool = False, deep: bool = True) -> Verif
     rep.damaged_results = bad
     if store.exists(sweep_record.NAME):  # (the CLI refuses a folder without one before this)
         try:
-            sweep_record.read(store)
+            info = sweep_record.read(store)
         except ValueError as err:
             rep.record_problem = str(err)
+        else:
+            # (a trial with an unreadable file is damaged, not missing)
+            rep.missing_results = _missing_rows(store, info, results.done_trials(store), set(rep.damaged_steps))
     if not repair:
         return rep
     for name, why in rep.damaged_steps.items():
         kind, key = name.split("/", 1)
         rep.quarantined.append(store.quarantine_step(kind, key, why))
     moved = results.set_aside_damaged(store)
-    if moved:
-        _rebuild(store, moved, rep)
+    if moved or rep.missing_results:
+        _rebuild(store, moved + rep.missing_results, rep)
     return rep
+
+
+def _missing_rows(store: Store, info: dict[str, Any], done: set[str], damaged: set[str]) -> list[str]:
+    """Trials a recorded spec plans that have no result file although every step of theirs is stored
+    intact: their file was deleted or lost (a finished trial writes it right after its last step)."""
+    stored = {(kind, key) for kind, keys in store.step_keys().items() for key in keys}
+    out = []
+    for tid, trial in sweep_record.trials(info).items():
+        if tid in done:
+            continue
+        steps = {(s.step.kind, s.step.key) for s in trial.chain}
+        if steps <= stored and not any(f"{kind}/{key}" in damaged for kind, key in steps):
+            out.append(tid)
+    return sorted(out)
 
 
 def _rebuild(store: Store, trial_ids: list[str], rep: VerifyReport) -> None:
