@@ -397,3 +397,31 @@ def test_verify_names_deleted_result_files_and_repair_rebuilds_them(finished, tm
     shutil.rmtree(tmp_path / "s" / "steps" / victim.kind / victim.key)
     (tmp_path / "s" / "results" / f"trial-{trials[0].id}.parquet").unlink()
     assert main(["verify", str(tmp_path / "s"), "--quick"]) == 0
+
+
+def test_report_says_what_a_reader_must_know_and_refuses_outputs_it_cannot_write(finished, tmp_path, capsys):
+    """`--tsc-setting 5,0.9` on rows without it was replaced with exit 0 and a word only in a table caption; a
+    report over 1 of 2 planned trials read as complete; `--out FILE` and `--csv FOLDER` ended in
+    FileExistsError / IsADirectoryError (exit 1), naming no option."""
+    src, trials = finished
+    copy_store(src, tmp_path / "s")
+    s = str(tmp_path / "s")
+    assert main(["report", s, "--no-mlflow", "--out", str(tmp_path / "r"), "--tsc-setting", "5,0.9"]) == 0
+    err = capsys.readouterr().err
+    assert "note: supervised: TSC at E_TSC 1, t 0.5: the requested E_TSC 5, t 0.9 is not in these rows" in err
+    assert "the requested E_TSC 5, t 0.9 is not in these rows" in (tmp_path / "r" / "index.html").read_text()
+    assert "planned trials have results" not in err
+    (tmp_path / "s" / "results" / f"trial-{trials[0].id}.parquet").unlink()
+    assert main(["report", s, "--no-mlflow", "--out", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err
+    assert f"note: {len(trials) - 1} of the {len(trials)} planned trials have results: the sweep is unfinished" in err
+    assert "the sweep is unfinished" in (tmp_path / "r" / "index.html").read_text()
+
+    (tmp_path / "afile").write_text("x")
+    for argv, msg in ((["report", s, "--out", str(tmp_path / "afile")], "--out: "),
+                      (["report", s, "--out", str(tmp_path / "afile" / "sub")], "--out: "),
+                      (["results", s, "--csv", str(tmp_path)], "--csv: "),
+                      (["results", s, "--csv", str(tmp_path / "no" / "rows.csv")], "--csv: folder")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err and "Errno" not in err, (argv, err)

@@ -634,6 +634,22 @@ def _warn_damaged(bad: list[str]) -> None:
               f"{' ...' if len(bad) > 3 else ''} (`tscray verify --repair` rebuilds their rows)", file=sys.stderr)
 
 
+def _output_path(path: Path, option: str, folder: bool) -> None:
+    """Refuse, before any work, an output the command could not write: a file where a folder goes, a folder
+    where a file goes, a parent that is a file or missing (for a file)."""
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{option}: {path} is a file; give a folder for the report")
+    if not folder and path.is_dir():
+        raise ValueError(f"{option}: {path} is a folder; give a file name")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{option}: {path} runs through {parent}, which is a file, not a folder")
+            break
+        if not folder:
+            raise ValueError(f"{option}: folder {path.parent} does not exist")
+
+
 def _warn_foreign(foreign: list[str]) -> None:
     if foreign:
         print(f"warning: left out {len(foreign)} result file(s) of trials no recorded spec of this storage plans: "
@@ -693,6 +709,8 @@ def cmd_results(args: argparse.Namespace) -> int:
 
     from tscray import sweep_record
 
+    if args.csv:
+        _output_path(Path(args.csv), "--csv", folder=False)
     store = _open_store(args.storage)
     try:
         planned = set(sweep_record.trials(sweep_record.read(store))) or None
@@ -737,12 +755,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     store = _open_store(args.storage)
     out = args.out or (Path(store.uri) / "report" if "://" not in store.uri else Path("report"))
+    _output_path(out, "--out", folder=True)
     bad: list[str] = []  # unreadable result files, named once the report's single read found them
     foreign: list[str] = []
     rep = report_sweep(store, out, args.format, mlflow=not args.no_mlflow, tsc_setting=args.tsc_setting, damaged=bad,
                        foreign=foreign)
     _warn_damaged(bad)
     _warn_foreign(foreign)
+    for n in rep.notes:
+        print(f"note: {n}", file=sys.stderr)
     for p in rep.figures + rep.tables:
         print(f"wrote {p}")
     for s in rep.skipped:

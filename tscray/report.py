@@ -64,6 +64,7 @@ class Report:
     figures: list[Path] = field(default_factory=list)
     tables: list[Path] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what a reader must know first (shown atop index.html)
     index: Path | None = None
     sections: list[Section] = field(default_factory=list)
 
@@ -1121,6 +1122,7 @@ def write_index(rep: Report, title: str) -> Path:
     parts = [f"<!doctype html><html lang=en><meta charset='utf-8'>"
              f"<meta name=viewport content='width=device-width,initial-scale=1'><title>{_esc(title)}</title>",
              f"<style>{CSS}</style>", f"<h1>{_esc(title)}</h1>"]
+    parts += [f"<p class=cap><b>Note:</b> {_esc(n)}</p>" for n in rep.notes]
     nav = [(s.anchor, s.title) for s in rep.sections]
     others = [p for p in rep.figures if all(p != s.figure for s in rep.sections)]
     if others:
@@ -1153,15 +1155,23 @@ def write_index(rep: Report, title: str) -> Path:
 
 
 def make_report(df: pd.DataFrame, out: Path, fmt: str = "png", title: str = "tscray report",
-                tsc_setting: tuple[int, float] | None = None) -> Report:
+                tsc_setting: tuple[int, float] | None = None, notes: Iterable[str] = ()) -> Report:
     """Write every figure and table the rows allow; record what was skipped and why. ``tsc_setting``: the
-    (E_TSC, t) Table 1 shows for TSC (default: the paper's, see :func:`choose_setting`)."""
+    (E_TSC, t) Table 1 shows for TSC (default: the paper's, see :func:`choose_setting`); ``notes``: what a
+    reader must know first (an unfinished sweep), atop index.html."""
     if fmt not in ("png", "svg", "pdf"):
         raise ValueError(f"format must be png, svg or pdf, got {fmt!r}")
     if df.empty:
         raise ValueError("the sweep has no result rows yet: run `tscray sweep` first (or wait for trials to finish)")
     out.mkdir(parents=True, exist_ok=True)
-    rep = Report(out)
+    rep = Report(out, notes=list(notes))
+    if tsc_setting is not None:  # a setting the rows lack is replaced: say so where it is read first
+        final = _final(df)
+        want_e, want_t = int(tsc_setting[0]), float(tsc_setting[1])
+        for m in sorted(final.method.unique(), key=_method_rank):
+            chosen = choose_setting(final, m, tsc_setting)
+            if chosen.t is not None and (chosen.e_tsc != want_e or not math.isclose(chosen.t, want_t, abs_tol=1e-9)):
+                rep.notes.append(f"{m}: {chosen.why.split(';')[0]}")
     for build, skip in ((lambda: table1(df, out, tsc_setting), "Table 1: no final rows"),
                         (lambda: defense_cost(df, out, tsc_setting),
                          "Defense cost: no defense_seconds in these rows (written by an older tscray?)"),

@@ -392,7 +392,12 @@ def report_sweep(store: Store, out: Path, fmt: str = "png", mlflow: bool = True,
     info = sweep_record.read(store)
     planned = set(sweep_record.trials(info)) or None  # (no recorded spec this tscray reads: every file)
     rows = results.read(store, damaged, planned, foreign).to_pandas()
-    rep = make_report(rows, out, fmt, title=f"tscray sweep {info['spec']['name']}", tsc_setting=tsc_setting)
+    notes = []
+    if planned and not rows.empty and rows.trial_id.nunique() < len(planned):
+        notes.append(f"{rows.trial_id.nunique()} of the {len(planned)} planned trials have results: the sweep is "
+                     "unfinished (run it again to resume), so cells may hold fewer seeds or settings than planned")
+    rep = make_report(rows, out, fmt, title=f"tscray sweep {info['spec']['name']}", tsc_setting=tsc_setting,
+                      notes=notes)
     if mlflow:
         if tracker is None:
             from tscray.tracking import Tracker, default_uri
