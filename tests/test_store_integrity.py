@@ -425,3 +425,20 @@ def test_report_says_what_a_reader_must_know_and_refuses_outputs_it_cannot_write
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err and "Errno" not in err, (argv, err)
+
+
+def test_results_sort_numbers_as_numbers_and_status_prints_no_empty_parentheses(finished, tmp_path, capsys):
+    """`tscray results` sorted by text (seed 10 before seed 2, poison rate 0.1 before 0.05 in some orders); a
+    storage with no steps yet printed 'computed ()'."""
+    import shutil
+
+    from tscray.cli import _sort_key
+
+    assert sorted([10, 2, None, "b", 0.05, "a", 1], key=_sort_key) == [0.05, 1, 2, 10, "a", "b", None]
+    src, _ = finished
+    copy_store(src, tmp_path / "s")
+    shutil.rmtree(tmp_path / "s" / "steps")
+    (tmp_path / "s" / "steps").mkdir()
+    assert main(["status", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "steps : 0/" in out and "()" not in out, out

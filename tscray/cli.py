@@ -608,8 +608,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"trials: {len(done)}/{total_trials} finished"
           + (f" ({len(bad)} unreadable result file(s): run `tscray verify --repair`)" if bad else "")
           + (f"; {foreign} result file(s) of trials no recorded spec plans" if foreign else ""))
-    print(f"steps : {sum(len(v) for v in steps.values())}/{total_steps} computed "
-          f"({', '.join(f'{k} {len(v)}' for k, v in sorted(steps.items()))})"
+    by_kind = ", ".join(f"{k} {len(v)}" for k, v in sorted(steps.items()) if v)
+    print(f"steps : {sum(len(v) for v in steps.values())}/{total_steps} computed" + (f" ({by_kind})" if by_kind else "")
           + (f"; {damaged} damaged (recomputed on the next run; `tscray verify` for details)" if damaged else ""))
     leases = [n[: -len(".json")] for n in store.listdir("leases") if n.endswith(".json")]
     if leases:
@@ -740,7 +740,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     axes = [c for c in table.schema.names if "." in c and any(r.get(c) is not None for r in rows)]  # field axes
     cols = ["dataset", "arch", "attack", "poison_rate", "seed", "defense", "e_tsc", "t", *axes, "round", "stage",
             "acc", "asr"]
-    rows.sort(key=lambda r: tuple(str(r.get(c)) for c in cols[:cols.index("round") + 1]))
+    rows.sort(key=lambda r: tuple(_sort_key(r.get(c)) for c in cols[:cols.index("round") + 1]))
     fmt = lambda v: "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
     cells = [[fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
@@ -748,6 +748,15 @@ def cmd_results(args: argparse.Namespace) -> int:
     for x in cells:
         print("  ".join(v.rjust(w) for v, w in zip(x, widths)))
     return 0
+
+
+def _sort_key(v: Any) -> tuple[int, float, str]:
+    """Numbers in numeric order (seed 2 before seed 10), before text; unset last."""
+    if v is None:
+        return (2, 0.0, "")
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return (0, float(v), "")
+    return (1, 0.0, str(v))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
