@@ -436,3 +436,19 @@ def test_an_axis_some_trials_do_not_sweep_counts_each_trial_once_and_never_pools
     assert set(at50[at50.defense == "tsc"].trial_id) == {"t500", "t501"}  # never the blended trials
     assert set(at50[at50.defense != "tsc"].trial_id) == {"nc0", "nc1", "mcr0", "mcr1"}  # the axis leaves them alone
     assert set(parts[f"defense.tsc.curve_epochs {spec_value}"].query("defense == 'tsc'").trial_id) == {"b0", "b1"}
+
+
+def test_a_title_or_legend_wider_than_the_figure_is_saved_whole(tmp_path):
+    """A one-panel Figure 5 had its title cut at both ends and tsc_stages.png its legend below the axes."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from tscray.report import _finish
+
+    fig, ax = plt.subplots(figsize=(3, 2))
+    ax.plot([0, 1], [0, 1], label="a legend entry placed below the axes")
+    fig.suptitle("a title far wider than one small panel of three inches, as Figure 5 has for one E_TSC " * 2)
+    fig.legend(loc="lower center", bbox_to_anchor=(0.5, -0.3))
+    _finish(fig, tmp_path / "f.png")
+    w, h = Image.open(tmp_path / "f.png").size
+    assert w > 3 * 130 * 1.5 and h > 2 * 130  # grown to hold the title and the legend

@@ -87,8 +87,10 @@ def _slug(*parts: object) -> str:
 
 
 def _finish(fig: plt.Figure, path: Path) -> Path:
+    """Save and close ``fig``. The saved area grows to hold every title and legend: a suptitle wider than one
+    panel, or a legend below the axes, was cut off at the figure's edge."""
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=130, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
     return path
 
