@@ -243,7 +243,7 @@ def _reference_points(spec):
 
     from tscray.config import DEFENSE_AXES, GRID_AXES
     from tscray.defenses import DEFENSES
-    from tscray.plan import _applies
+    from tscray.plan import axis_applies
 
     seen, out = set(), []
     for g in spec.grids or (spec.grid,):
@@ -252,7 +252,7 @@ def _reference_points(spec):
             d = combo[names.index("defense")]
             used = DEFENSES.get(d).axes if d != "none" else ()
             kept = tuple((a, v) for a, v in zip(names, combo)
-                         if not ((a in DEFENSE_AXES and a not in used) or ("." in a and not _applies(a, d))))
+                         if not ((a in DEFENSE_AXES and a not in used) or ("." in a and not axis_applies(a, d))))
             if kept not in seen:
                 seen.add(kept)
                 out.append(dict(kept))

@@ -329,9 +329,10 @@ def cost_class(step: Step) -> str:
 
 
 def step_work(step: Step) -> float:
-    """A step's cost relative to other steps of its :func:`cost_class`: its passes over data (epochs) times the share of the
-    data it passes over (``clean_ratio``). Only ratios within a kind are meaningful; the progress line turns them
-    into seconds with each kind's measured rate, so that a 2,500-image TSC round weighs its 10x a 200-image one."""
+    """A step's cost relative to other steps of its :func:`cost_class`: its passes over data (epochs) times the
+    share of the data it passes over (``clean_ratio``). Only ratios within a class mean anything; the progress
+    line turns them into seconds with each class's measured rate, so a 2,500-image TSC round weighs 12.5x a
+    200-image one."""
     p = step.params
     ratio = p.get("clean_ratio")
     scale = float(ratio) if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and ratio > 0 else 1.0
@@ -432,7 +433,7 @@ def root_params(step: Step) -> dict[str, Any]:
     return root_step(step).params
 
 
-def _applies(path: str, defense: str, attack: str | None = None, arch: str | None = None) -> bool:
+def axis_applies(path: str, defense: str, attack: str | None = None, arch: str | None = None) -> bool:
     """Whether dotted field axis ``path`` changes a trial of ``defense`` (on ``attack`` and ``arch``):
     ``defense.<name>.*`` only that defense's, other ``defense.*`` fields every defense's (not an undefended
     model's); ``train.attack_kw.<attack>.*`` only that attack's and ``train.arch_kw.<arch>.*`` only that
@@ -463,7 +464,7 @@ def relevant(point: dict[str, Any]) -> dict[str, Any]:
     used = DEFENSES.get(name).axes if name != "none" else ()
     attack, arch = point.get("attack"), point.get("arch")
     return {k: v for k, v in point.items()
-            if ("." in k and _applies(k, name, attack, arch)) or ("." not in k and (k not in DEFENSE_AXES or k in used))}
+            if ("." in k and axis_applies(k, name, attack, arch)) or ("." not in k and (k not in DEFENSE_AXES or k in used))}
 
 
 class _Block:
@@ -493,7 +494,7 @@ class _Block:
             used = DEFENSES.get(defense).axes if defense != "none" else ()
             out = self._dropped[key] = tuple(
                 i for i, a in enumerate(self.names)
-                if (a in DEFENSE_AXES and a not in used) or ("." in a and not _applies(a, defense, attack, arch)))
+                if (a in DEFENSE_AXES and a not in used) or ("." in a and not axis_applies(a, defense, attack, arch)))
         return out
 
     def holds(self, point: dict[str, Any]) -> bool:

@@ -152,7 +152,7 @@ SPEC_VALUE = "as in the spec"  # a field axis' value shown for a trial whose gri
 def _applies_to(df: pd.DataFrame, axis: str) -> pd.Series:
     """Per row, whether field ``axis`` changes that trial (a ``defense.tsc.*`` axis not MCR's, ``defense.*`` not
     the undefended model's, ``train.attack_kw.<attack>.*`` only that attack's)."""
-    from tscray.plan import _applies
+    from tscray.plan import axis_applies
 
     cols = [c for c in ("defense", "attack", "arch") if c in df]
     if "defense" not in cols:
@@ -163,7 +163,7 @@ def _applies_to(df: pd.DataFrame, axis: str) -> pd.Series:
         key = tuple(row)
         if key not in memo:
             kw = dict(zip(cols, key))
-            memo[key] = _applies(axis, str(kw["defense"]), kw.get("attack"), kw.get("arch"))
+            memo[key] = axis_applies(axis, str(kw["defense"]), kw.get("attack"), kw.get("arch"))
         out.append(memo[key])
     return pd.Series(out, index=df.index, dtype=bool)
 
