@@ -883,7 +883,9 @@ def figure_grid(grids: dict[str, dict[str, Any]], path: Path,
             ax.set_yticks(range(vals.shape[0]), [str(e) for e in data.index])
             ax.set_xlabel("curve index t")
             ax.set_ylabel("E_TSC")
-            ax.set_title(f"{m}: final {metric} (%)" if len(grids) > 1 else f"final {metric} (%)", fontsize=10)
+            # (a label carrying field-axis values is long: wrapped to its panel, it never runs into the next)
+            title = f"{m}: final {metric} (%)" if len(grids) > 1 else f"final {metric} (%)"
+            ax.set_title(textwrap.fill(title, max(20, int(w * 9))), fontsize=10)
             ax.tick_params(length=0)
             fig.colorbar(im, ax=ax, fraction=0.035, pad=0.02)
     lo = int(min(g["n"].min().min() for g in grids.values()))
