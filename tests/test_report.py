@@ -452,3 +452,25 @@ def test_a_title_or_legend_wider_than_the_figure_is_saved_whole(tmp_path):
     _finish(fig, tmp_path / "f.png")
     w, h = Image.open(tmp_path / "f.png").size
     assert w > 3 * 130 * 1.5 and h > 2 * 130  # grown to hold the title and the legend
+
+
+def test_tsc_grid_panel_titles_fit_their_panels(tmp_path, monkeypatch):
+    """With a field axis in the label ('supervised · defense.tsc.curve_epochs 1: final ACC (%)') the two panels'
+    titles ran into each other."""
+    from tscray import report
+
+    rows = [final_row("tsc", 85.0, 10.0, seed=s, e=1, t=0.4, **{"defense.tsc.curve_epochs": ep})
+            for s in (0, 1) for ep in (1, 2)]
+    grids = report.grid_means(pd.DataFrame(rows))
+    figs = []
+    monkeypatch.setattr(report, "_finish", lambda fig, path: figs.append(fig) or path)
+    report.figure_grid(grids, tmp_path / "g.png")
+    fig = figs[0]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        if not ax.get_title():
+            continue  # (colour bars)
+        title = ax.title.get_window_extent(renderer)
+        panel = ax.get_window_extent(renderer)
+        assert title.width <= panel.width * 1.6, ax.get_title()  # within its panel and its margin, not the next
