@@ -125,3 +125,25 @@ def test_the_eta_weighs_each_step_by_its_work_within_its_kind():
     todo = steps_to_compute(list(plan.trials), lambda step: False)
     assert {"defense:nc", "defense:fp", "tsc_round", "backdoor"} <= set(todo)
     assert {cost_class(s) for s in plan.steps.values()} == set(todo)
+
+
+def test_ray_failing_to_start_is_one_resumable_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """Under a memory limit (ulimit -v 6 GB) Ray's object store could not map its default size and ray.init
+    raised a bare Exception('The current node timed out during startup...'): the sweep died with a traceback."""
+    import yaml
+    import ray
+
+    from tscray.cli import main
+
+    def init(*args, **kwargs):
+        raise Exception("The current node timed out during startup. This could happen because some of the Ray "
+                        "processes failed to startup.\nmore lines")
+    monkeypatch.setattr(ray, "init", init)
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"name": "s", "storage": str(tmp_path / "run"), "train": {"epochs": 1},
+                                    "grid": {"defense": ["none"]}}))
+    assert main(["sweep", str(spec)]) == 1
+    err = capsys.readouterr().err
+    assert "stopped: Ray could not start on this machine: The current node timed out during startup" in err
+    assert "ulimit -v" in err and "run the same command again" in err and "Traceback" not in err
+    assert "more lines" not in err

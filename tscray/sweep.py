@@ -307,9 +307,17 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
     pool = ThreadPoolExecutor(1, thread_name_prefix="tscray-mlflow")
     tracking = pool.submit(Tracker, mlflow_uri, spec.name, sid, uri, spec.to_dict())
     pool.shutdown(wait=False)
-    ray.init(address=address, namespace=cluster.NAMESPACE, log_to_driver=False, include_dashboard=False,
-             logging_level=logging.WARNING, configure_logging=False,
-             runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}})
+    try:
+        ray.init(address=address, namespace=cluster.NAMESPACE, log_to_driver=False, include_dashboard=False,
+                 logging_level=logging.WARNING, configure_logging=False,
+                 runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}})
+    except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception when its node does not come up
+        tracking.cancel()
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise SweepStopped(
+            f"Ray could not start{f' at {address}' if address else ' on this machine'}: {first[:300]} (its logs: "
+            f"{ray_log} and /tmp/ray/session_latest/logs; a memory limit such as `ulimit -v` can keep its object "
+            "store from starting). Nothing was computed; run the same command again once Ray starts") from None
     stop = threading.Event()
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # of this driver's step leases
     try:
