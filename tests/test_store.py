@@ -69,7 +69,9 @@ def test_results_written_by_an_older_schema_still_read(tmp_path):
 
     from tscray import results
     store = Store(str(tmp_path))
-    old = pa.table({"sweep": ["s"], "trial_id": ["t1"], "stage": ["final"], "acc": [90.0], "asr": [5.0]})
+    # the first tscray's columns (every file since has had them: results.REQUIRED), none of the later ones
+    old = pa.table({"sweep": ["s"], "trial_id": ["t1"], "defense": ["tsc"], "attack": ["badnets"], "seed": [0],
+                    "round": [3], "stage": ["final"], "acc": [90.0], "asr": [5.0], "step_key": ["k"]})
     buf = io.BytesIO()
     pq.write_table(old, buf)
     store.write_bytes("results/trial-t1.parquet", buf.getvalue())
