@@ -713,7 +713,7 @@ def cmd_results(args: argparse.Namespace) -> int:
         _output_path(Path(args.csv), "--csv", folder=False)
     store = _open_store(args.storage)
     try:
-        planned = set(sweep_record.trials(sweep_record.read(store))) or None
+        planned = sweep_record.planned_ids(sweep_record.read(store))
     except ValueError:  # an unreadable sweep.json: every readable file's rows (`tscray verify` names it)
         planned = None
     bad: list[str] = []

@@ -398,7 +398,7 @@ def report_sweep(store: Store, out: Path, fmt: str = "png", mlflow: bool = True,
     from tscray.report import make_report
 
     info = sweep_record.read(store)
-    planned = set(sweep_record.trials(info)) or None  # (no recorded spec this tscray reads: every file)
+    planned = sweep_record.planned_ids(info)
     rows = results.read(store, damaged, planned, foreign).to_pandas()
     notes = []
     if planned and not rows.empty and rows.trial_id.nunique() < len(planned):

@@ -70,6 +70,12 @@ def plans(info: dict[str, Any]) -> list[Plan]:
     return out
 
 
+def planned_ids(info: dict[str, Any]) -> set[str] | None:
+    """The ids of every recorded spec's trials; None when no recorded spec is one this tscray reads (then a
+    reader cannot tell this storage's result files from copied-in ones, and takes them all)."""
+    return set(trials(info)) or None
+
+
 def trials(info: dict[str, Any]) -> dict[str, Trial]:
     """Every recorded spec's trials by id; where specs share an id, the newest spec's trial."""
     found: dict[str, Trial] = {}

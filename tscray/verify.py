@@ -58,6 +58,7 @@ class VerifyReport:
 def verify_store(store: Store, repair: bool = False, deep: bool = True) -> VerifyReport:
     """Check (and with ``repair`` fix) a sweep store; ``deep=False`` checks sizes only, not hashes."""
     rep = VerifyReport()
+    intact: set[tuple[str, str]] = set()
     for kind in store.subdirs("steps"):
         for key in store.subdirs(f"steps/{kind}"):
             if not store.has_step(kind, key):
@@ -67,18 +68,23 @@ def verify_store(store: Store, repair: bool = False, deep: bool = True) -> Verif
             problem = store.check_step(kind, key, deep=deep)
             if problem is not None:
                 rep.damaged_steps[f"{kind}/{key}"] = problem
+            else:
+                intact.add((kind, key))
     bad: list[str] = []
     results.read(store, bad)
     rep.result_files = len([n for n in store.files("results") if n.endswith(".parquet")])
     rep.damaged_results = bad
+    info: dict[str, Any] | None = None
+    trials: dict[str, Any] = {}  # every spec that ran here: a slice's record knows the others' trials
     if store.exists(sweep_record.NAME):  # (the CLI refuses a folder without one before this)
         try:
             info = sweep_record.read(store)
         except ValueError as err:
             rep.record_problem = str(err)
         else:
+            trials = sweep_record.trials(info)
             # (a trial with an unreadable file is damaged, not missing)
-            rep.missing_results = _missing_rows(store, info, results.done_trials(store), set(rep.damaged_steps))
+            rep.missing_results = _missing_rows(trials, results.done_trials(store), intact)
     if not repair:
         return rep
     for name, why in rep.damaged_steps.items():
@@ -86,30 +92,21 @@ def verify_store(store: Store, repair: bool = False, deep: bool = True) -> Verif
         rep.quarantined.append(store.quarantine_step(kind, key, why))
     moved = results.set_aside_damaged(store)
     if moved or rep.missing_results:
-        _rebuild(store, moved + rep.missing_results, rep)
+        _rebuild(store, moved + rep.missing_results, rep, info, trials)
     return rep
 
 
-def _missing_rows(store: Store, info: dict[str, Any], done: set[str], damaged: set[str]) -> list[str]:
+def _missing_rows(trials: dict[str, Any], done: set[str], intact: set[tuple[str, str]]) -> list[str]:
     """Trials a recorded spec plans that have no result file although every step of theirs is stored
     intact: their file was deleted or lost (a finished trial writes it right after its last step)."""
-    stored = {(kind, key) for kind, keys in store.step_keys().items() for key in keys}
-    out = []
-    for tid, trial in sweep_record.trials(info).items():
-        if tid in done:
-            continue
-        steps = {(s.step.kind, s.step.key) for s in trial.chain}
-        if steps <= stored and not any(f"{kind}/{key}" in damaged for kind, key in steps):
-            out.append(tid)
-    return sorted(out)
+    return sorted(tid for tid, trial in trials.items()
+                  if tid not in done and {(s.step.kind, s.step.key) for s in trial.chain} <= intact)
 
 
-def _rebuild(store: Store, trial_ids: list[str], rep: VerifyReport) -> None:
+def _rebuild(store: Store, trial_ids: list[str], rep: VerifyReport, info: dict[str, Any] | None,
+             trials: dict[str, Any]) -> None:
     """Write the rows of ``trial_ids`` again from their steps' manifests (as a finished trial would)."""
-    try:
-        info = sweep_record.read(store)
-        trials = sweep_record.trials(info)  # every spec that ran here: a slice's record knows the others' trials
-    except (OSError, ValueError):
+    if info is None:
         rep.to_rerun.extend(trial_ids)
         return
     for tid in trial_ids:
