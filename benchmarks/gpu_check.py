@@ -16,6 +16,7 @@ import json
 import math
 import os
 import platform
+import select
 import subprocess
 import sys
 import time
@@ -257,23 +258,28 @@ def tsc_round(arch: str, n: int, epochs: int, paper_epochs: int, device: torch.d
 
 def packing(arch: str, batch: int, device: torch.device, seconds: float, counts: list[int]) -> float:
     """Total curve-step images/s of k concurrent processes sharing the device (fractional GPUs); returns the
-    gain of the best count over one process. Every worker warms up, then waits for one common start time,
-    so the timed windows overlap."""
+    gain of the best count over one process. Every worker warms up and says so; once all have, each gets one
+    common start time, so the timed windows overlap however long the start-ups took."""
     best, single = 0.0, 0.0
     for k in counts:
         if left() < 60 + 3 * k:
             row(f"packing: {k} concurrent step process(es)", "skipped: time budget")
             continue
-        start_at = time.time() + (12 if device.type == "cpu" else 20) + 2 * k
-        cmd = worker_cmd(arch, batch, device, seconds, compile_=False) + ["--start-at", str(start_at)]
+        cmd = worker_cmd(arch, batch, device, seconds, compile_=False) + ["--barrier"]
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1" if device.type == "cpu" else "4"}
-        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) for _ in range(k)]
+        procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                 for _ in range(k)]
+        ready = _wait_ready(procs, deadline=time.monotonic() + max(30.0, left() - 30))
+        start_at = time.time() + 2.0 + 0.5 * k  # all warm and waiting: one common start, however slow the start-ups
+        for p in ready:
+            p.stdin.write(f"{start_at}\n")
+            p.stdin.flush()  # communicate() closes stdin: one left out reads an empty line and exits
         rates, late = [], 0
         for p in procs:
             try:
                 out, _ = p.communicate(timeout=max(30.0, left() - 30))
                 last = out.strip().splitlines()[-1].split()
-                rates.append(float(last[0]))
+                rates.append(float(last[0]) if p in ready else math.nan)
                 late += last[1:] == ["late"]
             except (ValueError, IndexError):
                 rates.append(math.nan)
@@ -288,6 +294,17 @@ def packing(arch: str, batch: int, device: torch.device, seconds: float, counts:
             f"{total:,.0f} img/s total ({', '.join(f'{r:,.0f}' for r in rates)})"
             + (f"; {late} worker(s) missed the common start, so the windows did not overlap" if late else ""))
     return best / single if single and best > single else 1.0
+
+
+def _wait_ready(procs: list[subprocess.Popen], deadline: float) -> set[subprocess.Popen]:
+    """The workers that printed their ``ready`` line before ``deadline`` (one that died or hung is left out)."""
+    waiting, ready = {p.stdout: p for p in procs}, set()
+    while waiting and time.monotonic() < deadline:
+        for f in select.select(list(waiting), [], [], max(0.0, deadline - time.monotonic()))[0]:
+            p = waiting.pop(f)
+            if f.readline().strip() == "ready":
+                ready.add(p)
+    return ready
 
 
 def worker_cmd(arch: str, batch: int, device: torch.device, seconds: float, compile_: bool) -> list[str]:
@@ -309,17 +326,19 @@ def run_worker(arch: str, batch: int, device: torch.device, seconds: float, comp
 
 
 def worker(arch: str, batch: int, device: str, seconds: float, compile_: bool = False,
-           start_at: float | None = None) -> None:
+           barrier: bool = False) -> None:
     dev = torch.device(device)
     _, step = curve_setup(arch, batch, dev, dev.type == "cuda", compile_)
     ctx = torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
     with ctx:
-        if start_at is None:
+        if not barrier:
             print(images_per_s(step, batch, dev, seconds, warmup=10 if compile_ else 3))
             return
         for _ in range(3):
             step()
         sync(dev)
+        print("ready", flush=True)
+        start_at = float(sys.stdin.readline())
         wait = start_at - time.time()
         time.sleep(max(0.0, wait))
         print(images_per_s(step, batch, dev, seconds, warmup=0), "late" if wait < 0 else "on-time")
@@ -391,11 +410,11 @@ def main() -> None:
                          "(default 540 on a GPU, 3600 on CPU)")
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--start-at", type=float, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--barrier", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         arch, batch, device, seconds = args.worker
-        worker(arch, int(batch), device, float(seconds), args.compile, args.start_at)
+        worker(arch, int(batch), device, float(seconds), args.compile, args.barrier)
         return
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.quick else "cpu"))
     quick = args.quick or device.type == "cpu"
