@@ -176,6 +176,36 @@ def test_axis_columns_of_different_types_and_blocks_read_together(tmp_path):
     assert df.loc["c", "train.attack_kw"] == '{"k": 4}' and df["train.attack_kw"].isna().sum() == 2
 
 
+def test_an_axis_with_a_null_or_values_of_unrelated_types_reads_together(tmp_path):
+    """``curve_t_max: [null, 50]`` wrote a text column for null and an integer one for 50, and every read
+    (status, verify, results, report, the sweep's end) failed on the mix with a pyarrow traceback."""
+    store = Store(str(tmp_path))
+    row = {"sweep": "t", "stage": "final", "defense": "tsc", "acc": 90.0, "asr": 3.0}
+    results.write_trial(store, "a", [{**row, "trial_id": "a", "defense.tsc.curve_t_max": None, "x.y": 1}])
+    results.write_trial(store, "n", [{**row, "trial_id": "n", "defense": "none"}])  # not an axis of none
+    results.write_trial(store, "b", [{**row, "trial_id": "b", "defense.tsc.curve_t_max": 50, "x.y": "auto"}])
+    results.write_trial(store, "c", [{**row, "trial_id": "c", "defense.tsc.curve_t_max": 70, "x.y": 2.5}])
+    df = results.read(store).to_pandas().set_index("trial_id")
+    assert df["defense.tsc.curve_t_max"].isna()["n"] and df.loc["b", "defense.tsc.curve_t_max"] == 50
+    assert df["x.y"].drop("n").to_dict() == {"a": "1", "b": "auto", "c": "2.5"} and df["x.y"].isna()["n"]
+
+
+def test_a_null_axis_value_is_a_value_not_a_trial_the_axis_misses():
+    """Trials an axis does not apply to hold null in its column; a trial at the value null must not read
+    the same (the report then left No defense out of that value's rows and labelled it as unswept)."""
+    plan = make_plan(validate(raw_of(defense=["tsc", "none"], **{"defense.tsc.curve_t_max": [None, 50]})))
+    rows = {(t.params["defense"], results.trial_rows("t", t, _fake_manifests(t))[0].get("defense.tsc.curve_t_max"))
+            for t in plan.trials}
+    assert ("tsc", "null") in rows and ("tsc", 50) in rows and ("none", None) in rows, rows
+
+
+def _fake_manifests(trial):
+    """Each step of the trial's chain as a manifest recording its final stages (no training)."""
+    return {st.step.key: {"seconds": 1.0, "device": "cpu", "records": [{"stage": s, "round": st.round, "acc": 90.0, "asr": 1.0}
+                                                       for s in (*st.report, *trial.final.stages)]}
+            for st in trial.chain}
+
+
 def test_a_preset_axis_takes_each_presets_rounds_and_t_where_the_block_names_none():
     """``defense.preset: [paper, small]`` without ``rounds``/``t``: the small trial runs E_TSC 4 at t 0.5, as
     ``defense: {preset: small}`` does (it ran the paper's 3 and 0.4 under the small preset's other fields)."""

@@ -96,15 +96,34 @@ def final_record(trial: Trial, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _axis_value(v: Any) -> Any:
-    """A field axis' value as a column holds it: scalars as they are, mappings and lists as JSON."""
+    """A field axis' value as a column holds it: scalars as they are, mappings, lists and null as JSON. A
+    null cell is left for trials the axis does not apply to (it is absent from their params), so a null
+    value (``curve_t_max: [null, 50]``) is the text ``null``, and such an axis reads as text."""
     import json
 
-    return v if v is None or isinstance(v, (bool, int, float, str)) else json.dumps(v, sort_keys=True)
+    return v if isinstance(v, (bool, int, float, str)) else json.dumps(v, sort_keys=True)
 
 
 def _axis_type(v: Any) -> pa.DataType:
-    return (pa.bool_() if isinstance(v, bool) else pa.int64() if isinstance(v, int) else
-            pa.float64() if isinstance(v, float) else pa.string())
+    # None is a null column, which reads as the other trials' type (an axis [null, 50] is int64 then)
+    return (pa.null() if v is None else pa.bool_() if isinstance(v, bool) else pa.int64() if isinstance(v, int)
+            else pa.float64() if isinstance(v, float) else pa.string())
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    """The tables as one: missing columns read as nulls and numbers as the wider type; an axis whose trials
+    hold values of unrelated types (a number in one, text in another: ``[auto, 50]``) is read as text."""
+    types: dict[str, set[pa.DataType]] = {}
+    for t in tables:
+        for f in t.schema:
+            if "." in f.name and not pa.types.is_null(f.type):
+                types.setdefault(f.name, set()).add(f.type)
+    mixed = {c for c, ts in types.items()
+             if len(ts) > 1 and not all(pa.types.is_integer(x) or pa.types.is_floating(x) for x in ts)}
+    if mixed:
+        tables = [t.cast(pa.schema([pa.field(f.name, pa.string()) if f.name in mixed else f for f in t.schema]))
+                  for t in tables]
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
 def write_trial(store: Store, trial_id: str, rows: list[dict[str, Any]]) -> None:
@@ -220,9 +239,8 @@ def read(store: Store, damaged: list[str] | None = None, planned: Collection[str
         except (OSError, ValueError, KeyError, pa.ArrowException):
             if damaged is not None:
                 damaged.append(f"results/{n}")
-    # trials of different field-axis values or blocks may carry different axis columns (or an int where
-    # another has a float): missing columns read as nulls, numbers as the wider type
-    return pa.concat_tables(tables, promote_options="permissive") if tables else schema().empty_table()
+    # trials of different field-axis values or blocks may carry different axis columns and types
+    return _concat(tables) if tables else schema().empty_table()
 
 
 def set_aside_damaged(store: Store) -> list[str]:
