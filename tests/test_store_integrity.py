@@ -341,8 +341,19 @@ def test_a_copied_or_incomplete_result_file_is_damage_not_rows_counted_again(fin
         results._read_file(store, other.name)
     with pytest.raises(ValueError, match=f"rows of trial\\(s\\) {trials[0].id} in the file of trial {trials[0].id} \\(1\\)"):
         results._read_file(store, f"trial-{trials[0].id} (1).parquet")
-    assert main(["verify", str(tmp_path / "s"), "--repair"]) == 0
     capsys.readouterr()
+    for cmd in ("status", "results"):  # damaged for every command (results called the copy another sweep's)
+        main([cmd, str(tmp_path / "s")])
+        said = capsys.readouterr()
+        assert "2 unreadable" in said.out + said.err and "no recorded spec" not in said.out + said.err, said
+    (tmp_path / "spec.json").write_text(json.dumps(tiny_spec(tmp_path / "s")))
+    assert main(["sweep", str(tmp_path / "spec.json"), "--dry-run"]) == 0
+    assert f"({len(trials) - 1} already finished)" in capsys.readouterr().out  # it counted the incomplete file
+    assert main(["verify", str(tmp_path / "s"), "--repair"]) == 0
+    said = capsys.readouterr().out
+    assert "need a rerun" not in said, said  # no rerun writes 'trial-<id> (1)': verify said one would
+    assert f"set aside 1 result file(s) of no trial a recorded spec plans (a copy, or another sweep's) " \
+           f"in results-damaged/: {trials[0].id} (1)" in said, said
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"trial-{t.id}.parquet" for t in trials)
     assert pq.read_table(other).to_pandas().equals(expected.to_pandas())  # rebuilt from the manifests
     assert results.read(store).num_rows == len(good)

@@ -589,25 +589,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     steps = {k: [key for key in v if store.check_step(k, key, deep=False) is None] for k, v in stored.items()}
     damaged = sum(len(v) for v in stored.values()) - sum(len(v) for v in steps.values())
     comp = store.computations(stored)
-    bad: list[str] = []
-    results.read(store, bad)
-    done = results.done_trials(store) - {n[len("results/trial-"):-len(".parquet")] for n in bad}
-    total_trials, total_steps, specs = info["trials"], info["steps"], 1
     from tscray import sweep_record
 
     plans = sweep_record.plans(info)  # every recorded spec: slices or earlier grids may have run here too
-    foreign = 0
+    planned = sweep_record.planned_ids(info)
+    bad: list[str] = []
+    foreign: list[str] = []  # result files copied in from another sweep: not this one's trials
+    done = set(results.read(store, bad, planned, foreign).column("trial_id").to_pylist())
+    total_trials, total_steps, specs = info["trials"], info["steps"], 1
     if plans:
         specs = len(plans)
-        planned = {t.id for p in plans for t in p.trials}
-        total_trials, total_steps = len(planned), len({k for p in plans for k in p.steps})
-        foreign = len(done - planned)  # result files copied in from another sweep: not this one's trials
-        done &= planned
+        total_trials, total_steps = len(planned or ()), len({k for p in plans for k in p.steps})
     print(f"sweep {info['spec']['name']} ({info['sweep_id']}) at {store.uri}"
           + (f" ({specs} specs ran on it; counts are over all of them)" if specs > 1 else ""))
     print(f"trials: {len(done)}/{total_trials} finished"
           + (f" ({len(bad)} unreadable result file(s): run `tscray verify --repair`)" if bad else "")
-          + (f"; {foreign} result file(s) of trials no recorded spec plans" if foreign else ""))
+          + (f"; {len(foreign)} result file(s) of trials no recorded spec plans" if foreign else ""))
     by_kind = ", ".join(f"{k} {len(v)}" for k, v in sorted(steps.items()) if v)
     print(f"steps : {sum(len(v) for v in steps.values())}/{total_steps} computed" + (f" ({by_kind})" if by_kind else "")
           + (f"; {damaged} damaged (recomputed on the next run; `tscray verify` for details)" if damaged else ""))

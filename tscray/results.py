@@ -198,9 +198,10 @@ def finished_steps(store: Store) -> dict[str, frozenset[str]]:
 
 
 def _step_keys(store: Store, name: str) -> frozenset[str] | None:
-    """The step keys of the rows of ``results/name`` (only that column is read); None if unreadable."""
+    """The step keys of the rows of ``results/name``; None if it is damaged (:func:`_read_file`'s rule, which
+    every reader shares: a dry run counted a copied or incomplete file as a finished trial)."""
     try:
-        keys = _parquet(store.read_bytes(f"results/{name}"), columns=["step_key"])
+        keys = _read_file(store, name)
     except (OSError, ValueError, KeyError, pa.ArrowException):
         return None
     return frozenset(keys.column("step_key").to_pylist())
@@ -226,19 +227,22 @@ def read(store: Store, damaged: list[str] | None = None, planned: Collection[str
          foreign: list[str] | None = None) -> pa.Table:
     """All readable result rows of a sweep (an empty table with the schema when there are none); the
     paths of unreadable files are appended to ``damaged``. With ``planned`` (the trial ids the storage's
-    recorded specs plan), files of other trials (copied in from another sweep) are left out and their paths
-    appended to ``foreign``."""
+    recorded specs plan), readable files of other trials (copied in from another sweep) are left out and their
+    paths appended to ``foreign``."""
     tables = []
     for n in _names(store):
+        try:
+            table = _read_file(store, n)
+        except (OSError, ValueError, KeyError, pa.ArrowException):
+            if damaged is not None:
+                damaged.append(f"results/{n}")
+            continue
+        # (damage first: a copy 'trial-<id> (1).parquet' is damaged for every command, not foreign for some)
         if planned is not None and _trial_id(n) not in planned:
             if foreign is not None:
                 foreign.append(f"results/{n}")
             continue
-        try:
-            tables.append(_read_file(store, n))
-        except (OSError, ValueError, KeyError, pa.ArrowException):
-            if damaged is not None:
-                damaged.append(f"results/{n}")
+        tables.append(table)
     # trials of different field-axis values or blocks may carry different axis columns and types
     return _concat(tables) if tables else schema().empty_table()
 

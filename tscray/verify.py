@@ -28,6 +28,7 @@ class VerifyReport:
     quarantined: list[str] = field(default_factory=list)
     rebuilt: list[str] = field(default_factory=list)  # trial ids whose rows were rebuilt
     to_rerun: list[str] = field(default_factory=list)  # trial ids the next run must finish
+    unplanned: list[str] = field(default_factory=list)  # set-aside files of no trial a recorded spec plans
     record_problem: str | None = None  # sweep.json unreadable: status, report and row rebuilds need it
 
     @property
@@ -49,6 +50,10 @@ class VerifyReport:
             out.append(f"moved {len(self.quarantined)} damaged step(s) to quarantine/: the next run recomputes them")
         if self.rebuilt:
             out.append(f"rebuilt the rows of {len(self.rebuilt)} trial(s) from their step manifests")
+        if self.unplanned:
+            out.append(f"set aside {len(self.unplanned)} result file(s) of no trial a recorded spec plans (a copy, or "
+                       f"another sweep's) in {results.DAMAGED_DIR}/: {', '.join(self.unplanned[:5])}"
+                       + (" ..." if len(self.unplanned) > 5 else ""))
         if self.to_rerun:
             out.append(f"{len(self.to_rerun)} trial(s) need a rerun of the sweep to finish: {', '.join(self.to_rerun[:5])}"
                        + (" ..." if len(self.to_rerun) > 5 else ""))
@@ -111,6 +116,9 @@ def _rebuild(store: Store, trial_ids: list[str], rep: VerifyReport, info: dict[s
         return
     for tid in trial_ids:
         trial = trials.get(tid)
+        if trial is None:  # no rerun writes it: e.g. 'trial-<id> (1).parquet'
+            rep.unplanned.append(tid)
+            continue
         manifests: dict[str, dict[str, Any]] = {}
         ok = trial is not None
         for stage in trial.chain if trial is not None else ():
