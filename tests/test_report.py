@@ -282,6 +282,22 @@ def test_defense_cost_and_nc_detection(tmp_path):
     assert ">NC detection</h2>" in html and ">Defense cost</h2>" in html
 
 
+def test_captions_name_a_constant_axis_as_tables_show_it_and_nc_leaves_out_axes_it_does_not_take(tmp_path):
+    """NC's caption read 'defense.tsc.curve_epochs nan' (an axis NC does not take) and Table 1's read
+    'defense.tsc.curve_epochs 50.0' for a single-valued axis the tables print as 50."""
+    rows = []
+    for seed in (0, 1):
+        rows.append(final_row("nc", 88.0, 50.0, seed=seed, trial_id=f"nc{seed}", nc_flagged="0",
+                              nc_anomaly_index=3.0))
+        rows.append(final_row("tsc", 85.0, 5.0, seed=seed, e=3, t=0.4, trial_id=f"t{seed}",
+                              **{"defense.tsc.curve_epochs": 50.0}))
+    make_report(pd.DataFrame(rows), tmp_path)
+    nc = (tmp_path / "nc_detection.md").read_text().split("\n")[0]
+    assert "Rows: dataset d, arch cnn." in nc and "curve_epochs" not in nc, nc
+    assert "defense.tsc.curve_epochs" not in pd.read_csv(tmp_path / "nc_detection.csv").columns
+    assert "Rows: dataset d, arch cnn, defense.tsc.curve_epochs 50." in (tmp_path / "table1.md").read_text()
+
+
 def test_a_field_axis_splits_every_table_and_figure_and_undefended_rows_stand_beside_each_value(tmp_path):
     """Issue 11, §1: a ``defense.clean_ratio`` axis. Table 1 has one row per ratio (never an average over
     them), the undefended model (null ratio: the axis does not apply) sits in each, TSC's grid and Figure 5

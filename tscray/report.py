@@ -468,7 +468,7 @@ def _display(g: pd.DataFrame, keys: list[str]) -> tuple[list[str], str]:
     """The key columns worth a column (those that vary; attack and poison rate always), and a note naming
     the constant ones ("dataset fashion-mnist-embedded, arch cnn")."""
     shown = [k for k in keys if k in ("attack", "poison_rate") or g[k].nunique(dropna=False) > 1]
-    const = [f"{k} {g[k].iloc[0]}" for k in keys if k not in shown and len(g)]
+    const = [f"{k} {_value(g[k].iloc[0]) if '.' in k else g[k].iloc[0]}" for k in keys if k not in shown and len(g)]
     return shown, ", ".join(const)
 
 
@@ -780,7 +780,7 @@ def nc_detection(df: pd.DataFrame, out: Path) -> Section | None:
     nc = _unspread(final[final.defense == "nc"])
     if nc.empty or nc[cols].isna().all().all():
         return None
-    keys = _keys(final)
+    keys = [k for k in _keys(final) if "." not in k or nc[k].notna().any()]  # not the axes NC does not take
     out_rows = []
     for key, g in nc.groupby(keys, dropna=False):
         g = g.sort_values("seed")
