@@ -438,6 +438,25 @@ def test_report_says_what_a_reader_must_know_and_refuses_outputs_it_cannot_write
         assert msg in err and "Traceback" not in err and "Errno" not in err, (argv, err)
 
 
+def test_a_report_after_the_grid_shrank_does_not_ask_for_a_rerun_that_cannot_finish_it(finished, tmp_path, capsys):
+    """A trial dropped from the grid before it ran stays planned by the earlier spec in sweep.json: every report
+    said 'the sweep is unfinished (run it again to resume)', which rerunning the current spec never cleared."""
+    from tscray import sweep_record
+
+    src, trials = finished
+    store = copy_store(src, tmp_path / "s")
+    dropped = next(t for t in trials if t.params["defense"] == "none")
+    (tmp_path / "s" / "results" / f"trial-{dropped.id}.parquet").unlink()
+    raw = tiny_spec(tmp_path / "s")
+    raw["grid"] = {**raw["grid"], "defense": ["tsc"]}
+    spec = validate(raw)
+    sweep_record.write(store, spec, "x", make_plan(spec))
+    assert main(["report", str(tmp_path / "s"), "--no-mlflow", "--out", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err
+    assert f"{len(trials) - 1} of the {len(trials)} planned trials have results: the current spec's trials are " \
+           "all finished; the others were planned by earlier specs" in err and "run it again" not in err, err
+
+
 def test_results_sort_numbers_as_numbers_and_status_prints_no_empty_parentheses(finished, tmp_path, capsys):
     """`tscray results` sorted by text (seed 10 before seed 2, poison rate 0.1 before 0.05 in some orders); a
     storage with no steps yet printed 'computed ()'."""

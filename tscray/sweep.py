@@ -401,9 +401,16 @@ def report_sweep(store: Store, out: Path, fmt: str = "png", mlflow: bool = True,
     planned = sweep_record.planned_ids(info)
     rows = results.read(store, damaged, planned, foreign).to_pandas()
     notes = []
-    if planned and not rows.empty and rows.trial_id.nunique() < len(planned):
-        notes.append(f"{rows.trial_id.nunique()} of the {len(planned)} planned trials have results: the sweep is "
-                     "unfinished (run it again to resume), so cells may hold fewer seeds or settings than planned")
+    have = set(rows.trial_id) if not rows.empty else set()
+    if planned and have and len(have) < len(planned):
+        current = sweep_record.current_ids(info)
+        todo = current - have
+        why = (f"the sweep is unfinished ({len(todo)} of the current spec's trials have none: run it again to "
+               "resume)" if todo or not current else
+               "the current spec's trials are all finished; the others were planned by earlier specs run on this "
+               "storage (run those to finish them)")
+        notes.append(f"{len(have)} of the {len(planned)} planned trials have results: {why}, so cells may hold "
+                     "fewer seeds or settings than planned")
     rep = make_report(rows, out, fmt, title=f"tscray sweep {info['spec']['name']}", tsc_setting=tsc_setting,
                       notes=notes)
     if mlflow:

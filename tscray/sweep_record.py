@@ -56,18 +56,27 @@ def read(store: Store) -> dict[str, Any]:
 def plans(info: dict[str, Any]) -> list[Plan]:
     """The plans of the current spec and the earlier ones, newest first. A recorded spec this tscray no longer
     accepts is skipped."""
-    out = []
-    for raw in [info.get("spec")] + list(reversed(info.get("history", []))):
-        if not isinstance(raw, dict):
-            continue
-        raw = dict(raw)
-        if raw.get("train", {}).get("method", "supervised") == "supervised":
-            raw.pop("ssl", None)  # to_dict() writes the (unused) SSL defaults, which validation refuses here
-        try:
-            out.append(make_plan(validate(raw, NAME, check_data=False)))
-        except (SpecError, ValueError, KeyError, TypeError):
-            continue
-    return out
+    out = [_plan(raw) for raw in [info.get("spec")] + list(reversed(info.get("history", [])))]
+    return [p for p in out if p is not None]
+
+
+def current_ids(info: dict[str, Any]) -> set[str]:
+    """The ids of the current spec's trials (those a rerun of the last spec run here finishes); empty when
+    this tscray does not read it."""
+    plan = _plan(info.get("spec"))
+    return {t.id for t in plan.trials} if plan is not None else set()
+
+
+def _plan(raw: Any) -> Plan | None:
+    if not isinstance(raw, dict):
+        return None
+    raw = dict(raw)
+    if raw.get("train", {}).get("method", "supervised") == "supervised":
+        raw.pop("ssl", None)  # to_dict() writes the (unused) SSL defaults, which validation refuses here
+    try:
+        return make_plan(validate(raw, NAME, check_data=False))
+    except (SpecError, ValueError, KeyError, TypeError):
+        return None
 
 
 def planned_ids(info: dict[str, Any]) -> set[str] | None:
