@@ -457,6 +457,23 @@ def test_a_report_after_the_grid_shrank_does_not_ask_for_a_rerun_that_cannot_fin
            "all finished; the others were planned by earlier specs" in err and "run it again" not in err, err
 
 
+def test_repair_asks_for_a_rerun_when_a_manifest_lacks_the_trials_final_record(finished, tmp_path, capsys):
+    """A deleted result file whose final step's manifest holds no record of the final model (an edited or
+    foreign manifest) ended verify --repair in a KeyError traceback; the step is damaged, and set aside."""
+    src, trials = finished
+    copy_store(src, tmp_path / "s")
+    tsc = next(t for t in trials if t.params["defense"] == "tsc")
+    (tmp_path / "s" / "results" / f"trial-{tsc.id}.parquet").unlink()
+    kind = next(st.step.kind for st in tsc.chain if st.step.key == tsc.final.key)
+    path = tmp_path / "s" / "steps" / kind / tsc.final.key / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "records": []}))
+    assert main(["verify", str(tmp_path / "s"), "--repair"]) == 0
+    out = capsys.readouterr().out
+    assert f"1 trial(s) need a rerun of the sweep to finish: {tsc.id}" in out, out
+    assert "moved 1 damaged step(s) to quarantine/" in out and not path.exists()  # so the rerun recomputes it
+
+
 def test_results_sort_numbers_as_numbers_and_status_prints_no_empty_parentheses(finished, tmp_path, capsys):
     """`tscray results` sorted by text (seed 10 before seed 2, poison rate 0.1 before 0.05 in some orders); a
     storage with no steps yet printed 'computed ()'."""
