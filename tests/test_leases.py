@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pyarrow.fs as pafs
@@ -31,6 +32,65 @@ def test_a_lease_has_one_holder_until_it_expires(tmp_path, kind):
     assert store.lease_holder("k") == ("B", True)
     store.release_lease("k", "B")
     assert store.lease_holder("k") is None and store.acquire_lease("k", "C", ttl=0.6)
+
+
+def _interleaved(monkeypatch, first, second, at="lease_holder", pause=0.5):
+    """Run ``first`` here; when it first calls Store's method ``at`` on the lease of "k" (after that read for
+    ``lease_holder``, before that write for ``write_bytes``), run ``second`` on another thread and give it
+    ``pause`` s to finish before ``first`` goes on: a second driver acting between a check and its act."""
+    real, out, done = getattr(Store, at), {}, threading.Event()
+
+    def interleave():
+        if threading.current_thread() is threading.main_thread() and "thread" not in out:
+            out["thread"] = threading.Thread(target=lambda: (out.__setitem__("second", second()), done.set()))
+            out["thread"].start()
+            done.wait(pause)
+
+    def hook(self, key, *rest):
+        if at == "write_bytes" and key == "leases/k.json":
+            interleave()
+        got = real(self, key, *rest)
+        if at == "lease_holder" and key == "k":
+            interleave()
+        return got
+
+    monkeypatch.setattr(Store, at, hook)
+    out["first"] = first()
+    out["thread"].join(10)
+    monkeypatch.setattr(Store, at, real)
+    return out["first"], out["second"]
+
+
+def test_two_takers_of_an_expired_lease_do_not_both_get_it(tmp_path, monkeypatch):
+    """B read the dead driver's lease as expired; A took it over; B then renamed A's live lease away and took
+    it too: two drivers computed the step, one writing into the other's artifacts."""
+    store = Store(str(tmp_path))
+    assert store.acquire_lease("k", "dead", ttl=0.2)
+    time.sleep(0.3)
+    a, b = _interleaved(monkeypatch, lambda: store.acquire_lease("k", "A", ttl=60),
+                        lambda: store.acquire_lease("k", "B", ttl=60))
+    assert [a, b].count(True) == 1, (a, b)
+    assert store.lease_holder("k") == ("A" if a else "B", True)
+
+
+def test_a_late_renewal_does_not_overwrite_a_lease_another_driver_took(tmp_path, monkeypatch):
+    """A's heartbeat came after its lease expired; B took the lease between A's check and A's write, and A's
+    write made the file say A while B computed."""
+    store = Store(str(tmp_path))
+    assert store.acquire_lease("k", "A", ttl=0.2)
+    time.sleep(0.3)
+    _, b = _interleaved(monkeypatch, lambda: store.renew_lease("k", "A"),
+                        lambda: store.acquire_lease("k", "B", ttl=60), at="write_bytes")
+    holder = store.lease_holder("k")
+    assert holder is not None and holder[1] and (holder[0] == "B") == b, (b, holder)
+
+
+def test_taking_ones_own_expired_lease_again_renews_it(tmp_path):
+    store = Store(str(tmp_path))
+    assert store.acquire_lease("k", "A", ttl=0.3)
+    time.sleep(0.4)
+    assert store.acquire_lease("k", "A", ttl=0.3)  # a restarted coordinator of the same driver
+    assert store.lease_holder("k") == ("A", True) and not store.acquire_lease("k", "B", ttl=0.3)
 
 
 def test_an_unreadable_lease_counts_as_expired(tmp_path):

@@ -48,9 +48,9 @@ def test_a_driver_killed_between_manifest_and_event_still_counts_its_computation
     m = ctx.store.manifest(step.kind, step.key)
     ctx.store.log_computation(step.kind, step.key, 1.0, "cpu", m["computation"])
     assert ctx.store.computations() == {step.key: 1}
-    ctx.store.put_step(step.kind, step.key, {}, {**m, "computation": "c2"})
-    assert ctx.store.computations() == {step.key: 2}
-    ctx.store.log_computation(step.kind, step.key, 1.0, "cpu", "c2")
+    ctx.store.put_step(step.kind, step.key, {}, {**m, "computation": "c2"})  # a second driver's: theirs is kept
+    assert ctx.store.manifest(step.kind, step.key)["computation"] == m["computation"]
+    ctx.store.log_computation(step.kind, step.key, 1.0, "cpu", "c2")  # and its computation is still counted
     assert ctx.store.computations() == {step.key: 2}
 
 

@@ -69,6 +69,29 @@ def test_a_manifest_that_is_not_json_is_damage_not_a_traceback(tmp_path):
     assert store.check_step("backdoor", "k") == "manifest.json is not valid JSON"
 
 
+@pytest.mark.parametrize("files", [[], {"model": 5}, "x"])
+def test_a_manifest_with_a_malformed_file_table_is_damage_not_a_traceback(tmp_path, files):
+    """`files` not a mapping of mappings raised AttributeError out of check_step: verify ended in a traceback
+    and the coordinator could neither reuse nor quarantine the step."""
+    store = Store(str(tmp_path))
+    store.put_step("backdoor", "k", {"model": STATE}, {"records": []})
+    path = tmp_path / "steps/backdoor/k/manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "files": files}))
+    assert store.check_step("backdoor", "k") == "manifest.json has a malformed artifact list or file table"
+
+
+def test_a_step_stored_intact_is_not_written_over(tmp_path):
+    """When two drivers computed one step (a lapsed lease, an object store's race), the second wrote its bytes
+    over the first's while the first's manifest stood: a reader saw one driver's manifest over the other's
+    artifact (a hash mismatch, and the step quarantined under the driver about to write its manifest)."""
+    store = Store(str(tmp_path))
+    first = store.put_step("backdoor", "k", {"model": STATE}, {"records": [{"stage": "a"}]})
+    blob = (tmp_path / "steps/backdoor/k/model.safetensors").read_bytes()
+    second = store.put_step("backdoor", "k", {"model": {"w": torch.ones(3)}}, {"records": [{"stage": "b"}]})
+    assert second == first and (tmp_path / "steps/backdoor/k/model.safetensors").read_bytes() == blob
+    assert store.check_step("backdoor", "k") is None
+
+
 def test_legacy_manifests_without_hashes_are_checked_by_parsing(tmp_path):
     store = Store(str(tmp_path))
     store.put_step("backdoor", "k", {"model": STATE}, {"records": []})

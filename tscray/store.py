@@ -17,15 +17,21 @@ is written whole and the manifest last, so a reader never sees a half-written st
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import posixpath
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import pyarrow.fs as pafs
+
+try:
+    import fcntl
+except ImportError:  # (Windows)
+    fcntl = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:  # torch is imported lazily: light Tune trials use the store without it
     import torch
@@ -130,9 +136,14 @@ class Store:
 
     def put_step(self, kind: str, key: str, tensors: Mapping[str, Mapping[str, torch.Tensor]],
                  manifest: dict[str, Any]) -> dict[str, Any]:
-        """Write a step's tensor artifacts, then its manifest (which makes the step exist)."""
+        """Write a step's tensor artifacts, then its manifest (which makes the step exist); a step stored
+        intact already is kept, and its manifest returned."""
         from safetensors.torch import save as st_save
 
+        if self.has_step(kind, key) and self.check_step(kind, key, deep=False) is None:
+            # another driver stored it first (a lease that lapsed, or an object store's race): keep theirs,
+            # since writing ours over it would pair one driver's manifest with the other's bytes under a reader
+            return self.manifest(kind, key)
         d = self.step_dir(kind, key)
         files: dict[str, dict[str, Any]] = {}
         for name, state in tensors.items():
@@ -174,6 +185,10 @@ class Store:
         if not isinstance(manifest, dict) or not isinstance(manifest.get("records"), list) \
                 or not isinstance(manifest.get("artifacts", []), list):
             return "manifest.json lacks its records or artifact list"
+        files = manifest.get("files", {})
+        if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()) \
+                or not all(isinstance(n, str) for n in manifest.get("artifacts", [])):
+            return "manifest.json has a malformed artifact list or file table"
         for name in manifest.get("artifacts", []):
             rel = f"{d}/{name}.safetensors"
             info = self.fs.get_file_info(self.path(rel))
@@ -236,38 +251,42 @@ class Store:
     def acquire_lease(self, key: str, owner: str, ttl: float) -> bool:
         """Take the lease on computing step ``key`` for ``owner``; False while another owner holds a live one.
 
-        Local filesystems create the lease atomically (``O_EXCL``); an expired lease (its holder stopped
-        renewing it: a killed driver) is renamed away first, which only one taker can do. Object stores have
-        no atomic create: the lease is written if absent and read back, the last writer winning."""
+        On a local or NFS storage every lease change happens under one lock (:meth:`_lease_lock`) and a lease
+        is written whole (temp file, then rename), so of two takers of a free or expired lease (its holder
+        stopped renewing it: a killed driver) exactly one wins. Taking one's own lease again renews it.
+        Object stores have no lock: the lease is written if absent and read back, the last writer winning."""
         rel = f"leases/{key}.json"
         body = json.dumps({"owner": owner, "ttl": ttl, "at": time.time()}).encode()
         if self.local:
-            path = self.path(rel)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            for _ in range(2):
-                try:
-                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                except FileExistsError:
-                    holder = self.lease_holder(key)
-                    if holder is not None and holder[0] == owner:
-                        return True
-                    if holder is not None and holder[1]:
-                        return False
-                    try:  # expired (or unreadable): move it aside, then race for the create again
-                        os.replace(path, f"{path}.{uuid.uuid4().hex}.expired")
-                    except FileNotFoundError:
-                        pass
-                    continue
-                with os.fdopen(fd, "wb") as f:
-                    f.write(body)
+            with self._lease_lock():
+                holder = self.lease_holder(key)
+                if holder is not None and holder[1] and holder[0] != owner:
+                    return False
+                self.write_bytes(rel, body)  # free, expired, or this owner's own (renewed)
                 return True
-            return False
         holder = self.lease_holder(key)
         if holder is not None and holder[1] and holder[0] != owner:
             return False
         self.write_bytes(rel, body)
         holder = self.lease_holder(key)
         return holder is not None and holder[0] == owner
+
+    @contextlib.contextmanager
+    def _lease_lock(self) -> Iterator[None]:
+        """Hold ``leases/.lock`` exclusively (``flock``: between processes, threads and, on NFS, hosts; the
+        system drops it when its holder dies). Without it two takers of an expired lease could both take it,
+        and a late renewal could overwrite a lease another driver had just taken."""
+        if fcntl is None or not self.local:  # (object stores, or no flock here: leases are best effort)
+            yield
+            return
+        path = self.path("leases/.lock")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # (releases the lock)
 
     def lease_holder(self, key: str) -> tuple[str, bool] | None:
         """``(owner, live)`` of step ``key``'s lease, or None when there is none. Live: renewed within its ttl."""
@@ -284,20 +303,27 @@ class Store:
         return owner, time.time() - max(stamp, float(lease.get("at", 0))) < ttl
 
     def renew_lease(self, key: str, owner: str) -> None:
-        """Keep a held lease live (its holder is still computing)."""
-        holder = self.lease_holder(key)
-        if holder is not None and holder[0] == owner:
-            rel = f"leases/{key}.json"
-            lease = json.loads(self.read_bytes(rel))
+        """Keep a held lease live (its holder is still computing); a lease another driver has taken over, or
+        one no longer readable, is left as it is."""
+        rel = f"leases/{key}.json"
+        with self._lease_lock():
+            holder = self.lease_holder(key)
+            if holder is None or holder[0] != owner:
+                return
+            try:
+                lease = json.loads(self.read_bytes(rel))
+            except (FileNotFoundError, ValueError):
+                return
             self.write_bytes(rel, json.dumps({**lease, "at": time.time()}).encode())
 
     def release_lease(self, key: str, owner: str) -> None:
-        holder = self.lease_holder(key)
-        if holder is not None and holder[0] == owner:
-            try:
-                self.fs.delete_file(self.path(f"leases/{key}.json"))
-            except (FileNotFoundError, OSError):
-                pass
+        with self._lease_lock():
+            holder = self.lease_holder(key)
+            if holder is not None and holder[0] == owner:
+                try:
+                    self.fs.delete_file(self.path(f"leases/{key}.json"))
+                except (FileNotFoundError, OSError):
+                    pass
 
     def release_leases(self, owner: str) -> int:
         """Drop every lease ``owner`` still holds (a driver stopping, e.g. on Ctrl-C, so a restart need not
