@@ -369,10 +369,12 @@ def test_a_sweep_survives_losing_a_node_mid_step(tmp_path):
         assert finished and len(leased()) >= 2, "the sweep finished before a node could be removed"
         import ray  # the sweep's thread connected this process to the cluster
 
-        from tscray.cluster import NAMESPACE, coordinator_name
+        from tscray.cluster import NAMESPACE
         from tscray.sweep import sweep_id
 
-        coord = ray.get_actor(coordinator_name(sweep_id(str(tmp_path / "run"))), namespace=NAMESPACE)
+        prefix = f"tscray-coordinator-{sweep_id(str(tmp_path / 'run'))}-"  # (the driver's own: one per driver)
+        name, = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+        coord = ray.get_actor(name, namespace=NAMESPACE)
         busy = set(ray.get(coord.worker_nodes.remote()))  # both workers are computing a step
         victim = next(n for n in nodes if n.node_id in busy)
         cluster.remove_node(victim)  # the raylet and every worker on it die, as on a reclaimed spot node

@@ -349,7 +349,7 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
         trainable = tune.with_resources(run_trial, trial_res)
         tuner = tune.Tuner(
             trainable,
-            param_space={"coordinator": cluster.coordinator_name(sid), "storage": uri, "sweep": spec.name,
+            param_space={"coordinator": cluster.coordinator_name(sid, owner), "storage": uri, "sweep": spec.name,
                          "sweep_id": sid,
                          "trial": tune.grid_search([t.to_dict() for t in pending])},
             tune_config=tune.TuneConfig(max_concurrent_trials=res.max_concurrent_trials,

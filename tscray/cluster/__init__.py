@@ -13,22 +13,26 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import functools
+import hashlib
 import math
 import os
 import socket
 import sys
-import time
 import uuid
 from typing import Any
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import NodeDiedError, OutOfMemoryError, RayActorError
 
 from tscray.plan import Step, cost_class, step_work
 
 NAMESPACE = "tscray"
 TRIAL_CPU = 0.005  # what a light Tune trial reserves; workers leave room for many of them
+# a worker that died under a step: its actor died or is unreachable (RayActorError covers ActorDiedError and
+# ActorUnavailableError), Ray's memory monitor killed it (OutOfMemoryError, not an actor error), or its node left
+WORKER_LOST = (RayActorError, OutOfMemoryError, NodeDiedError)
 
 
 @ray.remote(max_restarts=0)
@@ -70,9 +74,9 @@ class ShardWorker:
         return ray.get_runtime_context().get_node_id()
 
 
-@ray.remote
-class Coordinator:
-    """Single-flight step execution over a pool of shard workers (async actor)."""
+class StepCoordinator:
+    """Single-flight step execution over a pool of shard workers (run as the async actor ``Coordinator``;
+    a plain class, so its logic is tested without Ray)."""
 
     def __init__(self, store_uri: str, resources: dict[str, Any], data_root: str | None, eval_batch: int,
                  fault_kill_at: int = 0, fault_die_at: int = 0, fault_marker: str = "") -> None:
@@ -92,6 +96,9 @@ class Coordinator:
         self.lease_poll = min(5.0, self.lease_ttl / 6)
         self.held: set[str] = set()  # leases this coordinator holds (renewed by the heartbeat)
         self._heartbeat_task: asyncio.Future | None = None
+        # lease I/O on its own thread: on the default executor, a resume's many hash checks of large stored
+        # artifacts queued ahead of the renewals, and a held lease expired while its step was computing
+        self._lease_io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tscray-lease")
         self.checking: dict[str, asyncio.Future] = {}
         self.fault_kill_at = fault_kill_at
         # test hook: the coordinator's own process dies (as an OOM kill would) at that dispatch, once
@@ -240,7 +247,7 @@ class Coordinator:
             self._heartbeat_task = asyncio.ensure_future(self._heartbeat())
         announced = False
         try:
-            while not await asyncio.to_thread(self.store.acquire_lease, step.key, self.owner, self.lease_ttl):
+            while not await self._lease(self.store.acquire_lease, step.key, self.owner, self.lease_ttl):
                 if not announced:
                     announced = True
                     self.stats["waited"] += 1
@@ -267,16 +274,20 @@ class Coordinator:
             return manifest
         finally:
             self.held.discard(step.key)
-            await asyncio.to_thread(self.store.release_lease, step.key, self.owner)
+            await self._lease(self.store.release_lease, step.key, self.owner)
+
+    async def _lease(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._lease_io, fn, *args)
 
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.lease_ttl / 4)
             for key in list(self.held):
                 try:
-                    await asyncio.to_thread(self.store.renew_lease, key, self.owner)
-                except OSError:
-                    pass  # a transient store error: the next beat retries well before expiry
+                    await self._lease(self.store.renew_lease, key, self.owner)
+                except Exception as err:  # a store error must not end the heartbeat: the next beat retries
+                    print(f"tscray: renewing the lease of step {key} failed ({type(err).__name__}: {err}); "
+                          "retrying", file=sys.stderr, flush=True)
 
     async def _intact(self, step: Step) -> bool:
         """Check a stored step's artifacts against their recorded hashes, once per coordinator; a damaged step
@@ -327,7 +338,7 @@ class Coordinator:
                         f.write("died once\n")
                     asyncio.get_running_loop().call_later(1.0, os._exit, 1)
                 return await ref
-            except (RayActorError, ActorDiedError, ActorUnavailableError):
+            except WORKER_LOST:
                 self.workers[idx] = self._new_worker()  # replace the dead worker, then retry
                 self.stats["replaced_workers"] += 1
                 if attempt == attempts - 1:
@@ -369,8 +380,14 @@ class Coordinator:
 AHEAD_POLL_S = 1.0  # how often idle workers are looked for, to compute steps ahead
 
 
-def coordinator_name(sweep_id: str) -> str:
-    return f"tscray-coordinator-{sweep_id}"
+Coordinator = ray.remote(StepCoordinator)
+
+
+def coordinator_name(sweep_id: str, owner: str) -> str:
+    """The coordinator's actor name: one per driver (``owner`` names its leases), so a second driver of the same
+    sweep on the same Ray cluster starts its own instead of killing the first's (they share work through
+    the store's leases)."""
+    return f"tscray-coordinator-{sweep_id}-{hashlib.sha256(owner.encode()).hexdigest()[:12]}"
 
 
 # A killed coordinator (Ray's OOM killer, a crash) is restarted this many times; calls in flight to it are
@@ -380,14 +397,10 @@ COORDINATOR_RESTARTS = 3
 
 def start(store_uri: str, sweep_id: str, resources: dict[str, Any], data_root: str | None, eval_batch: int,
           fault_kill_at: int = 0, fault_die_at: int = 0, fault_marker: str = "") -> tuple[Any, int]:
-    """Create (or replace) the sweep's coordinator and its workers; returns (handle, worker count)."""
-    name = coordinator_name(sweep_id)
-    try:
-        ray.kill(ray.get_actor(name, namespace=NAMESPACE))
-        time.sleep(0.5)
-    except ValueError:
-        pass
-    coord = Coordinator.options(  # type: ignore[attr-defined]  # @ray.remote's ActorClass: see _new_worker
+    """Create this driver's coordinator of the sweep (``resources["lease_owner"]`` names the driver) and its
+    workers; returns (handle, worker count)."""
+    name = coordinator_name(sweep_id, resources["lease_owner"])
+    coord: Any = Coordinator.options(
         name=name, namespace=NAMESPACE, max_concurrency=10_000, num_cpus=0, scheduling_strategy="DEFAULT",
         max_restarts=COORDINATOR_RESTARTS, max_task_retries=COORDINATOR_RESTARTS).remote(
         store_uri, resources, data_root, eval_batch, fault_kill_at, fault_die_at, fault_marker)
