@@ -72,7 +72,7 @@ PROBE_CASES = [("mlp", (1, 28, 28), {"in_channels": 1}), ("cnn", (1, 28, 28), {"
 
 @pytest.mark.parametrize("arch,shape,kw", PROBE_CASES, ids=[c[0] for c in PROBE_CASES])
 def test_a_probe_rule_places_probes_on_the_models_own_groups(arch, shape, kw):
-    """``auto`` and ``relu`` find the hand-written probes (DESIGN.md's rule); ``raw`` reads each group's
+    """``auto`` and ``relu`` find the hand-written probes (derive.py's probe rule); ``raw`` reads each group's
     producing conv/linear outputs, on the same groups."""
     from tscray.symmetry import spec_of
     from tscray.symmetry.derive import probes_by_rule

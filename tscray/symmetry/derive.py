@@ -22,7 +22,7 @@ permuted cannot break the function. ``strict=True`` refuses such ops instead, na
 Every derived spec is checked before it is returned (:func:`verify`): a random permutation of a float64
 copy with randomised BatchNorm statistics must leave the outputs unchanged and invert exactly.
 
-Probes (where matching reads activations) follow DESIGN.md: in a net with residual sums, the raw output
+Probes (where matching reads activations) follow one rule: in a net with residual sums, the raw output
 of every conv / Linear writing into a group; in a plain net, the first ReLU after the producer's
 BatchNorm (or after the producer). ``probes="raw"`` or ``"relu"`` forces one rule.
 """
@@ -687,7 +687,7 @@ def derive(model: nn.Module, example_input: torch.Tensor, probes: ProbeRule = "a
 def probes_by_rule(model: nn.Module, example_input: torch.Tensor, rule: ProbeRule) -> dict[str, list[Probe]]:
     """Matching probes for ``model``'s own spec (hand-written or derived), placed by ``rule``: ``raw`` reads
     each group's producers (conv/linear outputs), ``relu`` their BatchNorm + ReLU where those follow,
-    ``auto`` raw for residual nets and relu otherwise (DESIGN.md's rule). The graph is derived with that
+    ``auto`` raw for residual nets and relu otherwise (the module docstring's rule). The graph is derived with that
     rule and its groups are renamed onto the spec's by the parameter axes both permute."""
     from tscray.symmetry.permute import spec_of
 
