@@ -355,3 +355,58 @@ def test_a_data_kw_axis_names_a_dataset_path_with_dots():
                                            f"data_kw.{EXAMPLE}.image_size": [16, 24]}})
     got = sorted(s.params["data_kw"]["image_size"] for s in make_plan(spec).steps.values() if s.kind == "backdoor")
     assert got == [16, 24]
+
+
+@pytest.mark.parametrize("splits", [("Train", "Test"), ("training", "testing"), ("TRAIN", "VAL"), ("train", "valid"),
+                                    ("train", "validation")])
+def test_split_folders_are_recognised_in_any_case_and_common_names(tmp_path, splits):
+    """Train/ + Test/ loaded as two classes named "Test" and "Train" (their class folders' images mixed into
+    them), and train/ + valid/ dropped the user's validation images for a stratified share of train/."""
+    write_folder(tmp_path / "d", splits)
+    ds = data.load(str(tmp_path / "d"))
+    assert (ds.num_classes, len(ds.train), len(ds.test)) == (3, 12, 12)
+    assert ds.test.y.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_a_folder_beside_the_splits_is_refused_and_test_is_preferred_to_val(tmp_path):
+    write_folder(tmp_path / "d", ("train", "test", "val"), n=2)
+    ds = data.load(str(tmp_path / "d"))  # test/ is the test split; val/ (model selection) is left alone
+    assert len(ds.test) == 6
+    write_folder(tmp_path / "d", ("extra",), n=1)
+    with pytest.raises(ValueError, match=r"beside the train/ split, folder\(s\) \['extra'\] are no split"):
+        data.load(str(tmp_path / "d"))
+
+
+def test_an_npz_with_arrays_of_other_names_is_refused_naming_them(tmp_path):
+    """x_val/y_val (or X_test) were ignored without a word: a stratified share replaced the user's test split."""
+    x, y = arrays()
+    np.savez(tmp_path / "v.npz", x=x, y=y, x_val=x[:8], y_val=y[:8])
+    with pytest.raises(ValueError, match=r"unknown array\(s\) \['x_val', 'y_val'\]; expected x \(images\)"):
+        data.load(str(tmp_path / "v.npz"))
+
+
+def test_numbered_class_folders_are_classes_in_numeric_order(tmp_path):
+    """Folders 0..10 were numbered as text: folder "10" was class 2, so --target 2 meant folder 10."""
+    write_folder(tmp_path / "d", classes=tuple(str(i) for i in range(11)), n=2)
+    Image.fromarray(np.full((9, 9), 77, np.uint8), "L").save(tmp_path / "d" / "10" / "0.png")
+    ds = data.load(str(tmp_path / "d"), test_ratio=0.5)
+    x, y = torch.cat([ds.train.x, ds.test.x]), torch.cat([ds.train.y, ds.test.y])
+    assert y[(x == 77).flatten(1).all(1)].tolist() == [10]
+
+
+def test_images_are_read_upright_as_their_exif_orientation_says_and_without_torch_warnings(tmp_path, recwarn):
+    """A phone photo stored sideways with EXIF Orientation 6 was read sideways; every folder load warned that
+    PIL's read-only array was not writable."""
+    for c in ("a", "b"):
+        (tmp_path / "d" / c).mkdir(parents=True)
+        for i in range(3):
+            stored = np.zeros((8, 8), np.uint8)
+            stored[:, 0] = 250  # the stored left column: the top row once turned as Orientation 6 says
+            im = Image.fromarray(stored, "L")
+            exif = im.getexif()
+            exif[0x0112] = 6  # rotate 90° clockwise to view
+            im.save(tmp_path / "d" / c / f"{i}.jpg", exif=exif, quality=100)
+    ds = data.load(str(tmp_path / "d"), test_ratio=0.5)
+    img = ds.train.x[0, 0].float()
+    assert img[0, 1:].mean() > 200 and img[1:, 0].mean() < 50, img
+    assert not [w for w in recwarn if "not writable" in str(w.message)]

@@ -33,7 +33,9 @@ from tscray.data.files import eight_bit, resize_square
 from tscray.data.tensors import ImageData, Preprocess
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-TEST_DIRS = ("test", "val")
+TRAIN_DIRS = ("train", "training")  # split folder names, in any case
+TEST_DIRS = ("test", "testing", "val", "valid", "validation")  # in order of preference
+NPZ_KEYS = ("x", "y", "x_test", "y_test")
 
 
 def is_path(name: str) -> bool:
@@ -135,20 +137,29 @@ def _labels(p: Path, key: str, y: np.ndarray, n: int, xkey: str) -> torch.Tensor
 def _read_npz(p: Path) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
     if not zipfile.is_zipfile(p):  # np.load would read any other file as a pickle (refused, but misleading)
         raise ValueError(f"{p}: corrupt or not an .npz file (not a zip archive)")
+    key = ""
     try:
         with np.load(p, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+            missing = [k for k in ("x", "y") if k not in z.files]
+            if missing:
+                raise ValueError(f"{p}: missing array(s) {missing}; expected x (images), y (labels), optional "
+                                 f"x_test/y_test; found {sorted(z.files)}")
+            extra = sorted(set(z.files) - set(NPZ_KEYS))
+            if extra:  # (x_val or X_test was read as no test split: a stratified share replaced the user's)
+                raise ValueError(f"{p}: unknown array(s) {extra}; expected x (images), y (labels), optional "
+                                 f"x_test/y_test")
+            arrays = {}
+            for key in z.files:
+                arrays[key] = z[key]
     except ValueError as err:  # object arrays need pickle, which is refused
-        raise ValueError(f"{p}: unreadable as a plain .npz ({err})") from None
+        if str(err).startswith(f"{p}: "):
+            raise
+        raise ValueError(f"{p}: array {key} is unreadable as a plain .npz array ({err})") from None
     except (OSError, EOFError, zipfile.BadZipFile) as err:  # (a bad CRC: damaged bytes)
         raise ValueError(f"{p}: corrupt or not an .npz file ({err})") from None
     odd = sorted(k for k, v in arrays.items() if not isinstance(v, np.ndarray))
     if odd:  # zip members without a .npy header come back as raw bytes
         raise ValueError(f"{p}: not an .npz of arrays (member(s) {odd} are not .npy arrays)")
-    missing = [k for k in ("x", "y") if k not in arrays]
-    if missing:
-        raise ValueError(f"{p}: missing array(s) {missing}; expected x (images), y (labels), optional "
-                         f"x_test/y_test; found {sorted(arrays)}")
     if ("x_test" in arrays) != ("y_test" in arrays):
         raise ValueError(f"{p}: x_test and y_test come together (found only one)")
     x = _images(p, "x", arrays["x"])
@@ -198,20 +209,33 @@ def _stats(p: Path, x: torch.Tensor, mean: Sequence[float] | None,
 
 
 def _class_dirs(folder: Path) -> list[Path]:
-    """The visible sub-folders of ``folder`` (none when it is not a folder)."""
+    """The visible sub-folders of ``folder`` (none when it is not a folder), in class order: by name, or by
+    number when every name is an integer ("2" before "10", as a user numbering classes means)."""
     if not folder.is_dir():
         return []
-    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    dirs = [d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    numeric = bool(dirs) and all(d.name.isdigit() for d in dirs)
+    return sorted(dirs, key=lambda d: (int(d.name), d.name) if numeric else (0, d.name))
+
+
+def _split(p: Path, names: tuple[str, ...]) -> Path | None:
+    """The split folder of ``p`` named one of ``names`` in any case (the first name found wins): one that holds
+    class folders (a class that happens to be named "train" holds images)."""
+    found = {d.name.lower(): d for d in _class_dirs(p) if _class_dirs(d)}
+    return next((found[n] for n in names if n in found), None)
 
 
 def _read_folder(p: Path, image_size: int | None) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
-    # a split folder holds class folders (a class that happens to be named "train" holds images)
-    test_dir = next((p / t for t in TEST_DIRS if _class_dirs(p / t)), None)
-    train_split = bool(_class_dirs(p / "train"))
-    if test_dir is not None and not train_split:
+    test_dir, train = _split(p, TEST_DIRS), _split(p, TRAIN_DIRS)
+    if test_dir is not None and train is None:
         raise ValueError(f"{p}: has a {test_dir.name}/ split but no train/ split beside it (expected "
                          f"{p}/train/<class>/* with {test_dir}/<class>/*, or {p}/<class>/*)")
-    train_dir = p / "train" if train_split else p  # train/ alone: a stratified share becomes the test set
+    if train is not None:  # (Train/ + Test/ were read as two classes named "Test" and "Train")
+        others = [d.name for d in _class_dirs(p) if d.name.lower() not in (*TRAIN_DIRS, *TEST_DIRS)]
+        if others:
+            raise ValueError(f"{p}: beside the {train.name}/ split, folder(s) {others[:5]} are no split (expected "
+                             f"train/ and optionally one of {', '.join(t + '/' for t in TEST_DIRS)})")
+    train_dir = train if train is not None else p  # train/ alone: a stratified share becomes the test set
     classes = [d.name for d in _class_dirs(train_dir)]
     if not classes:
         raise ValueError(f"{train_dir}: no class sub-folders (expected {train_dir}/<class>/*.png ...)")
@@ -252,14 +276,14 @@ def _decode(path: Path) -> np.ndarray:
     """uint8 C×H×W: 1 channel for grey images, else RGB."""
     import warnings
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # PIL's note on palette transparency: harmless here
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # a huge image: refused, not decoded
             with Image.open(path) as im:
-                im = eight_bit(im)
-                arr = np.asarray(im, dtype=np.uint8)
+                im = eight_bit(ImageOps.exif_transpose(im))  # as a viewer shows it (phone photos: rotated)
+                arr = np.array(im, dtype=np.uint8)  # (a copy: torch warned on PIL's read-only view)
                 arr = arr[None] if im.mode == "L" else arr.transpose(2, 0, 1)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as err:
