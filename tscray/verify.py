@@ -134,10 +134,10 @@ def _rebuild(store: Store, trial_ids: list[str], rep: VerifyReport, info: dict[s
             try:
                 rows = results.trial_rows(info["spec"]["name"], trial, manifests, info.get("sweep_id"))
             except KeyError:  # the final step's manifest lacks its model's record: damaged, so the rerun redoes it
-                kind = next(st.step.kind for st in trial.chain if st.step.key == trial.final.key)
-                rep.damaged_steps[f"{kind}/{trial.final.key}"] = "manifest.json holds no record of its model"
-                rep.quarantined.append(store.quarantine_step(kind, trial.final.key,
-                                                             "manifest.json holds no record of its model"))
+                kind, why = next(st.step.kind for st in trial.chain if st.step.key == trial.final.key), \
+                    "manifest.json holds no record of its model"
+                rep.damaged_steps[f"{kind}/{trial.final.key}"] = why
+                rep.quarantined.append(store.quarantine_step(kind, trial.final.key, why))
         if rows is not None:
             results.write_trial(store, tid, rows)
             rep.rebuilt.append(tid)

@@ -137,26 +137,23 @@ def _labels(p: Path, key: str, y: np.ndarray, n: int, xkey: str) -> torch.Tensor
 def _read_npz(p: Path) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
     if not zipfile.is_zipfile(p):  # np.load would read any other file as a pickle (refused, but misleading)
         raise ValueError(f"{p}: corrupt or not an .npz file (not a zip archive)")
-    key = ""
+    key, arrays = "", {}
     try:
         with np.load(p, allow_pickle=False) as z:
-            missing = [k for k in ("x", "y") if k not in z.files]
-            if missing:
-                raise ValueError(f"{p}: missing array(s) {missing}; expected x (images), y (labels), optional "
-                                 f"x_test/y_test; found {sorted(z.files)}")
-            extra = sorted(set(z.files) - set(NPZ_KEYS))
-            if extra:  # (x_val or X_test was read as no test split: a stratified share replaced the user's)
-                raise ValueError(f"{p}: unknown array(s) {extra}; expected x (images), y (labels), optional "
-                                 f"x_test/y_test")
-            arrays = {}
-            for key in z.files:
+            files = list(z.files)
+            for key in (k for k in NPZ_KEYS if k in files):  # (only these: an unused array is named below)
                 arrays[key] = z[key]
     except ValueError as err:  # object arrays need pickle, which is refused
-        if str(err).startswith(f"{p}: "):
-            raise
         raise ValueError(f"{p}: array {key} is unreadable as a plain .npz array ({err})") from None
     except (OSError, EOFError, zipfile.BadZipFile) as err:  # (a bad CRC: damaged bytes)
         raise ValueError(f"{p}: corrupt or not an .npz file ({err})") from None
+    missing = [k for k in ("x", "y") if k not in files]
+    if missing:
+        raise ValueError(f"{p}: missing array(s) {missing}; expected x (images), y (labels), optional "
+                         f"x_test/y_test; found {sorted(files)}")
+    extra = sorted(set(files) - set(NPZ_KEYS))
+    if extra:  # (x_val or X_test was read as no test split: a stratified share replaced the user's)
+        raise ValueError(f"{p}: unknown array(s) {extra}; expected x (images), y (labels), optional x_test/y_test")
     odd = sorted(k for k, v in arrays.items() if not isinstance(v, np.ndarray))
     if odd:  # zip members without a .npy header come back as raw bytes
         raise ValueError(f"{p}: not an .npz of arrays (member(s) {odd} are not .npy arrays)")
