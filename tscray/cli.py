@@ -304,17 +304,53 @@ def _purify_data(args: argparse.Namespace, meta: dict[str, Any]) -> tuple[str, d
 
 
 def _carried(meta: dict[str, Any], args: argparse.Namespace, target: int, attack_kw: dict[str, Any],
-             data_name: str, data_kw: dict[str, Any], resource: Path | None) -> dict[str, Any]:
+             ds: Any, data_kw: dict[str, Any], resource: Path | None) -> dict[str, Any]:
     """What a purified model records of the backdoored one, so that reading it again measures ASR against
     the same target, trigger and data (it recorded only the architecture and defense before)."""
     out: dict[str, Any] = {k: meta[k] for k in ("rate", "seed") if k in meta}
-    out.update(target=target, data=_recorded_data(data_name), data_kw=data_kw)
+    out.update(target=target, data=_recorded_data(ds.name), data_kw=data_kw, **_data_identity(ds))
     attack = args.attack or meta.get("attack")
     if attack:
         out.update(attack=attack, attack_kw=attack_kw if args.attack else meta.get("attack_kw", {}))
     if resource is not None:
         out["attack_resource"] = str(Path(resource).expanduser().resolve())
     return out
+
+
+def _data_identity(ds: Any) -> dict[str, Any]:
+    """What a checkpoint records to know its data again: the class names where the data has them (a class
+    folder added or renamed shifts every label after it) and the content hash of the user's own data."""
+    from tscray import data_record
+
+    out: dict[str, Any] = {}
+    if ds.class_names is not None:
+        out["classes"] = list(ds.class_names)
+    if data_record.user_datasets([ds.name]):
+        out["data_sha256"] = data_record.fingerprint(ds.name)
+    return out
+
+
+def _check_classes(meta: dict[str, Any], ds: Any, model: Path) -> None:
+    """Refuse data whose classes are not the ones the model was trained on: its target and labels would name
+    other classes, and ACC and ASR would be measured against them. A note when the user's data at the
+    recorded path changed since (purifying on it is fine, but the numbers are not the earlier ones)."""
+    from tscray import data_record
+
+    want, have = meta.get("classes"), ds.class_names
+    if want is not None and have is not None and list(have) != want:
+        i = next((i for i, (a, b) in enumerate(zip(want, have)) if a != b), min(len(want), len(have)))
+        then, now = (want[i] if i < len(want) else None), (have[i] if i < len(have) else None)
+        raise ValueError(f"{ds.name} has classes {_few(list(have))}, but {model} was trained on {_few(want)} "
+                         f"(label {i}: {then!r} then, {now!r} now); pass the data it was trained on")
+    sha = meta.get("data_sha256")
+    if sha and data_record.user_datasets([ds.name]) and data_record.fingerprint(ds.name) != sha \
+            and _same_data(ds.name, str(meta.get("data", ""))):
+        _log(f"note: {ds.name} changed since {model.name} was trained on it (content hash {sha[:12]}, now "
+             f"{data_record.fingerprint(ds.name)[:12]}); ACC and ASR are measured on the data as it is now")
+
+
+def _few(names: list[str], n: int = 6) -> str:
+    return "[" + ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "") + "]"
 
 
 def _recorded_data(name: str) -> str:
@@ -336,7 +372,8 @@ def _same_data(a: str, b: str) -> bool:
 
 
 META_TYPES: dict[str, tuple[type, ...]] = {"arch": (str,), "arch_kw": (dict,), "attack": (str,), "attack_kw": (dict,),
-                                           "data": (str,), "data_kw": (dict,), "target": (int,), "rate": (int, float)}
+                                           "data": (str,), "data_kw": (dict,), "target": (int,), "rate": (int, float),
+                                           "classes": (list,), "data_sha256": (str,)}
 
 
 def _checked_meta(path: Path) -> dict[str, Any]:
@@ -352,6 +389,9 @@ def _checked_meta(path: Path) -> dict[str, Any]:
         if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
             raise checkpoint.CheckpointError(f"{path}: metadata {key} {json.dumps(value)[:80]} is not a "
                                              f"{' or '.join(t.__name__ for t in types)}")
+    if isinstance(meta.get("classes"), list) and not all(isinstance(c, str) for c in meta["classes"]):
+        raise checkpoint.CheckpointError(f"{path}: metadata classes {json.dumps(meta['classes'])[:80]} are not "
+                                         "class names")
     arch = meta.get("arch")
     if arch and external.is_external(arch) and not arch.startswith(external.TORCHVISION):
         raise checkpoint.CheckpointError(
@@ -438,6 +478,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
     data_name, data_kw, data_kw_from = _purify_data(args, meta)
     ds = _load_data(data_name, args.data_root, data_kw, data_kw_from)
     _check_target(target, ds, "--target" if args.target is not None else "the checkpoint's target")
+    _check_classes(meta, ds, args.model)
     model = _build_model(arch, ds, arch_kw, "--arch-kw" if args.arch_kw is not None
                          else f"arch_kw recorded in {args.model.name}")
     if defense.check_model is not None:
@@ -485,7 +526,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
     after = evaluate(result.model)
     checkpoint.save_model(result.model, out, arch=arch, arch_kw=arch_kw, defense=defense.name,
                           config=repr(cfg), source=str(args.model), **_carried(meta, args, target, attack_kw,
-                                                                                data_name, data_kw, resource))
+                                                                                ds, data_kw, resource))
     print(f"\n{'':8}{'ACC':>8}{'ASR':>8}")
     for name, m in (("before", before), ("after", after)):
         print(f"{name:8}{m['acc']:7.2f}%" + (f"{m['asr']:7.2f}%" if "asr" in m else f"{'-':>8}"))
@@ -516,7 +557,7 @@ def cmd_backdoor(args: argparse.Namespace) -> int:
     m = bd.evaluate(bd.model)
     checkpoint.save_model(bd.model, args.out, arch=args.arch, arch_kw=args.arch_kw or {}, attack=args.attack,
                           attack_kw=args.attack_kw or {}, rate=args.rate, target=args.target,
-                          data=_recorded_data(ds.name), data_kw=data_kw, seed=args.seed)
+                          data=_recorded_data(ds.name), data_kw=data_kw, seed=args.seed, **_data_identity(ds))
     _log(f"backdoored model: {_fmt(m)}; wrote {args.out}")
     if resource is not None:
         res = checkpoint.save_tensors(resource, _resource_path(args.out), attack=args.attack,
@@ -548,8 +589,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     store = Store(uri)
     store.probe()  # an unreachable storage: one line before any compute
     if args.dry_run:
-        from tscray import results
+        from tscray import data_record, results
 
+        data_record.check(store, (*spec.grid.dataset, spec.ssl.downstream), uri, write=False)
         # finished: a results file holding the planned final step's rows (not one written under other settings),
         # as the sweep itself counts them: with or without a sweep.json (result files copied into a fresh storage)
         done = results.finished_steps(store)
@@ -681,6 +723,9 @@ def cmd_import_steps(args: argparse.Namespace) -> int:
             wanted.setdefault(step.kind, set()).add(step.key)
         available = {k: [key for key in v if key in wanted.get(k, set())] for k, v in available.items()}
     dst = _store_at(args.storage)
+    from tscray import data_record
+
+    data_record.merge(src, dst)  # (steps computed on other data at the same path are refused)
     present = {k: set(v) for k, v in dst.step_keys().items()}
     copied: dict[str, int] = {}
     skipped = damaged = 0

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from tscray import attacks, data, defenses, methods, models
+from tscray import attacks, data, data_record, defenses, methods, models
 from tscray.curves import BezierCurve
 from tscray.defenses.base import CleanData, config_from_dict
 from tscray.optim import OptimConfig
@@ -45,7 +45,11 @@ class Context:
     def dataset(self, name: str, kw: dict[str, Any] | None = None) -> data.Dataset:
         """Dataset ``name`` loaded with options ``kw`` (e.g. ``image_size``), kept resident."""
         kw = kw or {}
-        return self._cached(("ds", name, repr(sorted(kw.items()))), lambda: data.load(name, self.data_root, **kw))
+
+        def make() -> data.Dataset:
+            data_record.verify(self.store, name)  # (a node's stale copy of the user's data is refused)
+            return data.load(name, self.data_root, **kw)
+        return self._cached(("ds", name, repr(sorted(kw.items()))), make)
 
     def method(self, bd: Step) -> methods.Method:
         """The training method F of the backdoor step ``bd``'s model (what defenses re-use on clean data)."""

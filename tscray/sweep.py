@@ -266,11 +266,12 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
     import ray
     from ray import tune
 
-    from tscray import cluster, results, sweep_record
+    from tscray import cluster, data_record, results, sweep_record
     from tscray.tracking import MLflowCallback, Tracker, default_uri
 
     uri = spec.storage_path(storage)
     store = Store(uri)
+    data_record.check(store, (*spec.grid.dataset, spec.ssl.downstream), uri)  # (before anything is written)
     sid = sweep_id(uri)
     plan = make_plan(spec)
     sweep_record.write(store, spec, sid, plan)

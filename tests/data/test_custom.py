@@ -410,3 +410,31 @@ def test_images_are_read_upright_as_their_exif_orientation_says_and_without_torc
     img = ds.train.x[0, 0].float()
     assert img[0, 1:].mean() > 200 and img[1:, 0].mean() < 50, img
     assert not [w for w in recwarn if "not writable" in str(w.message)]
+
+
+def test_a_checkpoint_knows_its_classes_and_purify_refuses_data_whose_classes_moved(tmp_path, capsys):
+    from tscray.checkpoint import read_meta
+    from tscray.data_record import fingerprint
+
+    folder = tmp_path / "pets"
+    write_folder(folder, classes=("cat", "dog", "emu"), n=8, size=(16, 16))
+    bd = tmp_path / "bd.safetensors"
+    assert main(["backdoor", "--data", str(folder), "--arch", "cnn", "--arch-kw", '{"widths": [8, 8, 8, 8]}',
+                 "--epochs", "1", "--batch-size", "8", "--target", "1", "--out", str(bd)]) == 0
+    meta = read_meta(bd)
+    assert meta["classes"] == ["cat", "dog", "emu"] and meta["data_sha256"] == fingerprint(folder)
+    purify = ["purify", "--model", str(bd), "--attack", "badnets", "--rounds", "1", "--curve-epochs", "1",
+              "--finetune-epochs", "1", "--clean-ratio", "0.5", "--batch-size", "8"]
+    (folder / "cat").rename(folder / "fox")  # same count: every label moves (dog 0, emu 1, fox 2), target 1 is emu
+    capsys.readouterr()
+    assert main([*purify, "--out", str(tmp_path / "p.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "has classes [dog, emu, fox], but" in err and "trained on [cat, dog, emu]" in err
+    assert "(label 0: 'cat' then, 'dog' now)" in err and not (tmp_path / "p.safetensors").exists()
+    (folder / "fox").rename(folder / "cat")
+    img = folder / "cat" / "0.png"
+    Image.fromarray(np.zeros((16, 16), np.uint8), "L").save(img)  # same classes, other pixels: purify, with a note
+    assert main([*purify, "--out", str(tmp_path / "p.safetensors")]) == 0
+    assert "changed since bd.safetensors was trained on it" in capsys.readouterr().out
+    out = read_meta(tmp_path / "p.safetensors")
+    assert out["classes"] == ["cat", "dog", "emu"] and out["data_sha256"] == fingerprint(folder) != meta["data_sha256"]

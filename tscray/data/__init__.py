@@ -31,6 +31,7 @@ class Dataset:
     test: ImageData
     num_classes: int
     prep: Preprocess
+    class_names: tuple[str, ...] | None = None  # where the data names its classes (an image folder's folders)
 
     @property
     def in_channels(self) -> int:

@@ -6,7 +6,8 @@
     PATH/<class>/*.{png,jpg,jpeg,bmp}                      one split, or
     PATH/train/<class>/*  and  PATH/test|val/<class>/*     both splits (train/ alone: one split)
 
-Classes are the train class folders sorted by name (label = position, as torchvision's ImageFolder). Images
+Classes are the train class folders sorted by name (label = position, as torchvision's ImageFolder), or by
+number when every folder name is an integer (``2/`` before ``10/``); the dataset carries their names. Images
 are converted to RGB, or kept grey when every image is grey (16-bit grey scaled onto 0-255; float refused).
 
 Without a test split, a stratified ``test_ratio`` of each class (seeded by ``split_seed``) becomes the test
@@ -53,8 +54,9 @@ def load_path(path: str | os.PathLike, image_size: int | None = None, test_ratio
         raise ValueError(f"{p}: image_size must be a positive int, got {image_size!r}")
     if not isinstance(test_ratio, (int, float)) or isinstance(test_ratio, bool) or not 0.0 < test_ratio < 1.0:
         raise ValueError(f"{p}: test_ratio must be in (0, 1), got {test_ratio!r}")
+    names: tuple[str, ...] | None = None
     if p.is_dir():
-        train, test = _read_folder(p, image_size)
+        train, test, names = _read_folder(p, image_size)
     elif p.is_file():
         if p.suffix.lower() != ".npz":
             raise ValueError(f"{p}: not an .npz file or an image folder")
@@ -82,7 +84,7 @@ def load_path(path: str | os.PathLike, image_size: int | None = None, test_ratio
         raise ValueError(f"{p}: train images are {tuple(x.shape[1:])} but test images {tuple(xt.shape[1:])}")
     prep = Preprocess(*_stats(p, x, mean, std), crop_padding=x.shape[-1] // 8, hflip=False)
     return Dataset(name=str(path), train=ImageData(x, y), test=ImageData(xt, yt), num_classes=num_classes,
-                   prep=prep)
+                   prep=prep, class_names=names)
 
 
 def stratified_split(y: torch.Tensor, test_ratio: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,7 +224,11 @@ def _split(p: Path, names: tuple[str, ...]) -> Path | None:
     return next((found[n] for n in names if n in found), None)
 
 
-def _read_folder(p: Path, image_size: int | None) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+Split = tuple[torch.Tensor, torch.Tensor]
+
+
+def _read_folder(p: Path, image_size: int | None) -> tuple[Split, Split | None, tuple[str, ...]]:
+    """The train split, the test split if the folder has one, and the class names (label = position)."""
     test_dir, train = _split(p, TEST_DIRS), _split(p, TRAIN_DIRS)
     if test_dir is not None and train is None:
         raise ValueError(f"{p}: has a {test_dir.name}/ split but no train/ split beside it (expected "
@@ -253,7 +259,7 @@ def _read_folder(p: Path, image_size: int | None) -> tuple[tuple[torch.Tensor, t
     x = torch.from_numpy(np.stack([im if grey else np.broadcast_to(im, (3, *im.shape[1:])) for im in images]))
     y = torch.tensor([label for _, label in train_files + (test_files or [])], dtype=torch.long)
     n = len(train_files)
-    return (x[:n], y[:n]), ((x[n:], y[n:]) if test_files is not None else None)
+    return (x[:n], y[:n]), ((x[n:], y[n:]) if test_files is not None else None), tuple(classes)
 
 
 def _files(split: Path, index: dict[str, int]) -> list[tuple[Path, int]]:

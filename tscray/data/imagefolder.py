@@ -98,5 +98,5 @@ def imagenet100(root: Path | None = None, image_size: int | None = None, downloa
         x, y = decode_cached(NAME, split, folder, samples, size, _decode, cache_dir, workers)
         splits[split] = image_data(x, y)
     return Dataset(name=NAME, train=splits["train"], test=splits["val"], num_classes=len(classes),
-                   prep=preprocess(size, MEAN, STD))
+                   prep=preprocess(size, MEAN, STD), class_names=tuple(classes))
 

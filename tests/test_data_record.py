@@ -1,0 +1,127 @@
+"""The user's own data a storage's steps were computed on (tscray.data_record): a resume, a dry run, and every
+worker refuse data that changed under the same path."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tscray import data_record
+from tscray.cli import main
+from tscray.config import load_spec
+from tscray.store import Store
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "shapes.npz"
+
+
+def _folder(root: Path, classes=("cat", "dog")) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(root / c / f"{i}.png")
+    return root
+
+
+def test_the_fingerprint_follows_content_and_labels_not_times_or_hidden_files(tmp_path):
+    npz = tmp_path / "d.npz"
+    shutil.copy(EXAMPLE, npz)
+    first = data_record.fingerprint(npz)
+    assert first == data_record.fingerprint(str(npz)) and len(first) == 64
+    raw = bytearray(npz.read_bytes())
+    raw[-100] ^= 1
+    npz.write_bytes(bytes(raw))
+    assert data_record.fingerprint(npz) != first
+
+    folder = _folder(tmp_path / "f")
+    before = data_record.fingerprint(folder)
+    (folder / ".DS_Store").write_bytes(b"x")  # hidden files and non-images: the loader reads neither
+    (folder / "cat" / "._0.png").write_bytes(b"x")
+    (folder / "README.txt").write_text("notes")
+    import os
+    os.utime(folder / "cat" / "0.png", ns=(1, 1))  # touched, same bytes (a copy that kept no times)
+    assert data_record.fingerprint(folder) == before
+    (folder / "cat" / "0.png").rename(folder / "dog" / "9.png")  # relabelled: same bytes, other class
+    assert data_record.fingerprint(folder) != before
+
+
+def test_a_storage_records_user_data_once_and_refuses_it_changed(tmp_path):
+    npz = tmp_path / "d.npz"
+    shutil.copy(EXAMPLE, npz)
+    store = Store(str(tmp_path / "s"))
+    names = [str(npz), "fashion-mnist-embedded", None]
+    data_record.check(store, names, "s", write=False)
+    assert not store.exists(data_record.NAME)
+    data_record.check(store, names, "s")
+    assert data_record.recorded(store) == {str(npz): data_record.fingerprint(npz)}  # registered data: not hashed
+    data_record.check(store, names, "s")  # the same data: fine
+    np.savez(npz, x=np.zeros((20, 8, 8), np.uint8), y=np.arange(20) % 2)
+    with pytest.raises(data_record.DataChanged, match=f"{npz}: its content changed .* delete s/data.json"):
+        data_record.check(store, names, "s")
+    store.write_json(data_record.NAME, {"x": 1, str(npz): "0" * 64})  # (odd entries are ignored, not fatal)
+    with pytest.raises(data_record.DataChanged):
+        data_record.check(store, names, "s")
+
+
+def _spec(tmp_path: Path, dataset: Path) -> Path:
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"name": "d", "storage": str(tmp_path / "runs"), "grid": {
+        "dataset": [{"path": str(dataset)}], "defense": ["none"]}, "train": {"epochs": 1}}))
+    return spec
+
+
+def test_a_dry_run_and_a_resume_refuse_changed_data_before_writing_anything(tmp_path, capsys):
+    from tscray.sweep import run_sweep
+
+    npz = tmp_path / "d.npz"
+    shutil.copy(EXAMPLE, npz)
+    spec = _spec(tmp_path, npz)
+    store = Store(str(tmp_path / "runs"))
+    data_record.check(store, [str(npz)], "runs")  # as the first run recorded it
+    assert main(["sweep", str(spec), "--dry-run"]) == 0
+    capsys.readouterr()
+    x, y = np.load(EXAMPLE)["x"], np.load(EXAMPLE)["y"]
+    np.savez(npz, x=x[::-1], y=y[::-1])  # the same images, in another order: another clean subset, other models
+    assert main(["sweep", str(spec), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"{npz}: its content changed" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(data_record.DataChanged):
+        run_sweep(load_spec(spec))
+    assert store.listdir("") == [data_record.NAME]  # no sweep.json, no results: nothing was touched
+
+
+def test_a_worker_refuses_a_copy_of_the_data_that_differs_from_the_record(tmp_path):
+    from tscray.steps import Context
+
+    npz = tmp_path / "d.npz"
+    shutil.copy(EXAMPLE, npz)
+    store = Store(str(tmp_path / "s"))
+    assert Context(store).dataset(str(npz)).num_classes > 1  # no record (run without a sweep): no check
+    store.write_json(data_record.NAME, {str(npz): "0" * 64})  # what the driver saw on its node
+    with pytest.raises(data_record.DataChanged, match="this copy differs"):
+        Context(store).dataset(str(npz))
+    store.write_json(data_record.NAME, {str(npz): data_record.fingerprint(npz)})
+    assert Context(store).dataset(str(npz)).num_classes > 1
+
+
+def test_import_steps_carries_the_data_record_and_refuses_steps_of_other_data(tmp_path, capsys):
+    import torch
+
+    state = {"w": torch.ones(2)}
+    src, dst = Store(str(tmp_path / "src")), Store(str(tmp_path / "dst"))
+    src.put_step("backdoor", "k", {"model": state}, {"records": []})
+    src.write_json(data_record.NAME, {"/data/pets": "a" * 64})
+    assert main(["import-steps", str(tmp_path / "src"), str(tmp_path / "dst")]) == 0
+    assert data_record.recorded(dst) == {"/data/pets": "a" * 64}  # dst's next run checks its data against it
+    other = Store(str(tmp_path / "other"))
+    other.write_json(data_record.NAME, {"/data/pets": "b" * 64})
+    capsys.readouterr()
+    assert main(["import-steps", str(tmp_path / "src"), str(tmp_path / "other")]) == 2
+    assert "computed on other data at this path" in capsys.readouterr().err
+    assert other.step_keys() == {} or not any(other.step_keys().values())

@@ -1,0 +1,129 @@
+"""``data.json``: the content of the user's own data (a dataset named by its path) that a storage's steps
+were computed on.
+
+Step keys name a user dataset by its path, not its content. Edit the file or folder between two runs of a
+sweep and a resume would reuse backdoored models trained on the old data and evaluate them on the new: numbers
+from two datasets, silently in one table. So the first run records each path's content hash, and later runs,
+and every worker before it computes on the data (a cluster node may hold another copy at the same path), check
+it. Registered datasets (CIFAR-10 under a data root...) are not hashed: they do not change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from tscray.store import Store
+
+NAME = "data.json"
+_CHUNK = 1 << 20
+_MEMO: dict[tuple[Any, ...], str] = {}  # (path, files' sizes and times) -> hash: a resume does not read it all again
+
+
+class DataChanged(ValueError):
+    """The data at a path is not the data a storage's steps were computed on."""
+
+
+def _files(p: Path) -> list[tuple[str, Path]]:
+    """What the loader reads at ``p``: an ``.npz`` file itself, or a folder's image files (hidden ones left
+    out, as the loader leaves them), each with its path below ``p`` (moving an image to another class folder
+    relabels it)."""
+    from tscray.data.custom import IMAGE_EXTENSIONS
+
+    if not p.is_dir():
+        return [("", p)]
+    out = []
+    for f in p.rglob("*"):
+        rel = f.relative_to(p)
+        if f.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in rel.parts) and f.is_file():
+            out.append((rel.as_posix(), f))
+    return sorted(out)
+
+
+def fingerprint(path: str | Path) -> str:
+    """SHA-256 over the data at ``path``: each file's name below it, length and bytes."""
+    p = Path(path).expanduser().resolve()
+    files = _files(p)
+    stats = tuple((rel, st.st_size, st.st_mtime_ns) for rel, f in files for st in (f.stat(),))
+    key = (str(p), stats)
+    if key in _MEMO:
+        return _MEMO[key]
+    h = hashlib.sha256()
+    for (rel, f), (_, size, _) in zip(files, stats):
+        h.update(f"{rel}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                h.update(chunk)
+    # a file written in the last seconds may be written again within the clock's granularity, same size and
+    # time: not memoised until its time is safely past (git's "racy clean" rule)
+    if max((t for *_, t in stats), default=0) < time.time_ns() - 2_000_000_000:
+        _MEMO[key] = h.hexdigest()
+    return h.hexdigest()
+
+
+def user_datasets(names: Iterable[str | None]) -> list[str]:
+    """The names among ``names`` that are paths to the user's own data, each once."""
+    from tscray import data
+    from tscray.data import custom
+
+    return [n for n in dict.fromkeys(names) if n and n not in data.DATASETS and custom.is_path(n)]
+
+
+def recorded(store: Store) -> dict[str, str]:
+    """Path -> content hash, as recorded (empty when there is no record, or it is unreadable: it is rewritten)."""
+    if not store.exists(NAME):
+        return {}
+    try:
+        raw = store.read_json(NAME)
+    except (ValueError, UnicodeDecodeError, OSError):
+        return {}
+    return {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(raw, dict) else {}
+
+
+def check(store: Store, names: Iterable[str | None], uri: str, write: bool = True) -> None:
+    """Refuse data whose content differs from what ``store`` recorded for its path; record (with ``write``)
+    the paths it has no record of. Raises :class:`DataChanged` naming each changed path."""
+    paths = user_datasets(names)
+    if not paths:
+        return
+    record = recorded(store)
+    now = {p: fingerprint(p) for p in paths}
+    changed = [p for p in paths if p in record and record[p] != now[p]]
+    if changed:
+        lines = [f"{p}: its content changed since this storage's steps were computed on it (content hash "
+                 f"{record[p][:12]}, now {now[p][:12]})" for p in changed]
+        raise DataChanged("; ".join(lines) + ". Its stored models were trained on the old data, and a resume "
+                          "would put numbers from both in one table. Restore the data, or run on a new storage "
+                          f"(--storage); to go on here with the new data anyway, delete {uri}/{NAME} (the "
+                          "finished trials keep the old data's numbers)")
+    if write and any(p not in record for p in paths):
+        store.write_json(NAME, {**record, **now})
+
+
+def verify(store: Store, name: str) -> None:
+    """On a worker: refuse a user dataset whose copy here differs from the one the sweep recorded (a cluster
+    node with a stale copy at the same path). Nothing to check for a registered dataset or without a record."""
+    if not user_datasets([name]):
+        return
+    want = recorded(store).get(name)
+    if want is not None and fingerprint(name) != want:
+        raise DataChanged(f"{name} on {socket.gethostname()}: this copy differs from the data the sweep recorded "
+                          f"in {NAME} (content hash {fingerprint(name)[:12]}, recorded {want[:12]}); every node "
+                          "needs the same data at this path")
+
+
+def merge(src: Store, dst: Store) -> None:
+    """Before steps are copied from ``src`` into ``dst``: the data ``src``'s steps were computed on joins
+    ``dst``'s record, so ``dst``'s next run checks its data against it too. Two records that disagree on a
+    path (steps computed on two versions of the data) are refused before anything is copied."""
+    theirs, ours = recorded(src), recorded(dst)
+    clash = [p for p in theirs if p in ours and theirs[p] != ours[p]]
+    if clash:
+        raise DataChanged("; ".join(f"{p}: {src.uri}'s steps were computed on other data at this path than "
+                                    f"{dst.uri}'s (content hash {theirs[p][:12]}, {ours[p][:12]})" for p in clash)
+                          + ": their models would be reused on the wrong data; nothing was copied")
+    if any(p not in ours for p in theirs):
+        dst.write_json(NAME, {**theirs, **ours})
