@@ -346,7 +346,7 @@ def test_a_numeric_axis_gets_a_table_and_figure_per_attack_that_the_mean_over_at
     assert cell.acc[("blended", 0.25)] == pytest.approx(84.5) and cell.seeds[("badnets", 0.25)] == 2
     assert list(cell.failed[("blended",)]) == [True, True, False]  # t 0.4: the paper's setting, not t 0.5
     md = (tmp_path / "vs_defense.clean_ratio.md").read_text()
-    assert "| TSC | blended | 84.5 / 60.5 ✗ | 84.5 / 70.5 ✗ | 84.5 / 10.5 |" in md
+    assert "| TSC | blended | 84.5±0.7 / 60.5±0.7 ✗ | 84.5±0.7 / 70.5±0.7 ✗ | 84.5±0.7 / 10.5±0.7 |" in md
     assert (tmp_path / "fig_vs_defense.clean_ratio_by_setting.png").stat().st_size > 0
     assert "Against defense.clean_ratio" in rep.index.read_text()
     one = make_report(pd.DataFrame([r for r in rows if r["attack"] == "badnets"]), tmp_path / "one", "png")

@@ -262,14 +262,15 @@ def vs_axis_by_setting(df: pd.DataFrame, axis: str, out: Path, fmt: str,
                 tds.append("<td class='na'>–</td>")
                 continue
             x = by.loc[v]
-            cells.append(f"{x.acc:.1f} / {x.asr:.1f}" + (" ✗" if x.failed else ""))
-            tds.append(f"<td{' class=fail' if x.failed else ''} title='{int(x.seeds)} seed(s)'>{x.acc:.1f} / "
-                       f"<span class=asr>{x.asr:.1f}</span></td>")
+            n = int(x.seeds)  # (a mean over seeds alone hid a seed past the line: 13.0 of 9.9 and 16.2)
+            cells.append(f"{_pm(x.acc, x.acc_std, n)} / {_pm(x.asr, x.asr_std, n)}" + (" ✗" if x.failed else ""))
+            tds.append(f"<td{' class=fail' if x.failed else ''} title='{n} seed(s)'>{_pm_html(x.acc, x.acc_std, n)} / "
+                       f"<span class=asr>{_pm_html(x.asr, x.asr_std, n)}</span></td>")
         names = [defense_label(d), *(_value(k) for k in key)]
         lines.append("| " + " | ".join(map(str, names)) + " | " + " | ".join(cells) + " |")
         trs.append("<tr>" + "".join(f"<th class=l>{_esc(n)}</th>" for n in names) + "".join(tds) + "</tr>")
     notes = "; ".join(s.why for s in sel.settings.values() if s.why)
-    caption = (f"Final ACC / ASR (%) against {axis} per {' · '.join(setting)}, mean over seeds; "
+    caption = (f"Final ACC / ASR (%) against {axis} per {' · '.join(setting)}, mean ± std over seeds; "
                f"✗: ASR ≥ {SUCCESS_ASR:g}%." + (f" {notes}." if notes else ""))
     slug = _slug(axis)
     csv, md = out / f"vs_{slug}.csv", out / f"vs_{slug}.md"
