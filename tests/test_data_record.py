@@ -51,6 +51,33 @@ def test_the_fingerprint_follows_content_and_labels_not_times_or_hidden_files(tm
     assert data_record.fingerprint(folder) != before
 
 
+def test_the_fingerprint_covers_exactly_what_the_loader_reads(tmp_path):
+    """The hash comes from the loader's own file list: a symlinked class folder's images count (rglob does not
+    enter it), and files the loader never reads (a loose image, a val/ beside test/) do not raise alarms."""
+    import os
+
+    elsewhere = _folder(tmp_path / "elsewhere", classes=("dog",))
+    root = _folder(tmp_path / "d", classes=("cat",))
+    os.symlink(elsewhere / "dog", root / "dog")
+    before = data_record.fingerprint(root)
+    from PIL import Image
+    Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(elsewhere / "dog" / "0.png")
+    assert data_record.fingerprint(root) != before  # a dog image changed behind the link
+    before = data_record.fingerprint(root)
+    Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(root / "preview.png")  # not in a class folder
+    assert data_record.fingerprint(root) == before
+
+    split = tmp_path / "s"
+    _folder(split / "train"), _folder(split / "test"), _folder(split / "val")
+    before = data_record.fingerprint(split)
+    Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(split / "val" / "cat" / "0.png")  # test/ is read, not val/
+    assert data_record.fingerprint(split) == before
+    (split / "train").rename(split / "Train")  # the same split under another spelling
+    assert data_record.fingerprint(split) == before
+    Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(split / "test" / "cat" / "0.png")
+    assert data_record.fingerprint(split) != before
+
+
 def test_a_storage_records_user_data_once_and_refuses_it_changed(tmp_path):
     npz = tmp_path / "d.npz"
     shutil.copy(EXAMPLE, npz)
@@ -66,6 +93,9 @@ def test_a_storage_records_user_data_once_and_refuses_it_changed(tmp_path):
         data_record.check(store, names, "s")
     store.write_json(data_record.NAME, {"x": 1, str(npz): "0" * 64})  # (odd entries are ignored, not fatal)
     with pytest.raises(data_record.DataChanged):
+        data_record.check(store, names, "s")
+    (tmp_path / "s" / data_record.NAME).write_text("{not json")  # a damaged record accepts nothing
+    with pytest.raises(data_record.DataChanged, match="unreadable.*delete it"):
         data_record.check(store, names, "s")
 
 
@@ -108,6 +138,10 @@ def test_a_worker_refuses_a_copy_of_the_data_that_differs_from_the_record(tmp_pa
         Context(store).dataset(str(npz))
     store.write_json(data_record.NAME, {str(npz): data_record.fingerprint(npz)})
     assert Context(store).dataset(str(npz)).num_classes > 1
+    from tscray.data import DatasetNotFound
+    npz.unlink()  # no copy on this node at all: the loader says so, not a hash's FileNotFoundError
+    with pytest.raises(DatasetNotFound, match="no such file or folder"):
+        Context(store).dataset(str(npz))
 
 
 def test_import_steps_carries_the_data_record_and_refuses_steps_of_other_data(tmp_path, capsys):
@@ -124,4 +158,10 @@ def test_import_steps_carries_the_data_record_and_refuses_steps_of_other_data(tm
     capsys.readouterr()
     assert main(["import-steps", str(tmp_path / "src"), str(tmp_path / "other")]) == 2
     assert "computed on other data at this path" in capsys.readouterr().err
-    assert other.step_keys() == {} or not any(other.step_keys().values())
+    assert not any(other.step_keys().values())
+    spec = tmp_path / "s.yaml"  # a spec on other data: the clash at /data/pets is not its business
+    spec.write_text(yaml.safe_dump({"name": "x", "grid": {"defense": ["none"]}, "train": {"epochs": 1}}))
+    assert main(["import-steps", str(tmp_path / "src"), str(tmp_path / "other"), "--spec", str(spec)]) == 0
+    assert data_record.recorded(other) == {"/data/pets": "b" * 64}
+    assert main(["import-steps", str(tmp_path / "src"), str(tmp_path / "empty"), "--spec", str(spec)]) == 0
+    assert data_record.recorded(Store(str(tmp_path / "empty"))) == {}  # nothing copied: nothing adopted

@@ -477,8 +477,8 @@ def cmd_purify(args: argparse.Namespace) -> int:
     target = _purify_target(args, meta)
     data_name, data_kw, data_kw_from = _purify_data(args, meta)
     ds = _load_data(data_name, args.data_root, data_kw, data_kw_from)
+    _check_classes(meta, ds, args.model)  # (first: a removed class folder is what a target out of range means)
     _check_target(target, ds, "--target" if args.target is not None else "the checkpoint's target")
-    _check_classes(meta, ds, args.model)
     model = _build_model(arch, ds, arch_kw, "--arch-kw" if args.arch_kw is not None
                          else f"arch_kw recorded in {args.model.name}")
     if defense.check_model is not None:
@@ -714,18 +714,22 @@ def cmd_import_steps(args: argparse.Namespace) -> int:
     available = src.step_keys()
     if not available:
         raise FileNotFoundError(f"{args.source}: no stored steps (expected a sweep directory with steps/)")
+    spec_data: list[str | None] = []
     if args.spec is not None:
         from tscray.config import load_spec
         from tscray.plan import make_plan
 
         wanted: dict[str, set[str]] = {}
-        for step in make_plan(load_spec(args.spec, check_data=False)).steps.values():
+        spec = load_spec(args.spec, check_data=False)
+        spec_data = [*spec.grid.dataset, spec.ssl.downstream]
+        for step in make_plan(spec).steps.values():
             wanted.setdefault(step.kind, set()).add(step.key)
         available = {k: [key for key in v if key in wanted.get(k, set())] for k, v in available.items()}
     dst = _store_at(args.storage)
     from tscray import data_record
 
-    data_record.merge(src, dst)  # (steps computed on other data at the same path are refused)
+    # steps computed on other data at the same path are refused; with --spec, only the spec's data matters
+    adopt = data_record.merge(src, dst, data_record.user_datasets(spec_data) if args.spec is not None else None)
     present = {k: set(v) for k, v in dst.step_keys().items()}
     copied: dict[str, int] = {}
     skipped = damaged = 0
@@ -740,6 +744,8 @@ def cmd_import_steps(args: argparse.Namespace) -> int:
             copied[kind] = copied.get(kind, 0) + 1
         if sys.stderr.isatty() and (i % 50 == 0 or i == len(todo)):
             print(f"\r{i}/{len(todo)} steps looked at", end="" if i < len(todo) else "\n", file=sys.stderr, flush=True)
+    if copied:
+        data_record.adopt(dst, adopt)
     print(f"copied {sum(copied.values())} step(s) into {dst.uri}"
           + (f" ({', '.join(f'{k} {n}' for k, n in sorted(copied.items()))})" if copied else "")
           + f"; {skipped} already there" + (f"; {damaged} damaged in the source, not copied" if damaged else ""))

@@ -28,18 +28,17 @@ class DataChanged(ValueError):
 
 
 def _files(p: Path) -> list[tuple[str, Path]]:
-    """What the loader reads at ``p``: an ``.npz`` file itself, or a folder's image files (hidden ones left
-    out, as the loader leaves them), each with its path below ``p`` (moving an image to another class folder
-    relabels it)."""
-    from tscray.data.custom import IMAGE_EXTENSIONS
+    """What the loader reads at ``p``, from the loader's own rule (:func:`tscray.data.custom.folder_files`): an
+    ``.npz`` file itself, or each image with its split and its path below the split (so moving an image to
+    another class folder, which relabels it, counts; renaming ``train/`` to ``Train/`` does not)."""
+    from tscray.data.custom import folder_files
 
     if not p.is_dir():
         return [("", p)]
-    out = []
-    for f in p.rglob("*"):
-        rel = f.relative_to(p)
-        if f.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in rel.parts) and f.is_file():
-            out.append((rel.as_posix(), f))
+    ff = folder_files(p)
+    out = [(f"train/{f.relative_to(ff.train_dir).as_posix()}", f) for f, _ in ff.train]
+    if ff.test is not None and ff.test_dir is not None:
+        out += [(f"test/{f.relative_to(ff.test_dir).as_posix()}", f) for f, _ in ff.test]
     return sorted(out)
 
 
@@ -47,19 +46,20 @@ def fingerprint(path: str | Path) -> str:
     """SHA-256 over the data at ``path``: each file's name below it, length and bytes."""
     p = Path(path).expanduser().resolve()
     files = _files(p)
-    stats = tuple((rel, st.st_size, st.st_mtime_ns) for rel, f in files for st in (f.stat(),))
+    stats = tuple((rel, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for rel, f in files
+                  for st in (f.stat(),))
     key = (str(p), stats)
     if key in _MEMO:
         return _MEMO[key]
     h = hashlib.sha256()
-    for (rel, f), (_, size, _) in zip(files, stats):
+    for (rel, f), (_, size, *_) in zip(files, stats):
         h.update(f"{rel}\0{size}\0".encode())
         with open(f, "rb") as fh:
             while chunk := fh.read(_CHUNK):
                 h.update(chunk)
     # a file written in the last seconds may be written again within the clock's granularity, same size and
     # time: not memoised until its time is safely past (git's "racy clean" rule)
-    if max((t for *_, t in stats), default=0) < time.time_ns() - 2_000_000_000:
+    if max((max(m, c) for _, _, m, c, _ in stats), default=0) < time.time_ns() - 2_000_000_000:
         _MEMO[key] = h.hexdigest()
     return h.hexdigest()
 
@@ -73,22 +73,33 @@ def user_datasets(names: Iterable[str | None]) -> list[str]:
 
 
 def recorded(store: Store) -> dict[str, str]:
-    """Path -> content hash, as recorded (empty when there is no record, or it is unreadable: it is rewritten)."""
+    """Path -> content hash, as recorded (empty when there is no record). An unreadable record is an error,
+    not an empty one: taking it for none would accept any data."""
     if not store.exists(NAME):
         return {}
     try:
         raw = store.read_json(NAME)
-    except (ValueError, UnicodeDecodeError, OSError):
-        return {}
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DataChanged(f"{store.uri}/{NAME}, the record of the data this storage's steps were computed on, is "
+                          f"unreadable ({str(err)[:80]}); if the data has not changed since, delete it and it is "
+                          "recorded again") from None
     return {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(raw, dict) else {}
 
 
-def check(store: Store, names: Iterable[str | None], uri: str, write: bool = True) -> None:
+def _add(store: Store, entries: dict[str, str]) -> None:
+    """Add ``entries`` to the record, read again just before writing (another driver may have added paths
+    while this one hashed)."""
+    current = recorded(store)
+    if any(current.get(p) != h for p, h in entries.items()):
+        store.write_json(NAME, {**current, **entries})
+
+
+def check(store: Store, names: Iterable[str | None], uri: str, write: bool = True) -> list[str]:
     """Refuse data whose content differs from what ``store`` recorded for its path; record (with ``write``)
-    the paths it has no record of. Raises :class:`DataChanged` naming each changed path."""
+    the paths it has no record of, and return them. Raises :class:`DataChanged` naming each changed path."""
     paths = user_datasets(names)
     if not paths:
-        return
+        return []
     record = recorded(store)
     now = {p: fingerprint(p) for p in paths}
     changed = [p for p in paths if p in record and record[p] != now[p]]
@@ -99,31 +110,42 @@ def check(store: Store, names: Iterable[str | None], uri: str, write: bool = Tru
                           "would put numbers from both in one table. Restore the data, or run on a new storage "
                           f"(--storage); to go on here with the new data anyway, delete {uri}/{NAME} (the "
                           "finished trials keep the old data's numbers)")
-    if write and any(p not in record for p in paths):
-        store.write_json(NAME, {**record, **now})
+    new = [p for p in paths if p not in record]
+    if write and new:
+        _add(store, {p: now[p] for p in new})
+    return new
 
 
 def verify(store: Store, name: str) -> None:
     """On a worker: refuse a user dataset whose copy here differs from the one the sweep recorded (a cluster
-    node with a stale copy at the same path). Nothing to check for a registered dataset or without a record."""
-    if not user_datasets([name]):
+    node with a stale copy at the same path). Nothing to check for a registered dataset, without a record, or
+    without the data (the loader names what is missing)."""
+    if not user_datasets([name]) or not Path(name).expanduser().exists():
         return
     want = recorded(store).get(name)
-    if want is not None and fingerprint(name) != want:
+    if want is not None and (have := fingerprint(name)) != want:
         raise DataChanged(f"{name} on {socket.gethostname()}: this copy differs from the data the sweep recorded "
-                          f"in {NAME} (content hash {fingerprint(name)[:12]}, recorded {want[:12]}); every node "
-                          "needs the same data at this path")
+                          f"in {NAME} (content hash {have[:12]}, recorded {want[:12]}); every node needs the same "
+                          "data at this path")
 
 
-def merge(src: Store, dst: Store) -> None:
-    """Before steps are copied from ``src`` into ``dst``: the data ``src``'s steps were computed on joins
-    ``dst``'s record, so ``dst``'s next run checks its data against it too. Two records that disagree on a
-    path (steps computed on two versions of the data) are refused before anything is copied."""
+def merge(src: Store, dst: Store, paths: Iterable[str] | None = None) -> dict[str, str]:
+    """Before steps are copied from ``src`` into ``dst``: refuse when the two record other data at one of
+    ``paths`` (default: every path ``src`` records), whose steps would be reused on the wrong data. Returns
+    the entries to :func:`adopt` into ``dst``'s record once steps were copied."""
     theirs, ours = recorded(src), recorded(dst)
+    if paths is not None:
+        keep = set(paths)
+        theirs = {p: h for p, h in theirs.items() if p in keep}
     clash = [p for p in theirs if p in ours and theirs[p] != ours[p]]
     if clash:
         raise DataChanged("; ".join(f"{p}: {src.uri}'s steps were computed on other data at this path than "
                                     f"{dst.uri}'s (content hash {theirs[p][:12]}, {ours[p][:12]})" for p in clash)
                           + ": their models would be reused on the wrong data; nothing was copied")
-    if any(p not in ours for p in theirs):
-        dst.write_json(NAME, {**theirs, **ours})
+    return {p: h for p, h in theirs.items() if p not in ours}
+
+
+def adopt(dst: Store, entries: dict[str, str]) -> None:
+    """Record in ``dst`` the data copied steps were computed on, so its next run checks its data against it."""
+    if entries:
+        _add(dst, entries)

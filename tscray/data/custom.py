@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -227,8 +228,20 @@ def _split(p: Path, names: tuple[str, ...]) -> Path | None:
 Split = tuple[torch.Tensor, torch.Tensor]
 
 
-def _read_folder(p: Path, image_size: int | None) -> tuple[Split, Split | None, tuple[str, ...]]:
-    """The train split, the test split if the folder has one, and the class names (label = position)."""
+@dataclass(frozen=True)
+class FolderFiles:
+    """The image files an image folder's dataset is read from, with their labels."""
+
+    classes: tuple[str, ...]
+    train_dir: Path
+    train: list[tuple[Path, int]]
+    test_dir: Path | None  # None: no test split (a stratified share of train becomes it)
+    test: list[tuple[Path, int]] | None
+
+
+def folder_files(p: Path) -> FolderFiles:
+    """Which files of image folder ``p`` the dataset reads, as which class: the one place that decides (the
+    loader, and the content hash a sweep records of the folder, see :mod:`tscray.data_record`)."""
     test_dir, train = _split(p, TEST_DIRS), _split(p, TRAIN_DIRS)
     if test_dir is not None and train is None:
         raise ValueError(f"{p}: has a {test_dir.name}/ split but no train/ split beside it (expected "
@@ -247,7 +260,15 @@ def _read_folder(p: Path, image_size: int | None) -> tuple[Split, Split | None, 
     empty = sorted(set(classes) - {f.relative_to(train_dir).parts[0] for f, _ in train_files})
     if empty:  # (a last class left empty was dropped without a word: K came from the largest label)
         raise ValueError(f"{train_dir}: class folder(s) {empty[:5]} hold no images")
-    test_files = _files(test_dir, index) if train_dir != p and test_dir is not None else None
+    has_test = train_dir != p and test_dir is not None
+    return FolderFiles(tuple(classes), train_dir, train_files, test_dir if has_test else None,
+                       _files(test_dir, index) if has_test and test_dir is not None else None)
+
+
+def _read_folder(p: Path, image_size: int | None) -> tuple[Split, Split | None, tuple[str, ...]]:
+    """The train split, the test split if the folder has one, and the class names (label = position)."""
+    ff = folder_files(p)
+    train_files, test_files, classes = ff.train, ff.test, ff.classes
     images = [_decode(f) for f, _ in train_files + (test_files or [])]
     grey = all(im.shape[0] == 1 for im in images)
     if image_size is not None:
