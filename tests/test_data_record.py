@@ -51,7 +51,7 @@ def test_the_fingerprint_follows_content_and_labels_not_times_or_hidden_files(tm
     assert data_record.fingerprint(folder) != before
 
 
-def test_the_fingerprint_covers_exactly_what_the_loader_reads(tmp_path):
+def test_the_fingerprint_covers_exactly_what_the_loader_reads(tmp_path, monkeypatch):
     """The hash comes from the loader's own file list: a symlinked class folder's images count (rglob does not
     enter it), and files the loader never reads (a loose image, a val/ beside test/) do not raise alarms."""
     import os
@@ -74,6 +74,11 @@ def test_the_fingerprint_covers_exactly_what_the_loader_reads(tmp_path):
     assert data_record.fingerprint(split) == before
     (split / "train").rename(split / "Train")  # the same split under another spelling
     assert data_record.fingerprint(split) == before
+    from tscray.data import custom
+    real = custom._class_dirs
+    monkeypatch.setattr(custom, "_class_dirs", lambda folder: real(folder)[::-1])  # another class-order rule
+    assert data_record.fingerprint(split) != before  # same files, other labels (as numbered folders once got)
+    monkeypatch.undo()
     Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(split / "test" / "cat" / "0.png")
     assert data_record.fingerprint(split) != before
 

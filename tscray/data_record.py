@@ -29,16 +29,16 @@ class DataChanged(ValueError):
 
 def _files(p: Path) -> list[tuple[str, Path]]:
     """What the loader reads at ``p``, from the loader's own rule (:func:`tscray.data.custom.folder_files`): an
-    ``.npz`` file itself, or each image with its split and its path below the split (so moving an image to
+    ``.npz`` file itself, or each image with its split, label and path below the split (so moving an image to
     another class folder, which relabels it, counts; renaming ``train/`` to ``Train/`` does not)."""
     from tscray.data.custom import folder_files
 
     if not p.is_dir():
         return [("", p)]
-    ff = folder_files(p)
-    out = [(f"train/{f.relative_to(ff.train_dir).as_posix()}", f) for f, _ in ff.train]
+    ff = folder_files(p)  # each name carries its label too: a new class-ordering rule relabels as much as a move
+    out = [(f"train/{y}/{f.relative_to(ff.train_dir).as_posix()}", f) for f, y in ff.train]
     if ff.test is not None and ff.test_dir is not None:
-        out += [(f"test/{f.relative_to(ff.test_dir).as_posix()}", f) for f, _ in ff.test]
+        out += [(f"test/{y}/{f.relative_to(ff.test_dir).as_posix()}", f) for f, y in ff.test]
     return sorted(out)
 
 
