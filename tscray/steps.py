@@ -83,8 +83,13 @@ class Context:
             ev.batch_size = self.eval_batch
             return ev
         p = bd.params
-        return self._cached(("ev", p["dataset"], p["attack"], repr(p["attack_kw"]), p["target"],
-                             tuple(i.key for i in bd.inputs)), make)
+        # everything the evaluator is built from: the data's load options (an image_size axis), and for an
+        # encoder the probe's settings and seed (a second spec's probe_epochs got the first one's probe)
+        key = ("ev", p["dataset"], repr(p.get("data_kw")), p["attack"], repr(p["attack_kw"]), p["target"],
+               tuple(i.key for i in bd.inputs))
+        if p.get("method", "supervised") != "supervised":
+            key += (p.get("method"), repr(p.get("ssl")), p.get("seed"))
+        return self._cached(key, make)
 
     def _probe(self, p: dict[str, Any]) -> Callable[[nn.Module], dict[str, float]]:
         from tscray.ssl import ProbeEvaluator, add_target_class
