@@ -85,7 +85,7 @@ class Context:
         p = bd.params
         # everything the evaluator is built from: the data's load options (an image_size axis), and for an
         # encoder the probe's settings and seed (a second spec's probe_epochs got the first one's probe)
-        key = ("ev", p["dataset"], repr(p.get("data_kw")), p["attack"], repr(p["attack_kw"]), p["target"],
+        key: tuple[Any, ...] = ("ev", p["dataset"], repr(p.get("data_kw")), p["attack"], repr(p["attack_kw"]), p["target"],
                tuple(i.key for i in bd.inputs))
         if p.get("method", "supervised") != "supervised":
             key += (p.get("method"), repr(p.get("ssl")), p.get("seed"))
