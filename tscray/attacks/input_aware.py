@@ -38,8 +38,9 @@ Departures from the original and why:
   pattern and relabelled (:meth:`InputAware.apply`), plus ``p_cross / p_attack × #poisoned`` cross images
   (another, non-poisoned, image triggered with the pattern and mask of a random training image, true label)
   *appended* by :meth:`InputAware.extra_training`, as WaNet's noise images are
-  (:mod:`tscray.attacks.wanet`). The share of poisoned and cross images per epoch matches the original's;
-  the victim sees each image's trigger fixed, not redrawn by a generator still moving.
+  (:mod:`tscray.attacks.wanet`). The counts of poisoned and cross images per epoch match the original's;
+  their shares are a little lower, as the set grows by the cross images (see WaNet); the victim sees each
+  image's trigger fixed, not redrawn by a generator still moving.
 * CPU-sized training: by default ``mask_epochs = 2`` and ``epochs = 5`` on ``n_train = 3000`` images with
   generators of width 8 and 2 steps (the original's MNIST generator has width 16), so the resource takes
   about 90 s on one (shared) CPU thread for 28 px images; the original trains 25 + 600 epochs on the whole

@@ -33,7 +33,9 @@ Departures from the original and why:
   the loader); hence a fixed ``rate`` of the images is poisoned, and the cross images are a fixed,
   pre-drawn set of ``cross_ratio × #poisoned`` other (non-poisoned, seeded) images with one noise draw
   each, *appended* as extra training images (in the original they replace clean images in the batch; the
-  clean originals stay here). The share of poisoned and cross images per epoch matches the original's.
+  clean originals stay here). So the counts per epoch match the original's, but not the shares: the set
+  grows by the cross images, and at ``rate`` r the poisoned share is r / (1 + cross_ratio·r) (8.3% poisoned
+  and 16.7% cross at r 0.1, cross_ratio 2, against 10 and 20%).
 * uint8 images: the warp is computed in float and rounded back to uint8 (warping is done on raw pixels
   before normalisation; normalisation is per-channel affine, so it commutes with the bilinear
   resampling, which stays inside the image because the grid is clamped). Rounding costs at most half a

@@ -25,9 +25,11 @@ Defaults (``paper`` = ``released``): BackdoorBench's config.yaml: 100 rounds (ep
 (betas 0.9/0.999, weight decay 0, amsgrad, as ``argparser_opt_scheduler`` builds it), L∞ bound 0.2 and step 0.2
 in pixel units, 5 PGD steps, init ``max``, β₁ 0.01, β₂ 1, λ₁ 1, λ₂ 0, λ₃ 1, one outer step, BN frozen
 (``train_mode`` false: the model stays in eval mode while unlearning), no augmentation (SAU's loader uses the
-test transform). The TSC paper's appendix agrees (5 iterations, bound 0.2, lr 0.2, 100 epochs); its
-"λ1 = λ2 = λ4 = 1 and λ3 = 0.1" names four weights that BackdoorBench's three-term loss does not have, so the
-BackdoorBench weights are used.
+test transform). The TSC paper's appendix agrees (5 iterations, bound 0.2, lr 0.2, 100 epochs) except for
+one weight: its "λ1 = λ2 = λ4 = 1 and λ3 = 0.1" are the SAU paper's four weights (NeurIPS 2023, Section 5:
+λ1 = λ2 = λ4 = 1, λ3 = 0.01), whose λ3 is BackdoorBench's β₁ 0.01 (``beta_adv`` here). The TSC appendix's
+0.1 is ten times that, a typo or a change it does not explain; the SAU paper's and BackdoorBench's 0.01 is
+used (``--set beta_adv=0.1`` runs the appendix's).
 
 Departures:
 - Adversarial images are clamped to valid pixels (``layers.input_bounds``) after every PGD step;
