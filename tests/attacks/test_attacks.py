@@ -107,6 +107,21 @@ def test_sig_is_clean_label_and_poisons_only_target_images(embedded):
     assert torch.equal(p.data.x[untouched], embedded.train.x[untouched])
 
 
+def test_a_rate_beyond_the_eligible_images_is_an_error_not_a_quiet_cap():
+    """SIG at 5% on a set whose target class holds 0.5% poisoned all 0.5% without a word: every rate above it
+    trained the same model, and the result rows said 5%."""
+    y = torch.tensor([0] * 5 + [1] * 995)  # target class 0: 0.5% of the set
+    gen = torch.Generator().manual_seed(0)
+    assert len(build("sig").select(y, 0.005, 0, gen)) == 5
+    with pytest.raises(ValueError, match=r"sig at rate 0.05 asks 50 poisoned images of 1,000, but only 5 are "
+                                         r"images of target class 0 \(0.50% of the set\); a clean-label attack .* "
+                                         r"at most 0.005"):
+        build("sig").select(y, 0.05, 0, gen)
+    with pytest.raises(ValueError, match="only 5 are images outside target class 1"):
+        build("badnets").select(y, 0.5, 1, gen)
+    assert len(build("badnets").select(y, 0.005, 1, gen)) == 5
+
+
 def test_sig_is_a_horizontal_sinusoid():
     for c, size in ((1, 28), (3, 32)):
         x = torch.full((1, c, size, size), 100, dtype=torch.uint8)

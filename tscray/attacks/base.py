@@ -63,7 +63,13 @@ class Attack:
     def select(self, y: torch.Tensor, rate: float, target: int, gen: torch.Generator) -> torch.Tensor:
         """Indices of training images to poison: ``rate`` of the whole set, drawn among eligible images."""
         eligible = torch.nonzero(y == target if self.clean_label else y != target).flatten()
-        k = min(len(eligible), round(rate * len(y)))
+        k = round(rate * len(y))
+        if k > len(eligible):  # (it poisoned all it could without a word: the rate column then said 5% of 0.5%)
+            who = f"images of target class {target}" if self.clean_label else f"images outside target class {target}"
+            raise ValueError(f"{self.name} at rate {rate:g} asks {k:,} poisoned images of {len(y):,}, but only "
+                             f"{len(eligible):,} are {who} ({len(eligible) / len(y):.2%} of the set)"
+                             + ("; a clean-label attack poisons only its target class" if self.clean_label else "")
+                             + f": lower the rate to at most {len(eligible) / len(y):.4g}")
         return eligible[torch.randperm(len(eligible), generator=gen)[:k]].sort().values
 
     def extra_training(self, train: ImageData, poison_idx: torch.Tensor, rate: float, target: int,
