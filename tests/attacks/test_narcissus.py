@@ -105,3 +105,33 @@ def test_narcissus_backdoor_beats_the_clean_model(reduced, reduced_clean):
 # Weak at this scale: a clean-label attack whose trigger comes from a 4-epoch surrogate and 20 trigger epochs
 # (the original: 200 + 1000 epochs).
 ASR_MIN, ASR_CLEAN_MAX = 30.0, 20.0
+
+
+def test_the_authors_released_trigger_file_is_used_in_their_units_and_needs_no_resource(tmp_path):
+    """The TSC paper runs Narcissus with the authors' released CIFAR-10 trigger (1×3×32×32 in their
+    Normalize(0.5, 0.5) units): trigger_file loads it as grey levels (×127.5), so no trigger is optimised and
+    a sweep plans no resource step; a file in other units is refused instead of applied 127× too strong."""
+    import numpy as np
+
+    from tscray.config import validate
+    from tscray.plan import make_plan
+
+    rng = np.random.default_rng(0)
+    released = rng.uniform(-32 / 255, 32 / 255, (1, 3, 32, 32)).astype(np.float32)  # ±16/255 px in [-1, 1] units
+    path = tmp_path / "resnet18_trigger.npy"
+    np.save(path, released)
+    atk = build("narcissus", trigger_file=str(path))
+    assert atk.ready and atk.resource_params(0.01) is None
+    want = torch.from_numpy(released[0] * 127.5)
+    assert torch.allclose(atk.trigger, want) and float(atk.trigger.abs().max()) <= 16.0
+    x = torch.full((2, 3, 32, 32), 100, dtype=torch.uint8)
+    assert torch.equal(atk.apply(x), (100 + 3 * want).round().clamp(0, 255).to(torch.uint8).expand(2, -1, -1, -1))
+    np.save(tmp_path / "grey.npy", released[0] * 127.5)  # already grey levels: ×127.5 again would be ±2,040
+    with pytest.raises(ValueError, match="reaches .* grey levels, above eps 16; give trigger_scale"):
+        build("narcissus", trigger_file=str(tmp_path / "grey.npy"))
+    assert build("narcissus", trigger_file=str(tmp_path / "grey.npy"), trigger_scale=1).ready
+    with pytest.raises(FileNotFoundError, match="narcissus trigger_file not found"):
+        build("narcissus", trigger_file=str(tmp_path / "none.npy"))
+    raw = {"name": "n", "grid": {"attack": ["narcissus"], "defense": ["none"]}, "train": {
+        "epochs": 1, "attack_kw": {"narcissus": {"trigger_file": str(path)}}}}
+    assert not [s for s in make_plan(validate(raw)).steps.values() if s.kind == "attack_resource"]

@@ -70,18 +70,24 @@ def gaussian_blur(v: torch.Tensor, sigma: float) -> torch.Tensor:
     return x[0] if squeeze else x
 
 
-def load_pattern(path: str | Path) -> torch.Tensor:
-    """A user pattern from a .npy file as float32 C×H×W (H×W and H×W×C with C in {1, 3} accepted)."""
+def load_pattern(path: str | Path, what: str = "lf pattern file") -> torch.Tensor:
+    """A user pattern from a .npy file as float32 C×H×W (H×W, H×W×C with C in {1, 3}, and a batch of one,
+    1×C×H×W as PyTorch code saves one, accepted)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"lf pattern file not found: {path}")
-    arr = np.load(path, allow_pickle=False).astype(np.float32)
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        arr = np.load(path, allow_pickle=False).astype(np.float32)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{what} {path}: not a readable numeric .npy array ({str(err)[:80]})") from None
+    if arr.ndim == 4 and arr.shape[0] == 1:
+        arr = arr[0]
     if arr.ndim == 2:
         arr = arr[None]
     elif arr.ndim == 3 and arr.shape[-1] in (1, 3) and arr.shape[0] not in (1, 3):
         arr = arr.transpose(2, 0, 1)
     if arr.ndim != 3 or arr.shape[0] not in (1, 3):
-        raise ValueError(f"lf pattern must be H×W, H×W×C or C×H×W with C in (1, 3), got shape {arr.shape}")
+        raise ValueError(f"{what} must be H×W, H×W×C or C×H×W with C in (1, 3), got shape {arr.shape}")
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 

@@ -22,6 +22,11 @@ Algorithm (the authors' ``narcissus_function.py``), with our defaults and the or
 4. Poison: ``clip(x + trigger)`` on target-class training images; test-time: ``clip(x + magnify ·
    trigger)`` with ``magnify = 3`` [``multi_test = 3``].
 
+``trigger_file = <path.npy>`` skips steps 1-3 and uses a given trigger, such as the authors' released
+CIFAR-10 one (``checkpoint/resnet18_trigger.npy`` of reds-lab/Narcissus, target class 2), which the TSC paper
+uses: 1×3×32×32 in the authors' Normalize(0.5, 0.5) units, turned into grey levels by ``trigger_scale =
+127.5`` (give 1 for an array already in grey levels); a trigger larger than ``eps`` is refused as a unit error.
+
 The resource is the trigger (``trigger``: float32 C×H×W in grey levels), independent of the rate.
 Poisoning rate: a share of the whole training set drawn among the target-class images (capped at their
 number), as SIG and LC. Narcissus itself needs very few poisons (0.05% of CIFAR-10); the rate is the
@@ -69,9 +74,10 @@ class Narcissus(Attack):
     def __init__(self, eps: float = 16.0, magnify: float = 3.0, trigger_epochs: int = 20, trigger_lr: float = 1.0,
                  trigger_batch: int = 128, warmup_epochs: int = 2, warmup_lr: float = 0.1,
                  surrogate_arch: str = "cnn", surrogate_epochs: int = 4, surrogate_lr: float = 0.05,
-                 surrogate_batch: int = 128) -> None:
+                 surrogate_batch: int = 128, trigger_file: str | None = None, trigger_scale: float = 127.5) -> None:
         check_positive("narcissus", eps=eps, magnify=magnify, trigger_lr=trigger_lr, trigger_batch=trigger_batch,
-                       warmup_lr=warmup_lr, surrogate_lr=surrogate_lr, surrogate_batch=surrogate_batch)
+                       warmup_lr=warmup_lr, surrogate_lr=surrogate_lr, surrogate_batch=surrogate_batch,
+                       trigger_scale=trigger_scale)
         for name, v in (("trigger_epochs", trigger_epochs), ("warmup_epochs", warmup_epochs),
                         ("surrogate_epochs", surrogate_epochs)):
             if v < 0:
@@ -81,7 +87,22 @@ class Narcissus(Attack):
         self.warmup_epochs, self.warmup_lr = warmup_epochs, float(warmup_lr)
         self.surrogate_arch, self.surrogate_epochs = surrogate_arch, surrogate_epochs
         self.surrogate_lr, self.surrogate_batch = float(surrogate_lr), surrogate_batch
-        self.trigger: torch.Tensor | None = None
+        self.trigger_file, self.trigger_scale = trigger_file, float(trigger_scale)
+        self.trigger: torch.Tensor | None = self._released(trigger_file) if trigger_file is not None else None
+
+    def _released(self, path: str) -> torch.Tensor:
+        """A trigger from a .npy file (the authors' released ``checkpoint/resnet18_trigger.npy``: 1×3×32×32 in
+        their Normalize(0.5, 0.5) units, ×127.5 to grey levels), checked against ``eps`` so that a file in
+        other units (grey levels already: ``trigger_scale=1``) is refused rather than applied 127× too strong."""
+        from tscray.attacks.lf import load_pattern
+
+        t = load_pattern(path, "narcissus trigger_file") * self.trigger_scale
+        peak = float(t.abs().max()) if t.numel() else 0.0
+        if peak > self.eps * 1.01 + 0.5:
+            raise ValueError(f"narcissus trigger_file {path}: ×{self.trigger_scale:g} it reaches {peak:.1f} grey "
+                             f"levels, above eps {self.eps:g}; give trigger_scale for its units (127.5 for the "
+                             "authors' [-1, 1] normalisation, 1 for grey levels) or raise eps")
+        return t
 
     # ------------------------------------------------------------------ trigger
     def _need(self) -> torch.Tensor:
@@ -98,7 +119,9 @@ class Narcissus(Attack):
         return add_pattern(x, self._need()) if split == "train" else self.apply(x)
 
     # ------------------------------------------------------------------ resource
-    def resource_params(self, rate: float) -> dict[str, Any]:
+    def resource_params(self, rate: float) -> dict[str, Any] | None:
+        if self.trigger_file is not None:
+            return None  # the released trigger: nothing to compute
         return {"eps": self.eps, "trigger_epochs": self.trigger_epochs, "trigger_lr": self.trigger_lr,
                 "trigger_batch": self.trigger_batch, "warmup_epochs": self.warmup_epochs,
                 "warmup_lr": self.warmup_lr, "surrogate_arch": self.surrogate_arch,
