@@ -230,3 +230,17 @@ def test_a_bucket_that_does_not_exist_or_no_bucket_at_all_is_one_line_exit_2(tmp
         assert capsys.readouterr().err.strip() == "tscray sweep: error: storage s3:// names no bucket or folder"
     finally:
         server.stop()
+
+
+def test_a_missing_trigger_or_pattern_file_is_a_named_problem_of_the_spec(tmp_path, capsys):
+    """A missing LF pattern stopped validation at the first such file with a bare FileNotFoundError line;
+    every missing file is now a problem of train.attack_kw, named with its attack."""
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: x\ngrid: {attack: [lf, narcissus], defense: [none]}\ntrain: {epochs: 1, attack_kw: "
+                    "{lf: {pattern: /nope/p.npy}, narcissus: {trigger_file: /nope/t.npy}}}\n")
+    with pytest.raises(SpecError) as e:
+        load_spec(str(spec))
+    assert e.value.problems == ["train.attack_kw: attack 'lf': lf pattern file not found: /nope/p.npy",
+                                "train.attack_kw: attack 'narcissus': narcissus trigger_file not found: /nope/t.npy"]
+    assert main(["sweep", str(spec), "--dry-run"]) == 2
+    assert "2 problem(s)" in capsys.readouterr().err

@@ -666,7 +666,7 @@ def _check_method(blocks: list[tuple[str, Grid]], grid: Grid, train: TrainSpec, 
         if a in allowed:
             try:
                 registry.get(a)(**attack_kw_for(train, a))
-            except (TypeError, ValueError) as err:
+            except (TypeError, ValueError, OSError) as err:  # (OSError: a trigger or pattern file not found)
                 problems.append(f"train.attack_kw: attack {a!r}: {err}")
 
 
