@@ -102,6 +102,9 @@ def test_a_storage_records_user_data_once_and_refuses_it_changed(tmp_path):
     (tmp_path / "s" / data_record.NAME).write_text("{not json")  # a damaged record accepts nothing
     with pytest.raises(data_record.DataChanged, match="unreadable.*delete it"):
         data_record.check(store, names, "s")
+    (tmp_path / "s" / data_record.NAME).write_text("[]")  # JSON, but no record: not an empty one either
+    with pytest.raises(data_record.DataChanged, match="not a mapping"):
+        data_record.check(store, names, "s")
 
 
 def _spec(tmp_path: Path, dataset: Path) -> Path:

@@ -244,3 +244,23 @@ def test_a_missing_trigger_or_pattern_file_is_a_named_problem_of_the_spec(tmp_pa
                                 "train.attack_kw: attack 'narcissus': narcissus trigger_file not found: /nope/t.npy"]
     assert main(["sweep", str(spec), "--dry-run"]) == 2
     assert "2 problem(s)" in capsys.readouterr().err
+
+
+def test_a_poison_rate_the_users_data_cannot_hold_is_refused_before_any_compute(tmp_path):
+    """SIG at 10% on data whose target class holds 2% failed on a worker, after the sweep had started (and,
+    for LC or Narcissus, after their resource was computed); validation reads the user's data anyway."""
+    import numpy as np
+
+    y = np.array([0] * 20 + [1] * 490 + [2] * 490)
+    x = np.random.default_rng(0).integers(0, 256, (1000, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"name: x\ngrid: {{dataset: [{tmp_path / 'd.npz'}], attack: [sig, badnets], poison_rate: [0.01, "
+                    "0.1], defense: [none]}\ntrain: {epochs: 1}\n")
+    with pytest.raises(SpecError) as e:
+        load_spec(str(spec))
+    (only,) = e.value.problems  # badnets (any non-target image) and SIG at 1% fit; SIG at 10% does not
+    assert only.startswith("grid.poison_rate[1]: on ") and "sig at rate 0.1 asks 80 poisoned images of 800, " \
+        "but only 16 are images of target class 0" in only and only.endswith("at most 0.02")  # (train split)
+    spec.write_text(spec.read_text().replace("train: {epochs: 1}", "train: {epochs: 1, target: 1}"))
+    load_spec(str(spec))  # target class 1 holds 49%

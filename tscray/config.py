@@ -713,10 +713,12 @@ def _check_data(spec: SweepSpec, blocks: list[tuple[str, Grid]], problems: list[
             where.setdefault(d, f"{block}.dataset[{i}]")
     where.setdefault(spec.ssl.downstream, "ssl.downstream")
     counts: dict[str, int | None] = {}
+    labels: dict[str, Any] = {}  # training labels of the user's data (read here anyway)
     for name in dict.fromkeys((*spec.grid.dataset, spec.ssl.downstream)):
         if name and name not in data.DATASETS:
             try:
-                counts[name] = data.load(name, **spec.data_kw.get(name, {})).num_classes
+                ds = data.load(name, **spec.data_kw.get(name, {}))
+                counts[name], labels[name] = ds.num_classes, ds.train.y
             except (ValueError, TypeError, FileNotFoundError) as err:
                 problems.append(f"{where.get(name, 'grid.dataset')}: {err}")
         elif name:
@@ -728,6 +730,8 @@ def _check_data(spec: SweepSpec, blocks: list[tuple[str, Grid]], problems: list[
         n = counts.get(name)
         if n is not None and spec.train.target >= n:
             problems.append(f"train.target: {spec.train.target} is not a class of {name} (its classes are 0..{n - 1})")
+    if spec.train.method == "supervised" and labels and not problems:
+        _check_rates(spec, blocks, labels, problems)
 
     needs = [d for d in (*spec.grid.dataset, spec.ssl.downstream) if d in REAL_DATA]
     if not needs:
@@ -737,6 +741,39 @@ def _check_data(spec: SweepSpec, blocks: list[tuple[str, Grid]], problems: list[
         problems.append(f"data_root: datasets {needs} read from a local root; set data_root or $TSCRAY_DATA")
     elif not root.is_dir():
         problems.append(f"data_root: {root} does not exist or is not a directory (needed by {needs})")
+
+
+def _check_rates(spec: SweepSpec, blocks: list[tuple[str, Grid]], labels: dict[str, Any],
+                 problems: list[str]) -> None:
+    """Every poison rate fits the images its attack may poison on the user's data (a clean-label attack: the
+    target class's), so that an impossible rate fails here and not on a worker after the attack's resource
+    was computed."""
+    import torch
+
+    from tscray import attacks
+
+    found: dict[str, None] = {}
+    for block, g in blocks:
+        targets = next((vs for path, vs in g.field_axes if path == "train.target"), (spec.train.target,))
+        for d in g.dataset:
+            if d not in labels:
+                continue
+            y = torch.as_tensor(labels[d])
+            per = torch.bincount(y).tolist()
+            for a in g.attack:
+                try:
+                    atk = attacks.build(a, **attack_kw_for(spec.train, a))
+                except (TypeError, ValueError, OSError, KeyError):
+                    continue  # (named by _check_method)
+                for i, rate in enumerate(g.poison_rate):
+                    for target in targets:
+                        if not isinstance(target, int) or not 0 <= target < len(per):
+                            continue
+                        eligible = per[target] if atk.clean_label else len(y) - per[target]
+                        why = atk.rate_problem(rate, len(y), eligible, target)
+                        if why is not None:
+                            found[f"{block}.poison_rate[{i}]: on {d}, {why}"] = None
+    problems.extend(found)
 
 
 def _check_arch_kw(spec: SweepSpec, problems: list[str]) -> None:

@@ -83,7 +83,11 @@ def recorded(store: Store) -> dict[str, str]:
         raise DataChanged(f"{store.uri}/{NAME}, the record of the data this storage's steps were computed on, is "
                           f"unreadable ({str(err)[:80]}); if the data has not changed since, delete it and it is "
                           "recorded again") from None
-    return {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(raw, dict) else {}
+    if not isinstance(raw, dict):
+        raise DataChanged(f"{store.uri}/{NAME}, the record of the data this storage's steps were computed on, is "
+                          f"not a mapping of paths to hashes; if the data has not changed since, delete it and it "
+                          "is recorded again")
+    return {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 def _add(store: Store, entries: dict[str, str]) -> None:
@@ -101,6 +105,8 @@ def check(store: Store, names: Iterable[str | None], uri: str, write: bool = Tru
     if not paths:
         return []
     record = recorded(store)
+    if not write and not any(p in record for p in paths):
+        return []  # (nothing to compare with, nothing to record: no need to read the data)
     now = {p: fingerprint(p) for p in paths}
     changed = [p for p in paths if p in record and record[p] != now[p]]
     if changed:

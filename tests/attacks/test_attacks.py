@@ -115,7 +115,7 @@ def test_a_rate_beyond_the_eligible_images_is_an_error_not_a_quiet_cap():
     assert len(build("sig").select(y, 0.005, 0, gen)) == 5
     with pytest.raises(ValueError, match=r"sig at rate 0.05 asks 50 poisoned images of 1,000, but only 5 are "
                                          r"images of target class 0 \(0.50% of the set\); a clean-label attack .* "
-                                         r"at most 0.005"):
+                                         r"at most 0.005$"):
         build("sig").select(y, 0.05, 0, gen)
     with pytest.raises(ValueError, match="only 5 are images outside target class 1"):
         build("badnets").select(y, 0.5, 1, gen)

@@ -63,14 +63,22 @@ class Attack:
     def select(self, y: torch.Tensor, rate: float, target: int, gen: torch.Generator) -> torch.Tensor:
         """Indices of training images to poison: ``rate`` of the whole set, drawn among eligible images."""
         eligible = torch.nonzero(y == target if self.clean_label else y != target).flatten()
-        k = round(rate * len(y))
-        if k > len(eligible):  # (it poisoned all it could without a word: the rate column then said 5% of 0.5%)
-            who = f"images of target class {target}" if self.clean_label else f"images outside target class {target}"
-            raise ValueError(f"{self.name} at rate {rate:g} asks {k:,} poisoned images of {len(y):,}, but only "
-                             f"{len(eligible):,} are {who} ({len(eligible) / len(y):.2%} of the set)"
-                             + ("; a clean-label attack poisons only its target class" if self.clean_label else "")
-                             + f": lower the rate to at most {len(eligible) / len(y):.4g}")
-        return eligible[torch.randperm(len(eligible), generator=gen)[:k]].sort().values
+        problem = self.rate_problem(rate, len(y), len(eligible), target)
+        if problem is not None:  # (it poisoned all it could without a word: the rate column then said 5% of 0.5%)
+            raise ValueError(problem)
+        return eligible[torch.randperm(len(eligible), generator=gen)[:round(rate * len(y))]].sort().values
+
+    def rate_problem(self, rate: float, n: int, eligible: int, target: int) -> str | None:
+        """Why ``rate`` of ``n`` images cannot be poisoned when ``eligible`` of them may be (None when it can):
+        the check :meth:`select` makes, and a sweep's validation before any compute."""
+        k = round(rate * n)
+        if k <= eligible:
+            return None
+        who = f"images of target class {target}" if self.clean_label else f"images outside target class {target}"
+        return (f"{self.name} at rate {rate:g} asks {k:,} poisoned images of {n:,}, but only {eligible:,} are {who} "
+                f"({eligible / n:.2%} of the set)"
+                + ("; a clean-label attack poisons only its target class" if self.clean_label else "")
+                + f": lower the rate to at most {_floor_digits(eligible / n)}")
 
     def extra_training(self, train: ImageData, poison_idx: torch.Tensor, rate: float, target: int,
                        gen: torch.Generator) -> ImageData | None:
@@ -132,3 +140,14 @@ class Attack:
 
 
 ATTACKS: Registry = Registry("attack")
+
+
+def _floor_digits(x: float, digits: int = 4) -> str:
+    """``x`` to ``digits`` significant digits, rounded down (a rate printed rounded up could ask one image too
+    many again)."""
+    import math
+
+    if x <= 0:
+        return "0"
+    scale = 10 ** (digits - 1 - math.floor(math.log10(x)))
+    return f"{math.floor(x * scale) / scale:g}"

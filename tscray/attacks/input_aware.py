@@ -39,7 +39,8 @@ Departures from the original and why:
   (another, non-poisoned, image triggered with the pattern and mask of a random training image, true label)
   *appended* by :meth:`InputAware.extra_training`, as WaNet's noise images are
   (:mod:`tscray.attacks.wanet`). The counts of poisoned and cross images per epoch match the original's;
-  their shares are a little lower, as the set grows by the cross images (see WaNet); the victim sees each
+  their shares are a little lower, as the set grows by the cross images: r / (1 + (p_cross / p_attack)·r),
+  9.1% poisoned and 9.1% cross at r 0.1 with the defaults, against 10 and 10%; the victim sees each
   image's trigger fixed, not redrawn by a generator still moving.
 * CPU-sized training: by default ``mask_epochs = 2`` and ``epochs = 5`` on ``n_train = 3000`` images with
   generators of width 8 and 2 steps (the original's MNIST generator has width 16), so the resource takes

@@ -24,7 +24,7 @@ The resource is the PGD-perturbed copy of every target-class training image (``i
 indices, ``images``: uint8), so it does not depend on the poisoning rate; :meth:`LC.poison` looks the
 chosen images up and stamps the trigger, and the test-time trigger (:meth:`LC.apply`) is the corner
 pattern alone. Poisoning rate: as BackdoorBench, a share of the whole training set drawn among the
-target-class images (capped at their number).
+target-class images (a rate beyond their number is an error).
 
 Departures from the original and why:
 

@@ -28,8 +28,8 @@ uses: 1×3×32×32 in the authors' Normalize(0.5, 0.5) units, turned into grey l
 127.5`` (give 1 for an array already in grey levels); a trigger larger than ``eps`` is refused as a unit error.
 
 The resource is the trigger (``trigger``: float32 C×H×W in grey levels), independent of the rate.
-Poisoning rate: a share of the whole training set drawn among the target-class images (capped at their
-number), as SIG and LC. Narcissus itself needs very few poisons (0.05% of CIFAR-10); the rate is the
+Poisoning rate: a share of the whole training set drawn among the target-class images (a rate beyond their
+number is an error), as SIG and LC. Narcissus itself needs very few poisons (0.05% of CIFAR-10); the rate is the
 sweep's.
 
 Departures from the original and why:

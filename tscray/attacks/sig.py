@@ -12,8 +12,8 @@ Parameters (BackdoorBench's ``sigTriggerAttack`` defaults, which the paper uses 
 * ``f = 6``: number of periods across the image width.
 
 Poisoning rate: as BackdoorBench, ``rate`` is a share of the *whole* training set, drawn among the
-target-class images (capped at their number; :meth:`Attack.select`). With 10 balanced classes any
-rate ≥ 0.1 therefore poisons every target-class image.
+target-class images (:meth:`Attack.select`; a rate beyond their number is an error). With 10 balanced
+classes a rate of 0.1 therefore poisons every target-class image, and a higher one is refused.
 
 Departures: none in the trigger itself (BackdoorBench computes the same float sum and clips; we round
 to the nearest integer before the cast, BackdoorBench truncates: at most one grey level apart). The
