@@ -173,3 +173,30 @@ def test_import_steps_carries_the_data_record_and_refuses_steps_of_other_data(tm
     assert data_record.recorded(other) == {"/data/pets": "b" * 64}
     assert main(["import-steps", str(tmp_path / "src"), str(tmp_path / "empty"), "--spec", str(spec)]) == 0
     assert data_record.recorded(Store(str(tmp_path / "empty"))) == {}  # nothing copied: nothing adopted
+
+
+@pytest.mark.slow
+def test_a_sweep_on_the_users_data_records_it_and_its_resume_on_edited_data_is_refused(tmp_path):
+    """On a real local Ray: the driver records the data, every worker checks its copy against the record
+    (and passes), the run finishes; the same command on an edited file is refused before anything runs."""
+    from tscray.sweep import run_sweep
+
+    npz = tmp_path / "d.npz"
+    shutil.copy(EXAMPLE, npz)
+    raw = {"name": "own", "storage": str(tmp_path / "runs"), "grid": {"dataset": [{"path": str(npz)}],
+           "defense": ["finetune", "none"]},
+           "train": {"epochs": 1, "batch_size": 100, "arch_kw": {"widths": [8, 8, 8, 8]}},
+           "defense": {"clean_ratio": 0.1, "finetune": {"epochs": 1, "batch_size": 50}}, "resources": {"workers": 2}}
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    summary = run_sweep(load_spec(spec))
+    assert summary["done"] == summary["trials"] == 2
+    store = Store(str(tmp_path / "runs"))
+    assert data_record.recorded(store) == {str(npz): data_record.fingerprint(npz)}
+    x, y = np.load(EXAMPLE)["x"], np.load(EXAMPLE)["y"]
+    x[0] = 255 - x[0]  # one image edited
+    np.savez(npz, x=x, y=y)
+    results_before = sorted(p.name for p in (tmp_path / "runs" / "results").iterdir())
+    with pytest.raises(data_record.DataChanged, match="its content changed"):
+        run_sweep(load_spec(spec))
+    assert sorted(p.name for p in (tmp_path / "runs" / "results").iterdir()) == results_before
