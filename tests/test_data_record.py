@@ -13,6 +13,7 @@ import yaml
 from tscray import data_record
 from tscray.cli import main
 from tscray.config import load_spec
+from tscray.plan import make_plan
 from tscray.store import Store
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "shapes.npz"
@@ -200,3 +201,35 @@ def test_a_sweep_on_the_users_data_records_it_and_its_resume_on_edited_data_is_r
     with pytest.raises(data_record.DataChanged, match="its content changed"):
         run_sweep(load_spec(spec))
     assert sorted(p.name for p in (tmp_path / "runs" / "results").iterdir()) == results_before
+
+
+def test_an_attack_file_edited_between_runs_is_refused_like_the_data(tmp_path, capsys):
+    """Step keys name an attack's pattern by its path too (LF's pattern, Narcissus' trigger, Blended's image):
+    editing it reused models trained with the old trigger. The sweep records it with the data; a dry run
+    and a worker building the attack refuse an edited copy; composite attacks report their base's files."""
+    from tscray import attacks
+    from tscray.steps import Context
+
+    pattern = tmp_path / "lf.npy"
+    np.save(pattern, np.full((28, 28), 3.0, np.float32))
+    assert attacks.build("lf", pattern=str(pattern)).files() == [pattern]
+    blend = tmp_path / "b.png"
+    from PIL import Image
+    Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(blend)
+    assert attacks.build("sbl", trigger="blended", trigger_kw={"pattern": str(blend)}).files() == [blend]
+    assert attacks.build("blended").files() == [] and attacks.build("badnets").files() == []
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"name": "a", "storage": str(tmp_path / "runs"), "grid": {
+        "attack": ["lf"], "defense": ["none"]}, "train": {"epochs": 1, "attack_kw": {"lf": {"pattern": str(pattern)}}}}))
+    store = Store(str(tmp_path / "runs"))
+    assert data_record.spec_inputs(load_spec(spec)) == [str(pattern)]
+    data_record.check(store, data_record.spec_inputs(load_spec(spec)), "runs")  # as the first run records it
+    assert main(["sweep", str(spec), "--dry-run"]) == 0
+    np.save(pattern, np.full((28, 28), 4.0, np.float32))
+    capsys.readouterr()
+    assert main(["sweep", str(spec), "--dry-run"]) == 2
+    assert f"{pattern}: its content changed" in capsys.readouterr().err
+    (bd,) = [s for s in make_plan(load_spec(spec)).steps.values() if s.kind == "backdoor"]
+    with pytest.raises(data_record.DataChanged, match="this copy differs"):
+        Context(store).attack(bd)

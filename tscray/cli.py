@@ -591,7 +591,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         from tscray import data_record, results
 
-        data_record.check(store, (*spec.grid.dataset, spec.ssl.downstream), uri, write=False)
+        data_record.check(store, data_record.spec_inputs(spec), uri, write=False)
         # finished: a results file holding the planned final step's rows (not one written under other settings),
         # as the sweep itself counts them: with or without a sweep.json (result files copied into a fresh storage)
         done = results.finished_steps(store)
@@ -710,26 +710,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_import_steps(args: argparse.Namespace) -> int:
+    from tscray import data_record
+
     src = _store_at(args.source)
     available = src.step_keys()
     if not available:
         raise FileNotFoundError(f"{args.source}: no stored steps (expected a sweep directory with steps/)")
-    spec_data: list[str | None] = []
+    spec_data: list[str] = []
     if args.spec is not None:
         from tscray.config import load_spec
         from tscray.plan import make_plan
 
         wanted: dict[str, set[str]] = {}
         spec = load_spec(args.spec, check_data=False)
-        spec_data = [*spec.grid.dataset, spec.ssl.downstream]
+        spec_data = data_record.spec_inputs(spec)
         for step in make_plan(spec).steps.values():
             wanted.setdefault(step.kind, set()).add(step.key)
         available = {k: [key for key in v if key in wanted.get(k, set())] for k, v in available.items()}
     dst = _store_at(args.storage)
-    from tscray import data_record
-
     # steps computed on other data at the same path are refused; with --spec, only the spec's data matters
-    adopt = data_record.merge(src, dst, data_record.user_datasets(spec_data) if args.spec is not None else None)
+    adopt = data_record.merge(src, dst, spec_data if args.spec is not None else None)
     present = {k: set(v) for k, v in dst.step_keys().items()}
     copied: dict[str, int] = {}
     skipped = damaged = 0

@@ -1,5 +1,5 @@
-"""``data.json``: the content of the user's own data (a dataset named by its path) that a storage's steps
-were computed on.
+"""``data.json``: the content of the user's own data (a dataset named by its path, and the files its attacks
+read: a pattern, a released trigger) that a storage's steps were computed on.
 
 Step keys name a user dataset by its path, not its content. Edit the file or folder between two runs of a
 sweep and a resume would reuse backdoored models trained on the old data and evaluate them on the new: numbers
@@ -64,6 +64,23 @@ def fingerprint(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def spec_inputs(spec: Any) -> list[str]:
+    """What a sweep reads from the user, by path: its datasets (the grid's and SSL's downstream) and the files
+    its attacks read (a pattern, a released trigger: :meth:`tscray.attacks.Attack.files`), made absolute."""
+    from tscray import attacks
+    from tscray.config import attack_kw_for
+
+    files: list[str] = []
+    if spec.train.method == "supervised":
+        for a in spec.grid.attack:
+            try:
+                built = attacks.build(a, **attack_kw_for(spec.train, a))
+            except (TypeError, ValueError, OSError, KeyError):
+                continue  # (validation named it)
+            files += [str(Path(f).expanduser().resolve()) for f in built.files()]
+    return user_datasets([*spec.grid.dataset, spec.ssl.downstream, *files])
+
+
 def user_datasets(names: Iterable[str | None]) -> list[str]:
     """The names among ``names`` that are paths to the user's own data, each once."""
     from tscray import data
@@ -112,7 +129,7 @@ def check(store: Store, names: Iterable[str | None], uri: str, write: bool = Tru
     if changed:
         lines = [f"{p}: its content changed since this storage's steps were computed on it (content hash "
                  f"{record[p][:12]}, now {now[p][:12]})" for p in changed]
-        raise DataChanged("; ".join(lines) + ". Its stored models were trained on the old data, and a resume "
+        raise DataChanged("; ".join(lines) + ". The stored models were trained on the old version, and a resume "
                           "would put numbers from both in one table. Restore the data, or run on a new storage "
                           f"(--storage); to go on here with the new data anyway, delete {uri}/{NAME} (the "
                           "finished trials keep the old data's numbers)")

@@ -66,6 +66,8 @@ class Context:
         def make() -> attacks.Attack:
             p = bd.params
             atk = attacks.build(p["attack"], **p["attack_kw"])
+            for f in atk.files():  # (a node's stale copy of a pattern is refused, as of the data)
+                data_record.verify(self.store, str(f.expanduser().resolve()))
             for res in bd.inputs:
                 if res.kind == "attack_resource":
                     atk.load_resource(self.store.load_tensors(res.kind, res.key, "resource"))

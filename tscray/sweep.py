@@ -271,7 +271,7 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
 
     uri = spec.storage_path(storage)
     store = Store(uri)
-    recorded_now = data_record.check(store, (*spec.grid.dataset, spec.ssl.downstream), uri)  # (before any write)
+    recorded_now = data_record.check(store, data_record.spec_inputs(spec), uri)  # (before anything is written)
     if recorded_now and any(store.subdirs(f"steps/{kind}") for kind in store.subdirs("steps")):
         print(f"recorded the content of {', '.join(recorded_now)} in {uri}/{data_record.NAME}; the steps already here "
               "were computed before it was recorded, and are taken to be of this data", file=out, flush=True)

@@ -17,6 +17,7 @@ and override one of three hooks, each with a plain default:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -89,6 +90,12 @@ class Attack:
         Attacks that train on more than the poisoned images (WaNet's noise mode) override this.
         """
         return None
+
+    def files(self) -> list[Path]:
+        """The user's files the attack reads (a pattern, a released trigger), with those of the attacks it
+        builds on: a sweep keys them by path, so it records their content with the data's
+        (:mod:`tscray.data_record`) and refuses a file edited between two runs."""
+        return [f for v in vars(self).values() if isinstance(v, Attack) for f in v.files()]
 
     # ------------------------------------------------------------------ resource
     def resource_params(self, rate: float) -> dict[str, Any] | None:

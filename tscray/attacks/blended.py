@@ -69,6 +69,7 @@ class Blended(Attack):
             raise ValueError(f"blended alpha must be in (0, 1], got {alpha}")
         self.alpha = float(alpha)
         self.pattern_path = Path(pattern) if pattern is not None else default_pattern_path()
+        self.user_pattern = pattern is not None
         if not self.pattern_path.is_file():
             raise FileNotFoundError(f"blend pattern not found: {self.pattern_path}")
         self._cache: dict[tuple[int, int, int], torch.Tensor] = {}
@@ -79,6 +80,9 @@ class Blended(Attack):
         if key not in self._cache:
             self._cache[key] = load_pattern(self.pattern_path, channels, height, width)
         return self._cache[key]
+
+    def files(self) -> list[Path]:
+        return [self.pattern_path] if self.user_pattern else []  # (the packaged one changes with tscray only)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         _, c, h, w = x.shape

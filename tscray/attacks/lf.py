@@ -114,6 +114,9 @@ class LF(Attack):
             raise RuntimeError("lf needs its resource (the low-frequency perturbation): call prepare or load_resource")
         return add_pattern(x, self.pattern)
 
+    def files(self) -> list[Path]:
+        return [Path(self.pattern_path)] if self.pattern_path is not None else []
+
     # ------------------------------------------------------------------ resource
     def resource_params(self, rate: float) -> dict[str, Any] | None:
         if self.pattern_path is not None:

@@ -54,6 +54,7 @@ Departures from the original and why:
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -119,6 +120,9 @@ class Narcissus(Attack):
         return add_pattern(x, self._need()) if split == "train" else self.apply(x)
 
     # ------------------------------------------------------------------ resource
+    def files(self) -> list[Path]:
+        return [Path(self.trigger_file)] if self.trigger_file is not None else []
+
     def resource_params(self, rate: float) -> dict[str, Any] | None:
         if self.trigger_file is not None:
             return None  # the released trigger: nothing to compute

@@ -127,6 +127,9 @@ class SSBA(Attack):
                     raise FileNotFoundError(f"ssba {split} array not found: {path}")
         self._arrays: dict[str, np.ndarray] = {}
 
+    def files(self) -> list[Path]:
+        return list(self.paths.values()) if self.paths is not None else []
+
     # ------------------------------------------------------------------ pre-generated arrays
     def array(self, split: Split) -> np.ndarray:
         """The pre-generated poisoned images of one split, (N, H, W, C) uint8 (memory-mapped, loaded once)."""
