@@ -753,6 +753,7 @@ def _check_rates(spec: SweepSpec, blocks: list[tuple[str, Grid]], labels: dict[s
     from tscray import attacks
 
     found: dict[str, None] = {}
+    built: dict[str, Any] = {}  # one attack per name, whatever the blocks and datasets
     for block, g in blocks:
         targets = next((vs for path, vs in g.field_axes if path == "train.target"), (spec.train.target,))
         for d in g.dataset:
@@ -761,10 +762,14 @@ def _check_rates(spec: SweepSpec, blocks: list[tuple[str, Grid]], labels: dict[s
             y = torch.as_tensor(labels[d])
             per = torch.bincount(y).tolist()
             for a in g.attack:
-                try:
-                    atk = attacks.build(a, **attack_kw_for(spec.train, a))
-                except (TypeError, ValueError, OSError, KeyError):
-                    continue  # (named by _check_method)
+                if a not in built:
+                    try:
+                        built[a] = attacks.build(a, **attack_kw_for(spec.train, a))
+                    except (TypeError, ValueError, OSError, KeyError):
+                        built[a] = None  # (named by _check_method)
+                atk = built[a]
+                if atk is None:
+                    continue
                 for i, rate in enumerate(g.poison_rate):
                     for target in targets:
                         if not isinstance(target, int) or not 0 <= target < len(per):
