@@ -233,3 +233,21 @@ def test_an_attack_file_edited_between_runs_is_refused_like_the_data(tmp_path, c
     (bd,) = [s for s in make_plan(load_spec(spec)).steps.values() if s.kind == "backdoor"]
     with pytest.raises(data_record.DataChanged, match="this copy differs"):
         Context(store).attack(bd)
+
+
+def test_attack_files_named_only_in_a_grid_axis_are_recorded(tmp_path):
+    """A ``train.attack_kw`` field axis (two LF patterns side by side) names files the base spec does not:
+    each value's file is recorded, in the per-attack form and the flat one, and an SSL downstream set named
+    by a grid axis too."""
+    a, b = tmp_path / "a.npy", tmp_path / "b.npy"
+    np.save(a, np.full((28, 28), 3.0, np.float32))
+    np.save(b, np.full((28, 28), 2.0, np.float32))
+    for path in ("train.attack_kw.lf.pattern", "train.attack_kw.pattern"):
+        spec = tmp_path / "s.yaml"
+        spec.write_text(yaml.safe_dump({"name": "a", "grid": {
+            "attack": ["lf"], "defense": ["none"], path: [str(a), str(b)]}, "train": {"epochs": 1}}))
+        assert sorted(data_record.spec_inputs(load_spec(spec))) == sorted([str(a), str(b)]), path
+    two = [{"attack": ["badnets"], "defense": ["none"]},
+           {"attack": ["lf"], "defense": ["none"], "train.attack_kw.lf.pattern": [str(b)]}]
+    spec.write_text(yaml.safe_dump({"name": "a", "grid": two, "train": {"epochs": 1}}))
+    assert data_record.spec_inputs(load_spec(spec)) == [str(b)]

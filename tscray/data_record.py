@@ -11,6 +11,8 @@ it. Registered datasets (CIFAR-10 under a data root...) are not hashed: they do 
 from __future__ import annotations
 
 import hashlib
+import itertools
+import json
 import socket
 import time
 from pathlib import Path
@@ -66,19 +68,41 @@ def fingerprint(path: str | Path) -> str:
 
 def spec_inputs(spec: Any) -> list[str]:
     """What a sweep reads from the user, by path: its datasets (the grid's and SSL's downstream) and the files
-    its attacks read (a pattern, a released trigger: :meth:`tscray.attacks.Attack.files`), made absolute."""
+    its attacks read (a pattern, a released trigger: :meth:`tscray.attacks.Attack.files`), made absolute.
+    A ``train.*`` or ``ssl.*`` grid axis (``train.attack_kw.lf.pattern_file: [a.npy, b.npy]``) is followed
+    into each of its values, so a file named only there is recorded too."""
     from tscray import attacks
     from tscray.config import attack_kw_for
 
-    files: list[str] = []
-    if spec.train.method == "supervised":
-        for a in spec.grid.attack:
+    names: list[str | None] = [*spec.grid.dataset]
+    built: dict[str, list[str]] = {}  # files per (attack, options), whatever the blocks and variants
+
+    def add(variant: Any, attack_names: Iterable[str]) -> None:
+        names.append(variant.ssl.downstream)
+        if variant.train.method != "supervised":
+            return
+        for a in attack_names:
+            kw = attack_kw_for(variant.train, a)
+            key = json.dumps([a, kw], sort_keys=True, default=str)
+            if key not in built:
+                try:
+                    built[key] = [str(Path(f).expanduser().resolve()) for f in attacks.build(a, **kw).files()]
+                except (TypeError, ValueError, OSError, KeyError):
+                    built[key] = []  # (validation named it)
+            names.extend(built[key])
+
+    for g in spec.grids or (spec.grid,):
+        axes = [(path, values) for path, values in g.field_axes if path.split(".")[0] in ("train", "ssl")]
+        if not axes:
+            add(spec, g.attack)
+            continue
+        for combo in itertools.product(*(values for _, values in axes)):
             try:
-                built = attacks.build(a, **attack_kw_for(spec.train, a))
-            except (TypeError, ValueError, OSError, KeyError):
+                variant = spec.with_fields({path: v for (path, _), v in zip(axes, combo)})
+            except ValueError:
                 continue  # (validation named it)
-            files += [str(Path(f).expanduser().resolve()) for f in built.files()]
-    return user_datasets([*spec.grid.dataset, spec.ssl.downstream, *files])
+            add(variant, g.attack)
+    return user_datasets(names)
 
 
 def user_datasets(names: Iterable[str | None]) -> list[str]:
