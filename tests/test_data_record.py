@@ -251,3 +251,9 @@ def test_attack_files_named_only_in_a_grid_axis_are_recorded(tmp_path):
            {"attack": ["lf"], "defense": ["none"], "train.attack_kw.lf.pattern": [str(b)]}]
     spec.write_text(yaml.safe_dump({"name": "a", "grid": two, "train": {"epochs": 1}}))
     assert data_record.spec_inputs(load_spec(spec)) == [str(b)]
+    downstream = tmp_path / "d.npz"
+    shutil.copy(EXAMPLE, downstream)
+    spec.write_text(yaml.safe_dump({"name": "a", "grid": {
+        "dataset": [str(EXAMPLE)], "arch": ["simclr-cnn"], "attack": ["ctrl"], "defense": ["none"],
+        "ssl.downstream": [str(downstream)]}, "train": {"epochs": 1, "method": "simclr"}}))
+    assert data_record.spec_inputs(load_spec(spec)) == [str(EXAMPLE), str(downstream)]

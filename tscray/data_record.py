@@ -66,11 +66,15 @@ def fingerprint(path: str | Path) -> str:
     return h.hexdigest()
 
 
+# the field axes whose values can name the user's files, or decide whether attacks read any
+_NAMES_INPUTS = ("train.attack_kw", "train.method", "ssl.")
+
+
 def spec_inputs(spec: Any) -> list[str]:
     """What a sweep reads from the user, by path: its datasets (the grid's and SSL's downstream) and the files
     its attacks read (a pattern, a released trigger: :meth:`tscray.attacks.Attack.files`), made absolute.
-    A ``train.*`` or ``ssl.*`` grid axis (``train.attack_kw.lf.pattern_file: [a.npy, b.npy]``) is followed
-    into each of its values, so a file named only there is recorded too."""
+    A grid axis that can name one (``train.attack_kw.lf.pattern: [a.npy, b.npy]``, ``ssl.downstream``,
+    ``train.method``) is followed into each of its values, so a file named only there is recorded too."""
     from tscray import attacks
     from tscray.config import attack_kw_for
 
@@ -92,7 +96,7 @@ def spec_inputs(spec: Any) -> list[str]:
             names.extend(built[key])
 
     for g in spec.grids or (spec.grid,):
-        axes = [(path, values) for path, values in g.field_axes if path.split(".")[0] in ("train", "ssl")]
+        axes = [(path, values) for path, values in g.field_axes if path.startswith(_NAMES_INPUTS)]
         if not axes:
             add(spec, g.attack)
             continue
