@@ -39,7 +39,7 @@ def synthetic_rows():
 
 def test_every_figure_and_table_is_produced_and_traceable(tmp_path):
     df = synthetic_rows()
-    rep = make_report(df, tmp_path, "png")
+    rep = make_report(df, tmp_path, "png", title="tscray sweep study")
     names = sorted(p.name for p in rep.figures)
     assert "fig5_tsc_vs_t.png" in names
     assert sum(n.startswith("fig3_") for n in names) == 4  # 2 attacks x 2 seeds
@@ -59,6 +59,8 @@ def test_every_figure_and_table_is_produced_and_traceable(tmp_path):
     assert (tmp_path / "tsc_grid.png").stat().st_size > 10_000
     html = rep.index.read_text()
     assert all(p.name in html for p in rep.figures) and "<table class=t1>" in html
+    # (the figures' loop had taken over the page's title: every report read "Self-supervised TSC versus t")
+    assert "<title>tscray sweep study</title>" in html and "<h1>tscray sweep study</h1>" in html
 
 
 def test_svg_and_pdf_formats(tmp_path):

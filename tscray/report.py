@@ -1191,13 +1191,14 @@ def make_report(df: pd.DataFrame, out: Path, fmt: str = "png", title: str = "tsc
         rep.tables += s.paths
         if s.figure is not None:
             rep.figures.append(s.figure)
-    for what, method, title, name in (
+    for what, method, fig_title, name in (
             ("Figure 5: no finished TSC trials", None, "Final ACC/ASR of TSC versus t (Figure 5 style)",
              "fig5_tsc_vs_t"),
             ("Figure 6: no self-supervised (simclr) rows in this sweep", "simclr",
              "Self-supervised TSC versus t (Figure 6 style)", "fig6_ssl_vs_t")):
         drawn = [p for rows, suffix, note in axis_parts(df)  # one figure per field-axis value: never averaged over
-                 if (p := figure_vs_t(rows, out, fmt, method, title + (f" at {note}" if note else ""), name + suffix))]
+                 if (p := figure_vs_t(rows, out, fmt, method, fig_title + (f" at {note}" if note else ""),
+                                        name + suffix))]
         rep.figures += drawn
         if not drawn:
             rep.skipped.append(what)
