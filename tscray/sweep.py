@@ -401,12 +401,21 @@ def report_sweep(store: Store, out: Path, fmt: str = "png", mlflow: bool = True,
     from tscray import results, sweep_record
     from tscray.report import make_report
 
-    info = sweep_record.read(store)
-    planned = sweep_record.planned_ids(info)
-    rows = results.read(store, damaged, planned, foreign).to_pandas()
     notes = []
+    try:
+        info: dict[str, Any] | None = sweep_record.read(store)
+    except ValueError as err:
+        # its spec may be lost with it: without MLflow (which needs its run), report every readable row
+        if mlflow:
+            raise ValueError(f"{err}; without MLflow (tscray report --no-mlflow) every readable result "
+                             "file is reported") from None
+        info = None
+        notes.append(f"{err}. Every readable result file is reported, including any copied in from another "
+                     "sweep")
+    planned = sweep_record.planned_ids(info) if info is not None else None
+    rows = results.read(store, damaged, planned, foreign).to_pandas()
     have = set(rows.trial_id) if not rows.empty else set()
-    if planned and have and len(have) < len(planned):
+    if info is not None and planned and have and len(have) < len(planned):
         current = sweep_record.current_ids(info)
         todo = current - have
         why = (f"the sweep is unfinished ({len(todo)} of the current spec's trials have none: run it again to "
@@ -415,9 +424,9 @@ def report_sweep(store: Store, out: Path, fmt: str = "png", mlflow: bool = True,
                "storage (run those to finish them)")
         notes.append(f"{len(have)} of the {len(planned)} planned trials have results: {why}, so cells may hold "
                      "fewer seeds or settings than planned")
-    rep = make_report(rows, out, fmt, title=f"tscray sweep {info['spec']['name']}", tsc_setting=tsc_setting,
-                      notes=notes)
-    if mlflow:
+    name = info["spec"]["name"] if info is not None else Path(store.uri.rstrip("/")).name
+    rep = make_report(rows, out, fmt, title=f"tscray sweep {name}", tsc_setting=tsc_setting, notes=notes)
+    if mlflow and info is not None:
         if tracker is None:
             from tscray.tracking import Tracker, default_uri
 
