@@ -320,7 +320,7 @@ def test_a_field_axis_splits_every_table_and_figure_and_undefended_rows_stand_be
     assert tsc.loc[0.01] == pytest.approx(64.5) and tsc.loc[0.05] == pytest.approx(9.5)  # t 0.4, mean of 2 seeds
     none = table[table.defense == "none"]
     assert len(none) == 2 and set(none.asr) == {99.0}  # beside each ratio
-    assert "defense.clean ratio" in (tmp_path / "table1.md").read_text()
+    assert "attack · defense.clean_ratio |" in (tmp_path / "table1.md").read_text()  # (the path as written)
     grid = (tmp_path / "tsc_grid.md").read_text()
     assert "supervised · defense.clean_ratio 0.01" in grid and "supervised · defense.clean_ratio 0.05" in grid
     names = sorted(p.name for p in rep.figures)
@@ -441,10 +441,13 @@ def test_an_axis_some_trials_do_not_sweep_counts_each_trial_once_and_never_pools
                               defense_seconds=20.0))
     df = pd.DataFrame(rows)
     make_report(df, tmp_path, "png")
-    cost = pd.read_csv(tmp_path / "defense_cost.csv").set_index("defense")
-    assert cost.trials["nc"] == 2 and cost.trials["mcr"] == 2 and cost.trials["tsc"] == 6
-    assert cost.seconds_std["nc"] == pytest.approx(np.std([10.0, 11.0], ddof=1), abs=0.01)
-    assert cost.settings["nc"] == 1 and cost.settings["tsc"] == 3  # badnets at 50, at 100; blended at the spec's
+    cost = pd.read_csv(tmp_path / "defense_cost.csv")
+    once = cost[cost.defense != "tsc"].set_index("defense")  # (the axis leaves them alone: one row each)
+    assert once.trials["nc"] == 2 and once.trials["mcr"] == 2 and once["defense.tsc.curve_epochs"].isna().all()
+    assert once.seconds_std["nc"] == pytest.approx(np.std([10.0, 11.0], ddof=1), abs=0.01)
+    tsc = cost[cost.defense == "tsc"]  # badnets at 50, at 100; blended at the spec's: a row each
+    assert list(tsc["defense.tsc.curve_epochs"].fillna(0)) == [50, 100, 0]
+    assert list(tsc.trials) == [2, 2, 2] and list(tsc.settings) == [1, 1, 1] and once.settings["nc"] == 1
     md = (tmp_path / "table1.md").read_text()
     assert "nan" not in md and "| blended · – |" in md
     parts = {note: rows for rows, _, note in axis_parts(df)}
@@ -492,3 +495,117 @@ def test_tsc_grid_panel_titles_fit_their_panels(tmp_path, monkeypatch):
         title = ax.title.get_window_extent(renderer)
         panel = ax.get_window_extent(renderer)
         assert title.width <= panel.width * 1.6, ax.get_title()  # within its panel and its margin, not the next
+
+
+def test_csv_files_write_settings_exactly_and_round_only_measures(tmp_path):
+    """Every CSV used one float format for every column: a 0.5% poison rate read 0.01, three clean ratios
+    under 1% all read 0.00, and t 0.375 read 0.38, so rows could not be told apart or joined back."""
+    rows = []
+    for seed, attack in ((0, "badnets"), (1, "badnets"), (0, "blended")):
+        rows.append(final_row("none", 90.0, 99.0, attack=attack, seed=seed, rate=0.005))
+        for ratio in (0.004, 0.005, 0.006):
+            for t in (0.375, 0.625):
+                for r in (1, 2, 3):
+                    for stage in ("stage1", "stage2", "finetune"):
+                        rows.append({**final_row("tsc", 80.0 + r, 10.0 / r + seed, attack=attack, seed=seed, e=3, t=t, rate=0.005,
+                                                 **{"defense.clean_ratio": ratio}), "stage": stage, "round": r})
+                rows.append(final_row("tsc", 85.123456, 4.0 + ratio * 1000 + seed / 3, attack=attack, seed=seed, e=3, t=t,
+                                      rate=0.005, defense_seconds=100.0 / 3, **{"defense.clean_ratio": ratio}))
+    make_report(pd.DataFrame(rows), tmp_path, "png", tsc_setting=(3, 0.375))
+    long = pd.read_csv(tmp_path / "table1_long.csv")
+    assert set(long.poison_rate) == {0.005} and set(long["defense.clean_ratio"].dropna()) == {0.004, 0.005, 0.006}
+    tsc = long[(long.defense == "tsc") & (long.attack == "badnets")].set_index("defense.clean_ratio")
+    assert tsc.asr[0.006] == 10.17 and tsc.acc[0.004] == 85.12  # measures still rounded to two places
+    stages = pd.read_csv(tmp_path / "tsc_stages.csv")
+    assert set(stages.t) == {0.375, 0.625} and set(stages["defense.clean_ratio"]) == {0.004, 0.005, 0.006}
+    axis = pd.read_csv(tmp_path / "vs_defense.clean_ratio.csv")
+    assert set(axis["defense.clean_ratio"]) == {0.004, 0.005, 0.006}
+    grid = pd.read_csv(tmp_path / "tsc_grid.csv")
+    assert "t=0.375" in grid.columns and grid["t=0.375"].round(2).equals(grid["t=0.375"])  # (a measure)
+
+
+def test_a_round_computed_twice_with_different_results_reads_the_same_in_any_file_order(tmp_path):
+    """The clean-scale study's seed-1 chains were recomputed on another machine after E 3: the E 4 trial's
+    round 1 differs from the E 1 trial's. The stages table kept whichever file came first (LF's round-2 output
+    read 84.6 or 77.7); now each distinct result counts once, in any order."""
+    df = stage_rows()
+    df = df[df["defense.tsc.curve_steps"].isna() & (df.seed == 0)]
+    again = df[df.e_tsc == 2].copy()
+    again["e_tsc"] = 3
+    again.loc[(again["round"] == 1) & (again.stage == "stage2"), "asr"] += 20.0  # (the recomputed chain)
+    df = pd.concat([df, again])
+
+    def stages(frame: pd.DataFrame, out: Path) -> pd.DataFrame:
+        make_report(frame, out, "png")
+        return pd.read_csv(out / "tsc_stages.csv")
+
+    forward, backward = stages(df, tmp_path / "a"), stages(df.iloc[::-1], tmp_path / "b")
+    assert forward.equals(backward)
+    r1 = forward[forward["round"] == 1].iloc[0]
+    assert r1.stage2_asr == 70.0 and r1.stage1_asr == 5.0  # 60 and 80, each once; the shared copies once
+
+
+def test_defense_cost_has_one_row_per_field_axis_value(tmp_path):
+    """The cost table pooled every clean-set size into one row: the study's TSC read 836±766 s, a spread
+    that was almost all between sizes (175 s at 200 images, 2,073 s at 2,500)."""
+    rows = []
+    for seed in (0, 1):
+        rows.append(final_row("none", 90.0, 99.0, seed=seed))
+        for ratio, secs, asr in ((0.02, 100.0, 40.0), (0.25, 1000.0, 5.0)):
+            rows.append(final_row("tsc", 85.0, asr + seed, seed=seed, e=3, t=0.4, defense_seconds=secs + seed,
+                                  **{"defense.clean_ratio": ratio}))
+        rows.append(final_row("finetune", 88.0, 90.0, seed=seed, defense_seconds=10.0))  # (at the spec's ratio)
+    make_report(pd.DataFrame(rows), tmp_path, "png")
+    cost = pd.read_csv(tmp_path / "defense_cost.csv")
+    tsc = cost[cost.defense == "tsc"].set_index("defense.clean_ratio")
+    assert list(tsc.index) == [0.02, 0.25] and list(tsc.seconds) == [100.5, 1000.5]
+    assert list(tsc.asr) == [40.5, 5.5] and list(tsc.defended) == [0, 1] and list(tsc.trials) == [2, 2]
+    ft = cost[cost.defense == "finetune"]
+    assert len(ft) == 1 and ft["defense.clean_ratio"].isna().all() and ft.seconds.iloc[0] == 10.0
+    md = (tmp_path / "defense_cost.md").read_text()
+    assert "| TSC (E 3, t 0.4) | 0.02 | 85.0 | 40.5 | 0/1 | 100±1 | 2 |" in md and "| fine-tuning | – | 88.0 | 90.0 | 0/1 |" in md
+
+
+def test_the_undefended_model_stands_beside_the_specs_own_value_of_an_axis_too(tmp_path):
+    """curve_budget_small: a block sweeps defense.tsc.curve_steps: [2000], another runs the spec's budget. The
+    undefended model stood beside 2000 only; the spec-budget row read "–" under No defense, which the legend
+    calls "not run"."""
+    rows = []
+    for seed in (0, 1):
+        rows.append(final_row("none", 90.0, 99.0, seed=seed))
+        rows.append(final_row("tsc", 85.0, 30.0, seed=seed, e=3, t=0.4))  # the spec's curve budget
+        rows.append(final_row("tsc", 84.0, 10.0, seed=seed, e=3, t=0.4, **{"defense.tsc.curve_steps": 2000.0}))
+    make_report(pd.DataFrame(rows), tmp_path, "png")
+    long = pd.read_csv(tmp_path / "table1_long.csv")
+    none = long[long.defense == "none"]
+    assert sorted(none["defense.tsc.curve_steps"].fillna(0)) == [0, 2000] and set(none.asr) == {99.0}
+    assert set(none.seeds) == {2}
+    md = (tmp_path / "table1.md").read_text()
+    assert "| badnets · – | 10% | 90.0±0.0 / 99.0±0.0 | 85.0±0.0 / 30.0±0.0 ✗ |" in md
+
+
+def test_figure5_panel_titles_give_the_range_of_runs_behind_its_points(tmp_path, monkeypatch):
+    """A panel read "n = 8 runs per t" where a t had 6 (two chains of the study lacked their last rounds)."""
+    import matplotlib.axes
+
+    titles: list[str] = []
+    real = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title",
+                        lambda self, label, *a, **k: (titles.append(label), real(self, label, *a, **k))[1])
+    rows = [final_row("tsc", 85.0, 10.0, seed=s, e=3, t=0.4) for s in (0, 1, 2)]
+    rows += [final_row("tsc", 84.0, 5.0, seed=0, e=3, t=0.5), final_row("tsc", 84.0, 5.0, seed=0, e=4, t=0.5)]
+    rep = make_report(pd.DataFrame(rows), tmp_path, "png")
+    assert "fig5_tsc_vs_t.png" in [p.name for p in rep.figures]
+    assert "E_TSC = 3  (1–3 runs per t)" in titles and "E_TSC = 4  (1 run per t)" in titles
+
+
+def test_rounds_and_axis_values_sort_as_numbers_and_unset_last():
+    """``_sort`` compared rounds as text (10, 11, 8, 9) and a NaN axis value with nothing, leaving the order
+    to the input's; the stages figure then drew its lines out of order from E_TSC 10 on."""
+    from tscray.report import _sort
+
+    g = pd.DataFrame({"attack": ["badnets"] * 5, "round": [10, 9, 2, 11, 8],
+                      "defense.clean_ratio": [1000.0, np.nan, 200.0, 50.0, np.nan]})
+    assert list(_sort(g, ["attack", "round"])["round"]) == [2, 8, 9, 10, 11]
+    by_axis = _sort(g, ["defense.clean_ratio"])["defense.clean_ratio"]
+    assert list(by_axis[:3]) == [50.0, 200.0, 1000.0] and by_axis[3:].isna().all()

@@ -82,6 +82,23 @@ class Section:
     figure: Path | None = None
 
 
+# the columns that say which setting a row is: written as they are, never rounded (0.005 is not 0.01)
+KEY_COLUMNS = {*SETTING, "method", "defense", "seed", "seeds", "e_tsc", "t", "round", "rounds", "runs", "stage",
+               "clean_ratio"}
+
+
+def _to_csv(frame: pd.DataFrame, path: Path, digits: int = 2) -> None:
+    """``frame`` as CSV with its measures (ACC, ASR, seconds, their std) rounded to ``digits`` and its settings
+    (poison rate, t, field-axis values) exact: a format for every float column had written a 0.5% poison
+    rate as 0.01 and three clean ratios under 1% alike as 0.00."""
+    from tscray.config import FIELD_AXIS_SECTIONS
+
+    axes = tuple(f"{section}." for section in FIELD_AXIS_SECTIONS)
+    measures = [c for c in frame.columns
+                if c not in KEY_COLUMNS and not str(c).startswith(axes) and pd.api.types.is_float_dtype(frame[c])]
+    frame.round({c: digits for c in measures}).to_csv(path, index=False)
+
+
 def _slug(*parts: object) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(str(p) for p in parts)).strip("-")
 
@@ -114,7 +131,7 @@ def figure_vs_t(df: pd.DataFrame, out: Path, fmt: str, method: str | None, title
             ax.fill_between(mean.index, (mean - std).values, (mean + std).values, color=STYLE[metric]["color"],
                             alpha=0.15, linewidth=0)
         ax.axhline(SUCCESS_ASR, color="0.3", linestyle=":", linewidth=1, label="ASR 15% (success)")
-        ax.set_title(f"E_TSC = {e}  (n = {int(n.max())} runs per t)")
+        ax.set_title(f"E_TSC = {e}  ({_runs(int(n.min()), int(n.max()))} per t)")  # (a t may lack some runs)
         ax.set_xlabel("curve index t")
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
@@ -184,20 +201,46 @@ def _axis_rows(df: pd.DataFrame, axis: str,
     return (sel, rows) if rows[axis].nunique() >= 2 else None
 
 
+def _other_axes(rows: pd.DataFrame, axis: str) -> tuple[list[str], pd.DataFrame]:
+    """The sweep's field axes other than ``axis``, and ``rows`` with a ``_line`` column naming each row's values
+    of them as a legend shows them ("defense.tsc.curve_steps 2000"; unset: "as in the spec"; an axis the trial
+    does not depend on left out) and ``_line_o`` ordering them. A trial ``_final`` repeated along such an axis
+    is kept once per value of ``axis`` (its copies would count it once per value of the other axis)."""
+    others = [a for a in field_axes(rows) if a != axis]
+    if not others:
+        return others, rows.assign(_line="", _line_o=[()] * len(rows))
+    shown = {a: _applies_to(rows, a) for a in others}
+    values = [[(rows.at[i, a] if pd.notna(rows.at[i, a]) else SPEC_VALUE) if shown[a].at[i] else None
+               for a in others] for i in rows.index]
+    line = [", ".join(f"{a} {_value(v)}" for a, v in zip(others, vs) if v is not None) for vs in values]
+    order = [tuple(_axis_rank(v) for v in vs) for vs in values]
+    rows = rows.assign(_line=line, _line_o=order)
+    if "_spread" in rows:
+        copies = rows["_spread"].map(lambda s: any(a in s for a in others))
+        same = [c for c in (*SETTING, "method", "seed", "trial_id", "e_tsc", "t", axis, "_line") if c in rows]
+        rows = rows[~(copies & rows.duplicated(subset=same))]
+    return others, rows
+
+
 def figure_vs_axis(df: pd.DataFrame, axis: str, out: Path, fmt: str,
                    tsc_setting: tuple[int, float] | None = None) -> Path | None:
     """Final ACC and ASR of each defense against a numeric field axis (clean-set size, curve epochs...):
-    the rows Table 1 shows (TSC and MCR at its setting), mean over attacks and seeds, ±1 std bands."""
+    the rows Table 1 shows (TSC and MCR at its setting), mean over attacks and seeds, ±1 std bands. One line
+    per defense and value of the sweep's other field axes (never averaged over them)."""
     found = _axis_rows(df, axis, tsc_setting)
     if found is None:
         return None
     sel, rows = found
+    others, rows = _other_axes(rows, axis)
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6), sharex=True)
-    for d in defense_order(rows.defense.unique()):
-        g = rows[rows.defense == d].groupby(axis)
+    lines = [(d, n) for d in defense_order(rows.defense.unique())
+             for n in rows[rows.defense == d].sort_values("_line_o", kind="stable")._line.unique()]
+    for d, name in lines:
+        g = rows[(rows.defense == d) & (rows._line == name)].groupby(axis)
         for ax, metric in zip(axes, ("acc", "asr")):
             mean, std = g[metric].mean(), g[metric].std().fillna(0.0)
-            (line,) = ax.plot(mean.index, mean.values, marker="o", label=defense_label(d))
+            (line,) = ax.plot(mean.index, mean.values, marker="o",
+                              label=defense_label(d) + (f" ({name})" if name else ""))
             ax.fill_between(mean.index, (mean - std).clip(lower=0).values, (mean + std).clip(upper=100).values,
                             color=line.get_color(), alpha=0.12, linewidth=0)
     axes[1].axhline(SUCCESS_ASR, color="0.3", linestyle=":", linewidth=1, label="ASR 15% (success)")
@@ -209,8 +252,9 @@ def figure_vs_axis(df: pd.DataFrame, axis: str, out: Path, fmt: str,
     axes[1].set_ylim(-2, 102)
     axes[1].legend(fontsize=7, loc="upper right")
     notes = "; ".join(s.why for s in sel.settings.values() if s.why)
+    kept = f"; one line per value of {', '.join(others)} ({SPEC_VALUE}: the spec's own value)" if others else ""
     fig.suptitle(textwrap.fill(f"Final ACC / ASR against {axis}: mean over attacks and seeds, bands ±1 std"
-                               + (f". {notes}" if notes else ""), 130), fontsize=8)
+                               + kept + (f". {notes}" if notes else ""), 130), fontsize=8)
     return _finish(fig, out / f"fig_vs_{_slug(axis)}.{fmt}")
 
 
@@ -274,7 +318,7 @@ def vs_axis_by_setting(df: pd.DataFrame, axis: str, out: Path, fmt: str,
                f"✗: ASR ≥ {SUCCESS_ASR:g}%." + (f" {notes}." if notes else ""))
     slug = _slug(axis)
     csv, md = out / f"vs_{slug}.csv", out / f"vs_{slug}.md"
-    table.to_csv(csv, index=False, float_format="%.3f")
+    _to_csv(table, csv, 3)
     md.write_text(caption + "\n\n" + "\n".join(lines) + "\n")
     html = ("<div class=scroll><table><thead><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in head)
             + "</tr></thead><tbody>" + "".join(trs) + "</tbody></table></div>")
@@ -300,19 +344,20 @@ def vs_axis_by_setting(df: pd.DataFrame, axis: str, out: Path, fmt: str,
     return Section(f"Against {axis}", f"vs-{slug}", caption, html, [csv, md], table, path)
 
 
-def figure_curves(df: pd.DataFrame, out: Path, fmt: str) -> list[Path]:
-    """Figure 3 style: ACC/ASR along the curves of the TSC trial with most rounds, per setting."""
+def _figure_curves_part(part: pd.DataFrame, keys: list[str], out: Path, fmt: str, suffix: str,
+                        note: str) -> list[Path]:
+    """:func:`figure_curves` for ``part``, the rows of one field-axis value combination."""
     paths = []
-    curves = df[df.stage.isin(["curve1", "curve2"]) & (df.defense == "tsc")]
-    for key, d in curves.groupby(SETTING + ["seed"]):
+    curves = part[part.stage.isin(["curve1", "curve2"]) & (part.defense == "tsc")]
+    for key, d in curves.groupby(keys):
         best = d.sort_values(["e_tsc", "t"]).drop_duplicates("trial_id")
         e_max = best.e_tsc.max()
         trial = best[best.e_tsc == e_max]
         trial_id = trial.trial_id.iloc[len(trial) // 2]
         rows = d[d.trial_id == trial_id]
         t_chosen = float(rows.t.iloc[0])
-        mcr = df[(df.defense == "mcr") & (df.stage == "curve")]
-        for col, val in zip(SETTING + ["seed"], key):
+        mcr = part[(part.defense == "mcr") & (part.stage == "curve") & (part.method == rows.method.iloc[0])]
+        for col, val in zip(keys, key):
             mcr = mcr[mcr[col] == val]
         if not mcr.empty:
             mcr = mcr[mcr.trial_id == mcr.trial_id.iloc[0]]
@@ -341,9 +386,23 @@ def figure_curves(df: pd.DataFrame, out: Path, fmt: str) -> list[Path]:
                     ax.set_ylabel(f"test {metric.upper()} (%)")
         axes[0][0].legend(fontsize=7)
         axes[1][0].legend(fontsize=7)
-        fig.suptitle("ACC/ASR along the curves: " + ", ".join(f"{c} {v}" for c, v in zip(SETTING + ["seed"], key)),
-                     fontsize=9)
-        paths.append(_finish(fig, out / f"fig3_{_slug(*key)}.{fmt}"))
+        fig.suptitle("ACC/ASR along the curves: " + ", ".join(f"{c} {v}" for c, v in zip(keys, key))
+                     + (f"; {note}" if note else ""), fontsize=9)
+        paths.append(_finish(fig, out / f"fig3_{_slug(*key)}{suffix}.{fmt}"))
+    return paths
+
+
+def figure_curves(df: pd.DataFrame, out: Path, fmt: str) -> list[Path]:
+    """Figure 3 style: ACC/ASR along the curves of the TSC trial with most rounds, per setting (and method
+    where the curves have several), one figure per field-axis value combination (see :func:`axis_parts`; its
+    file name and title name the values) beside the MCR curve of the same setting, method and values."""
+    paths = []
+    df = df.assign(method=df["method"].fillna("supervised") if "method" in df else "supervised")
+    keys = SETTING + ["seed"]
+    if df.loc[df.stage.isin(["curve1", "curve2"]) & (df.defense == "tsc"), "method"].nunique() > 1:
+        keys = SETTING + ["method", "seed"]
+    for part, suffix, note in axis_parts(df):
+        paths += _figure_curves_part(part, keys, out, fmt, suffix, note)
     return paths
 
 
@@ -395,8 +454,10 @@ def _final(df: pd.DataFrame) -> pd.DataFrame:
         has = d[a].notna()
         if has.all():
             continue
-        spread = ~has & ~_applies_to(d, a)  # (a trial the axis changes, from a block without it: its own row)
-        values = d.loc[has, keys + [a]].drop_duplicates()
+        applies = _applies_to(d, a)
+        spread = ~has & ~applies  # (a trial the axis changes, from a block without it: its own row)
+        # its values: those set, and the spec's own (unset) where a trial the axis changes ran at it
+        values = d.loc[has | applies, keys + [a]].drop_duplicates()
         copies = d[spread].drop(columns=[a]).merge(values, on=keys, how="left")
         copies["_spread"] = copies["_spread"].map(lambda done, a=a: (*done, a))
         d = pd.concat([d[~spread], copies], ignore_index=True)
@@ -423,7 +484,10 @@ def _keys(d: pd.DataFrame) -> list[str]:
 
 
 def _axis_rank(v: Any) -> tuple[int, float, str]:
-    """Field-axis values in numeric order where they are numbers."""
+    """Values in numeric order where they are numbers, then words, then unset (the spec's own value): a NaN
+    key compared with nothing and left the order to the input's."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return (2, 0.0, "")
     try:
         return (0, float(v), "")
     except (TypeError, ValueError):
@@ -434,8 +498,7 @@ def _sort(g: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     order = g[keys].astype(object).apply(
         lambda r: tuple(_attack_rank(v) if k == "attack" else _method_rank(v) if k == "method" else
                         (-float(v) if pd.notna(v) else math.inf) if k == "poison_rate" else
-                        _axis_rank(v) if "." in k else str(v)
-                        for k, v in r.items()), axis=1)
+                        _axis_rank(v) for k, v in r.items()), axis=1)  # (round 10 after round 9, not before 2)
     return g.assign(_o=order).sort_values("_o", kind="stable").drop(columns="_o").reset_index(drop=True)
 
 
@@ -471,6 +534,12 @@ def _display(g: pd.DataFrame, keys: list[str]) -> tuple[list[str], str]:
     shown = [k for k in keys if k in ("attack", "poison_rate") or g[k].nunique(dropna=False) > 1]
     const = [f"{k} {_value(g[k].iloc[0]) if '.' in k else g[k].iloc[0]}" for k in keys if k not in shown and len(g)]
     return shown, ", ".join(const)
+
+
+def _column_name(key: str) -> str:
+    """A row key as a header names it: a field axis by its spec path, as the user wrote it
+    (``defense.clean_ratio``), a result column in words."""
+    return key if "." in key else key.replace("_", " ")
 
 
 def _group_label(row: pd.Series, shown: list[str]) -> str:
@@ -632,7 +701,7 @@ def table1(df: pd.DataFrame, out: Path, tsc_setting: tuple[int, float] | None = 
     g = g.merge(settings_rows.reset_index().rename(columns={"index": "table_row"}), on=keys, how="left")
     g = g.sort_values(["table_row", "defense"], key=lambda s: s.map(defenses.index) if s.name == "defense" else s)
     long = out / "table1_long.csv"
-    g.drop(columns="table_row").to_csv(long, index=False, float_format="%.2f")
+    _to_csv(g.drop(columns="table_row"), long, 2)
     avg = (g.groupby("defense").agg(acc=("acc", "mean"), asr=("asr", "mean"), n=("asr", "count"),
                                     defended=("asr", lambda a: int((a < SUCCESS_ASR).sum())))
            .reindex(defenses))
@@ -649,7 +718,7 @@ def table1(df: pd.DataFrame, out: Path, tsc_setting: tuple[int, float] | None = 
     if len(settings_rows) > 1:
         wide = pd.concat([wide, pd.DataFrame([avg_row])], ignore_index=True)
     csv = out / "table1.csv"
-    wide.to_csv(csv, index=False, float_format="%.2f")
+    _to_csv(wide, csv, 2)
 
     seeds = sorted(int(s) for s in g.seeds.unique())
     seed_note = (f"mean ± std over {seeds[0]} seeds" if seeds == [seeds[0]] and seeds[0] > 1 else
@@ -664,7 +733,7 @@ def table1(df: pd.DataFrame, out: Path, tsc_setting: tuple[int, float] | None = 
 
     # Markdown
     cell = {(r.table_row, r.defense): r for r in g.itertuples()}
-    group_head = " · ".join(k.replace("_", " ") for k in shown if k != "poison_rate")
+    group_head = " · ".join(_column_name(k) for k in shown if k != "poison_rate")
     heads = [defense_label(d) + (f" ({_header_note(d, settings)})" if _header_note(d, settings) else "")
              for d in defenses]
     md_lines = [f"| {group_head} | poison rate | " + " | ".join(heads) + " |", "|---" * (2 + len(defenses)) + "|"]
@@ -729,7 +798,8 @@ def _secs(mean: float, std: float, n: int) -> str:
 
 def defense_cost(df: pd.DataFrame, out: Path, tsc_setting: tuple[int, float] | None = None) -> Section | None:
     """Each defense's mean ``defense_seconds`` over its final rows (TSC and MCR at Table 1's setting) beside
-    its ACC/ASR averaged over Table 1's settings."""
+    its ACC/ASR averaged over Table 1's settings; one row per value of the sweep's field axes (a clean set of
+    2,500 images costs ten times one of 200: pooled, the mean and std described neither)."""
     if "defense_seconds" not in df or df.defense_seconds.isna().all():
         return None
     sel_ = select(df, tsc_setting)
@@ -737,31 +807,41 @@ def defense_cost(df: pd.DataFrame, out: Path, tsc_setting: tuple[int, float] | N
         return None
     sel = _unspread(sel_.rows[sel_.rows.defense != "none"])
     cells = _cells(sel, sel_.keys)
+    axes = [a for a in field_axes(sel) if a in cells]
     shown_setting = {d: _header_note(d, sel_.settings) for d in ("tsc", "mcr")}
+    combo = lambda f: (f[axes].apply(lambda r: tuple(_value(v) for v in r), axis=1)  # noqa: E731
+                       if axes else pd.Series([()] * len(f), index=f.index, dtype=object))
+    sel_combo, cell_combo = combo(sel), combo(cells)
     out_rows = []
     for d in defense_order(sel.defense.unique()):
-        s = sel[sel.defense == d]
-        c = cells[cells.defense == d]
-        secs = s.defense_seconds.dropna()
-        out_rows.append({"defense": d, "label": defense_label(d), "setting": shown_setting.get(d, ""),
-                         "acc": c.acc.mean(), "asr": c.asr.mean(), "defended": int((c.asr < SUCCESS_ASR).sum()),
-                         "settings": len(c), "seconds": secs.mean(), "seconds_std": secs.std(),
-                         "trials": len(secs)})
+        mine = sel[sel.defense == d]
+        values = sorted(set(sel_combo[mine.index]), key=lambda c: tuple(_axis_rank(v) for v in c))
+        for value in values:
+            s = mine[sel_combo[mine.index] == value]
+            c = cells[(cells.defense == d) & (cell_combo == value)]
+            secs = s.defense_seconds.dropna()
+            out_rows.append({"defense": d, "label": defense_label(d), "setting": shown_setting.get(d, ""),
+                             **{a: s[a].iloc[0] for a in axes},
+                             "acc": c.acc.mean(), "asr": c.asr.mean(), "defended": int((c.asr < SUCCESS_ASR).sum()),
+                             "settings": len(c), "seconds": secs.mean(), "seconds_std": secs.std(),
+                             "trials": len(secs)})
     t = pd.DataFrame(out_rows)
     if t.empty or t.seconds.isna().all():
         return None
     csv = out / "defense_cost.csv"
-    t.to_csv(csv, index=False, float_format="%.2f")
+    _to_csv(t, csv, 2)
     caption = ("Each defense's cost: seconds its steps took per trial (defense_seconds of its final rows, a step "
                "shared between trials counted whole in each; mean ± std over trials), beside its final ACC / ASR "
-               "(%) averaged over Table 1's settings and how many of them it defended.")
-    head = ["defense", "ACC", "ASR", f"ASR < {SUCCESS_ASR:g}%", "seconds", "trials"]
+               "(%) averaged over Table 1's settings and how many of them it defended"
+               + (f"; one row per {', '.join(axes)} (–: as in the spec)." if axes else "."))
+    head = ["defense", *axes, "ACC", "ASR", f"ASR < {SUCCESS_ASR:g}%", "seconds", "trials"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     trs = []
-    for r in t.itertuples():
-        name = r.label + (f" ({r.setting})" if r.setting else "")
-        vals = [f"{r.acc:.1f}", f"{r.asr:.1f}", f"{r.defended}/{r.settings}", _secs(r.seconds, r.seconds_std, r.trials),
-                str(r.trials)]
+    for r in t.to_dict("records"):
+        name = r["label"] + (f" ({r['setting']})" if r["setting"] else "")
+        vals = [*(_value(r[a]) for a in axes), f"{r['acc']:.1f}", f"{r['asr']:.1f}",
+                f"{r['defended']}/{r['settings']}", _secs(r["seconds"], r["seconds_std"], r["trials"]),
+                str(r["trials"])]
         lines.append(f"| {name} | " + " | ".join(vals) + " |")
         trs.append(f"<tr><th class='l'>{_esc(name)}</th>" + "".join(f"<td>{_esc(v)}</td>" for v in vals) + "</tr>")
     md = out / "defense_cost.md"
@@ -794,12 +874,12 @@ def nc_detection(df: pd.DataFrame, out: Path) -> Section | None:
                          "flagged": "; ".join(per_seed)})
     t = _sort(pd.DataFrame(out_rows), keys)
     csv = out / "nc_detection.csv"
-    t.to_csv(csv, index=False, float_format="%.2f")
+    _to_csv(t, csv, 2)
     shown, const = _display(t, keys)
     caption = ("Neural Cleanse's detection: anomaly index of the smallest reversed-trigger norm (mean ± std over "
                "seeds; flagged when above the threshold, 2 by default) and the classes it flagged per seed "
                "(none: NC returned the model unchanged)." + (f" Rows: {const}." if const else ""))
-    head = [" · ".join(k.replace("_", " ") for k in shown if k != "poison_rate"), "poison rate", "anomaly index",
+    head = [" · ".join(_column_name(k) for k in shown if k != "poison_rate"), "poison rate", "anomaly index",
             "seeds flagging", "flagged classes per seed"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     trs = []
@@ -943,7 +1023,7 @@ def tsc_grid(df: pd.DataFrame, out: Path, fmt: str, tsc_setting: tuple[int, floa
                f"ASR ≥ {SUCCESS_ASR:g}%. "
                f"Bold (outlined in index.html): the setting Table 1 shows.")
     csv = out / "tsc_grid.csv"
-    pd.DataFrame(csv_rows).to_csv(csv, index=False, float_format="%.2f")
+    _to_csv(pd.DataFrame(csv_rows), csv, 2)
     md = out / "tsc_grid.md"
     md.write_text(caption + "\n\n" + "\n\n".join(md_parts) + "\n")
     fig = figure_grid(grids, out / f"tsc_grid.{fmt}", chosen)
@@ -968,7 +1048,8 @@ def _value(v: Any) -> str:
 def stage_means(df: pd.DataFrame) -> pd.DataFrame:
     """Each TSC round's stage-1 point, stage-2 point and output (the fine-tuned model, else the stage-2
     point): ACC and ASR per setting, t and round, the mean over seeds. Trials with E_TSC 1..5 share their
-    rounds, so each round counts once."""
+    rounds, so each round counts once; a round computed twice with different results (its chain recomputed on
+    another machine) counts each result once, whatever order the files are read in."""
     if "round" not in df:
         return pd.DataFrame()
     d = df[(df.defense == "tsc") & df.stage.isin(ROUND_STAGES) & (df["round"] >= 1)].copy()
@@ -978,8 +1059,9 @@ def stage_means(df: pd.DataFrame) -> pd.DataFrame:
     if "seed" not in d:
         d["seed"] = 0
     keys = [k for k in (*SETTING, "method") if k in d] + field_axes(d) + ["t"]
-    d = d.drop_duplicates(subset=keys + ["seed", "round", "stage"])
-    wide = d.pivot_table(index=keys + ["seed", "round"], columns="stage", values=["acc", "asr"], dropna=False)
+    d = d.drop_duplicates(subset=keys + ["seed", "round", "stage", "acc", "asr"])
+    wide = d.pivot_table(index=keys + ["seed", "round"], columns="stage", values=["acc", "asr"], dropna=False,
+                         aggfunc="mean")
     out = pd.DataFrame(index=wide.index)
     for metric in ("acc", "asr"):
         for st in ("stage1", "stage2"):
@@ -1032,7 +1114,7 @@ def tsc_stages(df: pd.DataFrame, out: Path, fmt: str) -> Section | None:
                "stage-2 point (on the curve fitted back to θp) → the round's output (fine-tuned), and the "
                f"output's ACC; mean over seeds; each round counted once. ✗: output ASR ≥ {SUCCESS_ASR:g}%.")
     csv = out / "tsc_stages.csv"
-    pd.DataFrame(csv_rows).to_csv(csv, index=False, float_format="%.2f")
+    _to_csv(pd.DataFrame(csv_rows), csv, 2)
     md = out / "tsc_stages.md"
     md.write_text(caption + "\n\n" + "\n".join(lines) + "\n")
     html = ("<div class=scroll><table><thead><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in head)
