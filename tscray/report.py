@@ -811,14 +811,14 @@ def defense_cost(df: pd.DataFrame, out: Path, tsc_setting: tuple[int, float] | N
     shown_setting = {d: _header_note(d, sel_.settings) for d in ("tsc", "mcr")}
     combo = lambda f: (f[axes].apply(lambda r: tuple(_value(v) for v in r), axis=1)  # noqa: E731
                        if axes else pd.Series([()] * len(f), index=f.index, dtype=object))
-    sel_combo, cell_combo = combo(sel), combo(cells)
+    sel_combo, cell_combo = combo(sel).to_numpy(), combo(cells).to_numpy()  # (positional: an index may repeat)
     out_rows = []
     for d in defense_order(sel.defense.unique()):
-        mine = sel[sel.defense == d]
-        values = sorted(set(sel_combo[mine.index]), key=lambda c: tuple(_axis_rank(v) for v in c))
+        mine = (sel.defense == d).to_numpy()
+        values = sorted(set(sel_combo[mine]), key=lambda c: tuple(_axis_rank(v) for v in c))
         for value in values:
-            s = mine[sel_combo[mine.index] == value]
-            c = cells[(cells.defense == d) & (cell_combo == value)]
+            s = sel[mine & (sel_combo == value)]
+            c = cells[(cells.defense == d).to_numpy() & (cell_combo == value)]
             secs = s.defense_seconds.dropna()
             out_rows.append({"defense": d, "label": defense_label(d), "setting": shown_setting.get(d, ""),
                              **{a: s[a].iloc[0] for a in axes},
