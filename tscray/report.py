@@ -817,8 +817,8 @@ def defense_cost(df: pd.DataFrame, out: Path, tsc_setting: tuple[int, float] | N
         mine = (sel.defense == d).to_numpy()
         values = sorted(set(sel_combo[mine]), key=lambda c: tuple(_axis_rank(v) for v in c))
         for value in values:
-            s = sel[mine & (sel_combo == value)]
-            c = cells[(cells.defense == d).to_numpy() & (cell_combo == value)]
+            s = sel[mine & np.array([v == value for v in sel_combo], dtype=bool)]
+            c = cells[(cells.defense == d).to_numpy() & np.array([v == value for v in cell_combo], dtype=bool)]
             secs = s.defense_seconds.dropna()
             out_rows.append({"defense": d, "label": defense_label(d), "setting": shown_setting.get(d, ""),
                              **{a: s[a].iloc[0] for a in axes},
