@@ -609,3 +609,36 @@ def test_rounds_and_axis_values_sort_as_numbers_and_unset_last():
     assert list(_sort(g, ["attack", "round"])["round"]) == [2, 8, 9, 10, 11]
     by_axis = _sort(g, ["defense.clean_ratio"])["defense.clean_ratio"]
     assert list(by_axis[:3]) == [50.0, 200.0, 1000.0] and by_axis[3:].isna().all()
+
+
+def test_steps_whose_copies_disagree_between_trials_are_named_atop_the_report(tmp_path):
+    """The clean-scale study's storage was lost between sessions and some chains were recomputed on another
+    machine: trials sharing a round then carried different results for it, silently (51 steps, up to 28
+    points of ASR). Rows of one step must agree across the trials that share it; the report says where not."""
+    from tscray.report import recomputed_steps
+
+    def chain(e: int, seed: int, shift: float) -> list[dict]:
+        rows = [{**final_row("tsc", 89.0, 99.0, seed=seed, e=e, t=0.4), "stage": "backdoored", "round": 0,
+                 "step_key": f"bd{seed}", "step_kind": "backdoor", "trial_id": f"{seed}-{e}"}]
+        for r in range(1, e + 1):
+            for stage, asr in (("stage1", 10.0), ("stage2", 60.0 / r + (shift if r == 1 else 0.0)), ("finetune", 50.0 / r)):
+                rows.append({**final_row("tsc", 84.0, asr, seed=seed, e=e, t=0.4), "stage": stage, "round": r,
+                             "step_key": f"r{seed}-{r}", "step_kind": "tsc_round", "trial_id": f"{seed}-{e}"})
+        rows.append({**rows[-1], "stage": "final"})
+        return rows
+
+    same = pd.DataFrame([row for e in (1, 2, 3) for row in chain(e, 0, 0.0)])
+    assert recomputed_steps(same).empty
+    rep = make_report(same, tmp_path / "same", "png")
+    assert not any("differ between the trials" in n for n in rep.notes)
+    assert not (tmp_path / "same" / "recomputed_steps.csv").exists()
+
+    mixed = pd.concat([same, pd.DataFrame([row for e in (4, 5) for row in chain(e, 0, 12.5)])])
+    found = recomputed_steps(mixed)
+    assert list(found.step_key) == ["r0-1"] and found.step_kind[0] == "tsc_round" and found.trials[0] == 5
+    assert found.asr_spread[0] == 12.5 and found.acc_spread[0] == 0.0
+    rep = make_report(mixed, tmp_path / "mixed", "png")
+    note = next(n for n in rep.notes if "differ between the trials" in n)
+    assert note.startswith("1 step(s)") and "tsc_round 1" in note and "up to 12.5 points" in note
+    assert "differ between the trials" in rep.index.read_text()
+    assert pd.read_csv(tmp_path / "mixed" / "recomputed_steps.csv").step_key.tolist() == ["r0-1"]

@@ -1241,6 +1241,43 @@ def write_index(rep: Report, title: str) -> Path:
     return path
 
 
+def recomputed_steps(df: pd.DataFrame) -> pd.DataFrame:
+    """Steps whose evaluations differ between the trials that share them: one row per step (``step_key``,
+    ``step_kind``, ``trials``, the largest ``acc_spread`` and ``asr_spread`` over its evaluations). A step
+    computed once gives every trial the same rows; different rows mean it was computed or evaluated more than
+    once (its storage lost and recomputed on another machine, NHWC on and off), and the copies are not bitwise
+    equal: a trial's rounds may then come from another computation than a shorter trial's."""
+    cols = ["step_key", "step_kind", "trials", "acc_spread", "asr_spread"]
+    if not {"step_key", "stage", "acc", "asr", "trial_id"} <= set(df.columns):
+        return pd.DataFrame(columns=cols)
+    d = df[df.step_key.notna() & (df.stage != "final")]  # (a final row repeats one of its trial's own rows)
+    keys = ["step_key", "stage"] + [c for c in ("round", "t_curve") if c in d]
+    g = d.groupby(keys, dropna=False).agg(
+        acc_spread=("acc", lambda v: v.max() - v.min()), asr_spread=("asr", lambda v: v.max() - v.min()),
+        trials=("trial_id", "nunique"))
+    g = g[(g.acc_spread > 1e-9) | (g.asr_spread > 1e-9)].reset_index()
+    if g.empty:
+        return pd.DataFrame(columns=cols)
+    kinds = d.drop_duplicates("step_key").set_index("step_key")["step_kind"] if "step_kind" in d else None
+    out = g.groupby("step_key").agg(trials=("trials", "max"), acc_spread=("acc_spread", "max"),
+                                    asr_spread=("asr_spread", "max")).reset_index()
+    out["step_kind"] = out.step_key.map(kinds) if kinds is not None else None
+    return out[cols].sort_values(["step_kind", "asr_spread"], ascending=[True, False]).reset_index(drop=True)
+
+
+def _recomputed_note(df: pd.DataFrame) -> str | None:
+    r = recomputed_steps(df)
+    if r.empty:
+        return None
+    kinds = ", ".join(f"{k} {n}" for k, n in r.step_kind.fillna("?").value_counts().sort_index().items())
+    return (f"{len(r)} step(s) have results that differ between the trials sharing them ({kinds}): each was "
+            "computed or evaluated more than once (its storage lost and recomputed on another machine, or with "
+            "NHWC on and off), and such copies are not bitwise equal. Their ASR differs by up to "
+            f"{r.asr_spread.max():.1f} points (median {r.asr_spread.median():.1f}) and their ACC by up to "
+            f"{r.acc_spread.max():.1f}. A trial's rounds may come from another computation than a shorter "
+            "trial's; the stages table counts each copy once. recomputed_steps.csv lists them")
+
+
 def make_report(df: pd.DataFrame, out: Path, fmt: str = "png", title: str = "tscray report",
                 tsc_setting: tuple[int, float] | None = None, notes: Iterable[str] = ()) -> Report:
     """Write every figure and table the rows allow; record what was skipped and why. ``tsc_setting``: the
@@ -1252,6 +1289,9 @@ def make_report(df: pd.DataFrame, out: Path, fmt: str = "png", title: str = "tsc
         raise ValueError("the sweep has no result rows yet: run `tscray sweep` first (or wait for trials to finish)")
     out.mkdir(parents=True, exist_ok=True)
     rep = Report(out, notes=list(notes))
+    if (note := _recomputed_note(df)) is not None:
+        rep.notes.append(note)
+        _to_csv(recomputed_steps(df), out / "recomputed_steps.csv", 2)
     if tsc_setting is not None:  # a setting the rows lack is replaced: say so where it is read first
         final = _final(df)
         want_e, want_t = int(tsc_setting[0]), float(tsc_setting[1])
