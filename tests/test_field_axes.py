@@ -176,6 +176,48 @@ def test_axis_columns_of_different_types_and_blocks_read_together(tmp_path):
     assert df.loc["c", "train.attack_kw"] == '{"k": 4}' and df["train.attack_kw"].isna().sum() == 2
 
 
+def test_the_combined_results_file_opens_whole_in_pandas_where_the_folder_does_not(tmp_path):
+    """The README said ``pandas.read_parquet(<storage>/results)``: pandas takes the first file's columns, so
+    an axis the first trial lacks (the undefended model has no clean ratio) vanished from every row, and an
+    axis holding 50 in one file and 0.5 in another failed to read. ``results.parquet`` holds every row under
+    one schema; a trial no spec plans is left out."""
+    import pandas as pd
+
+    store = Store(str(tmp_path))
+    row = {"sweep": "t", "stage": "final", "acc": 90.0, "asr": 3.0}
+    results.write_trial(store, "a", [{**row, "trial_id": "a", "defense": "none"}])
+    results.write_trial(store, "b", [{**row, "trial_id": "b", "defense": "tsc", "defense.clean_ratio": 0.02,
+                                      "defense.tsc.curve_epochs": 50}])
+    results.write_trial(store, "c", [{**row, "trial_id": "c", "defense": "tsc", "defense.clean_ratio": 0.25,
+                                      "defense.tsc.curve_epochs": 0.5}])
+    assert "defense.clean_ratio" not in pd.read_parquet(tmp_path / "results").columns  # (why it exists)
+    assert results.write_combined(store, planned={"a", "b", "c"}) == 3
+    df = pd.read_parquet(tmp_path / results.COMBINED).set_index("trial_id")
+    assert df.loc["b", "defense.clean_ratio"] == 0.02 and df.loc["c", "defense.tsc.curve_epochs"] == 0.5
+    assert pd.isna(df.loc["a", "defense.clean_ratio"])
+    assert results.write_combined(store, planned={"a", "b"}) == 2  # (another sweep's file copied in: left out)
+    assert set(pd.read_parquet(tmp_path / results.COMBINED).trial_id) == {"a", "b"}
+
+
+def test_tscray_results_prints_settings_exactly_and_measures_to_two_places(tmp_path, capsys):
+    """The table printed every float to two places: table1.yaml's poison rates 0.01 and 0.005 both read 0.01,
+    clean ratios 0.004 and 0.001 both 0.00, and t 0.125 read 0.12."""
+    from tscray.cli import main
+
+    store = Store(str(tmp_path))
+    store.write_json("sweep.json", {"spec": {"name": "t", "grid": "?"}, "sweep_id": "s", "trials": 2, "steps": 2})
+    row = {"sweep": "t", "stage": "final", "defense": "tsc", "attack": "sapa", "seed": 0, "round": 3, "e_tsc": 3,
+           "step_key": "k", "acc": 88.123, "asr": 4.5678}
+    for tid, rate, ratio, t in (("a", 0.01, 0.004, 0.125), ("b", 0.005, 0.001, 0.12)):
+        results.write_trial(store, tid, [{**row, "trial_id": tid, "poison_rate": rate, "t": t,
+                                          "defense.clean_ratio": ratio}])
+    assert main(["results", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    cells = [line.split() for line in lines[1:]]
+    assert sorted((c[3], c[7], c[8]) for c in cells) == [("0.005", "0.12", "0.001"), ("0.01", "0.125", "0.004")]
+    assert all(c[-2:] == ["88.12", "4.57"] for c in cells)
+
+
 def test_an_axis_with_a_null_or_values_of_unrelated_types_reads_together(tmp_path):
     """``curve_t_max: [null, 50]`` wrote a text column for null and an integer one for 50, and every read
     (status, verify, results, report, the sweep's end) failed on the mix with a pyarrow traceback."""

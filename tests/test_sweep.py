@@ -335,6 +335,9 @@ def test_a_finished_trial_whose_settings_changed_runs_again_instead_of_keeping_i
     assert len(os.listdir(tmp_path / "run" / "results-stale")) == 1  # the old numbers, kept aside
     table = pd.read_parquet(tmp_path / "run" / "results")
     assert set(table.step_key) == {trial.final.key}  # its file was rewritten, not added to
+    assert second["results"] == str(tmp_path / "run" / "results.parquet")  # (what the summary names)
+    combined = pd.read_parquet(tmp_path / "run" / "results.parquet")  # the whole storage in one file
+    assert set(combined.step_key) == {trial.final.key} and len(combined) == len(table)
     third = run_sweep(validate(raw))
     assert third["ran"] == 0  # and now it is finished
 

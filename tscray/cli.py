@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -789,8 +790,15 @@ def cmd_results(args: argparse.Namespace) -> int:
     cols = ["dataset", "arch", "attack", "poison_rate", "seed", "defense", "e_tsc", "t", *axes, "round", "stage",
             "acc", "asr"]
     rows.sort(key=lambda r: tuple(_sort_key(r.get(c)) for c in cols[:cols.index("round") + 1]))
-    fmt = lambda v: "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
-    cells = [[fmt(r.get(c)) for c in cols] for r in rows]
+    def fmt(col: str, v: Any) -> str:
+        """A measure to two places; a setting exactly (a 0.5% poison rate is not 0.01, t 0.125 not 0.12)."""
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.2f}" if col in ("acc", "asr") else f"{v:g}" if float(f"{v:g}") == v else repr(v)
+        return str(v)
+
+    cells = [[fmt(c, r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
     print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
     for x in cells:

@@ -1,8 +1,11 @@
 """Sweep results: one Parquet row per evaluated model, one file per trial, rewritten whole.
 
 A trial's file is replaced atomically each time the trial finishes, so retries and resumes never
-duplicate rows; the directory ``<storage>/results`` is a Parquet dataset that pandas opens with
-``pandas.read_parquet(path)``. An unreadable file never hides the others: readers skip and name it, and
+duplicate rows. Trial files carry only the field axes that apply to them, so pandas reading the folder
+takes the first file's columns (an axis missing from it is dropped, values of an axis' other type fail):
+:func:`read` merges them, and :func:`write_combined` writes ``<storage>/results.parquet``, every row of
+the storage's trials under one schema, at the end of each sweep run (``pandas.read_parquet`` opens it
+whole). An unreadable file never hides the others: readers skip and name it, and
 :func:`set_aside_damaged` moves it to ``<storage>/results-damaged/`` so its trial's rows are rebuilt from
 the step manifests (the next run, or ``tscray verify --repair``).
 """
@@ -245,6 +248,19 @@ def read(store: Store, damaged: list[str] | None = None, planned: Collection[str
         tables.append(table)
     # trials of different field-axis values or blocks may carry different axis columns and types
     return _concat(tables) if tables else schema().empty_table()
+
+
+COMBINED = "results.parquet"
+
+
+def write_combined(store: Store, planned: Collection[str] | None = None) -> int:
+    """Write :data:`COMBINED`: the rows of the storage's trials (those ``planned``; every readable file
+    without) as one file under one schema, atomically. Returns its row count."""
+    table = read(store, planned=planned)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    store.write_bytes(COMBINED, buf.getvalue())
+    return table.num_rows
 
 
 def set_aside_damaged(store: Store) -> list[str]:

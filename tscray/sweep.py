@@ -293,7 +293,7 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
     print(f"sweep {spec.name} ({sid}) at {uri}: {len(plan.trials)} trials, {len(pending)} to run, "
           f"{len(plan.steps)} distinct steps; Ray log: {ray_log}", file=out, flush=True)
     mlflow_uri = spec.mlflow_uri or default_uri(uri)
-    summary: dict[str, Any] = {"storage": uri, "results": f"{uri}/results", "mlflow_uri": mlflow_uri,
+    summary: dict[str, Any] = {"storage": uri, "results": f"{uri}/{results.COMBINED}", "mlflow_uri": mlflow_uri,
                                "trials": len(plan.trials), "ran": len(pending), "sweep_id": sid}
     if not pending:
         print("every trial is already finished; nothing to run", file=out)
@@ -446,6 +446,10 @@ def _finish(tracker: Any, uri: str, store: Store, summary: dict[str, Any], out: 
     # this spec's trials only: a storage may also hold other slices' or specs' results
     done = results.done_trials(store) & trial_ids
     summary["done"] = len(done)
+    from tscray import sweep_record
+
+    # every recorded spec's trials in one file under one schema (the per-trial files differ in their axes)
+    results.write_combined(store, sweep_record.planned_ids(sweep_record.read(store)))
     if "://" not in uri:
         tracker.log_artifacts(str(Path(uri) / "results"), "results")
     if table.num_rows:
@@ -467,7 +471,7 @@ def _finish(tracker: Any, uri: str, store: Store, summary: dict[str, Any], out: 
           + (f"; {summary['errors']} trial(s) errored: run the same command again to retry"
              if summary.get("errors") else "")
           + (f"; {unrun} trial(s) not run: run the same command again to resume" if unrun > 0 else ""), file=out)
-    print(f"  Parquet : {summary['results']}  (pandas.read_parquet)\n"
+    print(f"  Parquet : {summary['results']}  (pandas.read_parquet; one file per trial in results/)\n"
           f"  MLflow  : {summary['mlflow_uri']}  (mlflow ui --backend-store-uri {summary['mlflow_uri']})", file=out)
     if "figures" in summary:
         print(f"  Figures : {summary['figures']}", file=out)
