@@ -63,3 +63,21 @@ def test_a_copied_storage_never_logs_into_the_original_and_a_report_logs_only_it
     # a database of the user's own, shared by storages, is left to its own locations
     shared = Tracker(f"sqlite:///{tmp_path / 'shared.db'}", "s", "abc", str(copy), {"name": "s"})
     assert shared.elsewhere is None
+
+
+def test_a_resumed_trial_logs_each_round_once(tmp_path):
+    """A resumed trial replays its stored rounds to Tune; each was logged again, so a trial run's history held
+    rounds 0-2 twice (or three times after two resumes)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    trial = {"attack": "badnets", "t": 0.4}
+    first = Tracker(uri, "s", "abc", str(tmp_path), {"name": "s"})
+    for step in (1, 2):
+        first.log_round("trial-1", trial, {"acc": 90.0, "asr": 50.0 / step}, step)
+    first.log_round("trial-1", trial, {"acc": 90.0, "asr": 25.0}, 2)  # (a retry within one driver)
+    resumed = Tracker(uri, "s", "abc", str(tmp_path), {"name": "s"})  # the next run of the sweep
+    for step in (1, 2, 3):
+        resumed.log_round("trial-1", trial, {"acc": 90.0, "asr": 50.0 / step}, step)
+    run = resumed.children["trial-1"]
+    assert run == first.children["trial-1"]
+    for key in ("acc", "asr"):
+        assert sorted(m.step for m in resumed.client.get_metric_history(run, key)) == [1, 2, 3], key
