@@ -60,3 +60,21 @@ def test_a_recorded_spec_this_version_refuses_is_skipped(tmp_path):
     info = record(store, a)
     info["history"] = [{"name": "s", "grid": {"attack": ["no-such-attack"]}}]
     assert set(sweep_record.trials(info)) == {t.id for t in make_plan(a).trials}
+
+
+def test_a_moved_storage_keeps_its_recorded_sweep_id(tmp_path):
+    """The id was a hash of the storage's path: a moved or copied storage got a new one on its next run, so
+    MLflow held a second parent run for it (with no trials under it) and its new rows another id than its old."""
+    import shutil
+
+    from tscray.sweep import recorded_sweep_id, sweep_id
+
+    old = tmp_path / "old"
+    store = Store(str(old))
+    assert recorded_sweep_id(store, str(old)) == sweep_id(str(old))  # a new storage: its path's
+    sweep_record.write(store, spec(old, ["badnets"]), sweep_id(str(old)), make_plan(spec(old, ["badnets"])))
+    shutil.move(str(old), str(tmp_path / "new"))
+    moved = Store(str(tmp_path / "new"))
+    assert recorded_sweep_id(moved, str(tmp_path / "new")) == sweep_id(str(old))
+    moved.write_bytes("sweep.json", b"{damaged")
+    assert recorded_sweep_id(moved, str(tmp_path / "new")) == sweep_id(str(tmp_path / "new"))

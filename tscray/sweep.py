@@ -30,6 +30,18 @@ def sweep_id(storage: str) -> str:
     return hashlib.sha256(storage.encode()).hexdigest()[:12]
 
 
+def recorded_sweep_id(store: Store, uri: str) -> str:
+    """The sweep's id: the one its ``sweep.json`` records, else (a new storage) one derived from its path. A
+    storage moved or copied keeps its id, so its rows, its status and its MLflow parent run still agree (the
+    path's hash gave a moved storage a second parent run, and its new rows another id than the old)."""
+    from tscray import sweep_record
+
+    try:
+        return str(sweep_record.read(store)["sweep_id"])
+    except (ValueError, OSError):  # (none yet, or unreadable: the run rewrites it)
+        return sweep_id(uri)
+
+
 def describe_plan(plan: Plan | PlanSummary, done: Done | None = None) -> str:
     """The --dry-run text: trials, distinct steps by kind, and what a naive per-trial run would execute."""
     s = plan.summary(done) if isinstance(plan, Plan) else plan
@@ -275,7 +287,7 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
     if recorded_now and any(store.subdirs(f"steps/{kind}") for kind in store.subdirs("steps")):
         print(f"recorded the content of {', '.join(recorded_now)} in {uri}/{data_record.NAME}; the steps already here "
               "were computed before it was recorded, and are taken to be of this data", file=out, flush=True)
-    sid = sweep_id(uri)
+    sid = recorded_sweep_id(store, uri)
     plan = make_plan(spec)
     sweep_record.write(store, spec, sid, plan)
     moved = results.set_aside_damaged(store)
