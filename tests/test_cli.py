@@ -36,6 +36,32 @@ def test_bad_options_exit_2_naming_the_option(tmp_path, capsys, args, msg):
     assert msg in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, msg", [
+    (["backdoor", "--device", "nope"], "argument --device: not a torch device: 'nope'"),
+    (["purify", "--model", "m.safetensors", "--device", "cuda:7"], "argument --device: cuda:7: this machine"),
+    (["demo", "--device", "nope"], "argument --device: not a torch device"),
+    (["backdoor", "--lr", "nan"], "argument --lr: must be a finite number > 0, got nan"),
+    (["backdoor", "--lr", "-5"], "argument --lr: must be a finite number > 0"),
+    (["backdoor", "--seed", "99999999999999999999"], "argument --seed: must be in [0, 4,294,967,295]"),
+    (["purify", "--model", "m.safetensors", "--seed", "-1"], "argument --seed: must be in [0, 4,294,967,295]"),
+    (["defenses", "--preset", "nope"], "argument --preset: invalid choice: 'nope'"),
+])
+def test_bad_device_lr_seed_and_preset_exit_2_before_any_work(argv, msg, tmp_path, capsys, monkeypatch):
+    """A bad --device was a traceback after the data loaded (the demo had logged its first step); --lr nan
+    trained and saved a model of NaN weights with exit 0; a huge --seed failed naming no option, and -1 passed
+    where a sweep's seed axis refuses it; `defenses --preset nope` listed the defenses with exit 0."""
+    monkeypatch.chdir(tmp_path)
+    if "cuda:7" in argv:  # (a device this machine lacks, whether or not it has CUDA)
+        import torch
+        if torch.cuda.is_available() and torch.cuda.device_count() > 7:
+            pytest.skip("this machine has 8 CUDA devices")
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--out", str(tmp_path / "x.safetensors")] if argv[0] == "backdoor" else argv)
+    assert e.value.code == 2
+    assert msg in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
 def test_purify_errors_are_clear_and_write_nothing(tmp_path, capsys):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"garbage" * 10)

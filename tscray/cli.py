@@ -42,6 +42,43 @@ def _nonneg(text: str) -> int:
     return n
 
 
+def _seed(text: str) -> int:
+    """A seed in [0, 2**32 - 1], as a sweep's ``seed`` axis takes it (a larger one overflowed deep inside)."""
+    n = int(text)
+    if not 0 <= n <= 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 4,294,967,295], got {text}")
+    return n
+
+
+def _lr(text: str) -> float:
+    """A learning rate: a finite number > 0 (``nan`` trained a model of NaN weights and saved it)."""
+    x = float(text)
+    if not math.isfinite(x) or x <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return x
+
+
+def _device(text: str) -> str:
+    """A torch device this machine has: cpu, cuda, cuda:N or mps (a bad one was a traceback after the data
+    had loaded)."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (e.g. cpu, cuda, cuda:0, mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: this machine's torch has no CUDA device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text}: tscray runs on cpu, cuda or mps")
+    return text
+
+
 def _e_t(text: str) -> tuple[int, float]:
     """``E,T``: an E_TSC >= 1 and a t in (0, 1)."""
     e, sep, t = text.partition(",")
@@ -72,9 +109,10 @@ def _common(p: argparse.ArgumentParser, data_help: str = "dataset name (default:
     p.add_argument("--data-root", help="local dataset root (default: $TSCRAY_DATA)")
     p.add_argument("--data-kw", dest="data_kw", type=_setting, action="append", default=[], metavar="KEY=VALUE",
                    help="dataset load option, as a sweep's data_kw (repeatable): image_size=32, test_ratio=0.2")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: %(default)s)")
+    p.add_argument("--device", type=_device, default="cpu",
+                   help="torch device, e.g. cpu or cuda:0 (default: %(default)s)")
     p.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch")
-    p.add_argument("--seed", type=int, default=0, help="seed for data subsets, init and curves (default: 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed for data subsets, init and curves (default: 0)")
 
 
 def _setting(text: str) -> tuple[str, Any]:
@@ -126,6 +164,7 @@ def _defense_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from tscray import __version__
+    from tscray.config import PRESETS
 
     parser = argparse.ArgumentParser(
         prog="tscray", epilog=EPILOG,
@@ -160,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=_ratio, default=0.1, help="poisoning rate (default: %(default)s)")
     p.add_argument("--target", type=int, default=0, help="target label (default: 0)")
     p.add_argument("--epochs", type=_nonneg, default=100, help="training epochs (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate, cosine (default: %(default)s)")
+    p.add_argument("--lr", type=_lr, default=0.01, help="SGD learning rate, cosine (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive, default=256, help="batch size (default: %(default)s)")
     p.add_argument("--out", type=Path, required=True, help="where to write the model (.safetensors)")
     _common(p)
@@ -219,15 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "With NAME: its settings and their values under a preset (what a sweep's "
                                    "defense.NAME section and `purify --set` accept).")
     p.add_argument("name", nargs="?", help="a defense, e.g. nc")
-    p.add_argument("--preset", default="paper", help="preset whose values to show (default: %(default)s)")
+    p.add_argument("--preset", default="paper", choices=PRESETS,
+                   help="preset whose values to show (default: %(default)s)")
 
     p = sub.add_parser("demo", help="backdoor a small CNN on the embedded data, then purify it with TSC and MCR",
-                       description="The end-to-end demo on the embedded Fashion-MNIST subset: BadNets at 10%% "
+                       description="The end-to-end demo on the embedded Fashion-MNIST subset: BadNets at 10% "
                                    "poison on a small CNN, then TSC (and MCR beside it), in a few minutes on a "
                                    "laptop CPU.")
     p.add_argument("--out", type=Path, default=Path("tscray-demo"), help="output directory (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (lower fidelity)")
-    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--device", type=_device, default="cpu", help="torch device (default: %(default)s)")
     p.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch")
     return parser
 
