@@ -326,3 +326,22 @@ def test_a_bad_data_file_is_named_at_its_block_and_position(tmp_path):
     assert problems({"name": "x", "grid": {"dataset": [str(bad)]}}).startswith("grid.dataset[0]: ")
     assert problems({"name": "x", "train": {"method": "simclr"}, "grid": {"arch": ["simclr-cnn"], "attack":
                      ["badencoder"]}, "ssl": {"downstream": str(bad)}}).startswith("ssl.downstream: ")
+
+
+@pytest.mark.parametrize("method, kw, want", [
+    ("simclr", {"nope": 1}, "train.method_kw: method 'simclr': SimCLR.__init__() got an unexpected keyword argument 'nope'"),
+    ("simclr", {"temperature": -5}, "train.method_kw: method 'simclr': temperature must be > 0, got -5"),
+    ("supervised", {"label_smoothing": 0.1}, "train.method_kw: supervised training takes no options here"),
+])
+def test_method_options_are_checked_up_front(method, kw, want):
+    """``train.method_kw`` was never built before the run: an unknown option or a negative temperature passed
+    the dry run, then errored every trial with "run the same command again to retry"; under supervised
+    training the options were dropped without a word."""
+    grid = {"arch": ["simclr-cnn"], "attack": ["badencoder"]} if method == "simclr" else {"attack": ["badnets"]}
+    with pytest.raises(SpecError) as e:
+        validate({"name": "m", "grid": {**grid, "defense": ["none"]},
+                  "train": {"method": method, "method_kw": kw, "epochs": 1}})
+    assert any(p.startswith(want) for p in e.value.problems), e.value.problems
+    ok = validate({"name": "m", "grid": {"arch": ["simclr-cnn"], "attack": ["badencoder"], "defense": ["none"]},
+                   "train": {"method": "simclr", "method_kw": {"temperature": 0.2}, "epochs": 1}})
+    assert ok.train.method_kw == {"temperature": 0.2}

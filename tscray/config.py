@@ -661,6 +661,7 @@ def _check_method(blocks: list[tuple[str, Grid]], grid: Grid, train: TrainSpec, 
                 problems.append(f"{where}.arch[{i}]: {a!r} is not {want} for train.method: {train.method}")
     if not ssl and raw.get("ssl") is not None:
         problems.append("ssl: applies only with train.method: simclr")
+    _check_method_kw(train, problems)
     registry = SSL_ATTACKS if ssl else attacks.ATTACKS
     for a in grid.attack:
         if a in allowed:
@@ -668,6 +669,27 @@ def _check_method(blocks: list[tuple[str, Grid]], grid: Grid, train: TrainSpec, 
                 registry.get(a)(**attack_kw_for(train, a))
             except (TypeError, ValueError, OSError) as err:  # (OSError: a trigger or pattern file not found)
                 problems.append(f"train.attack_kw: attack {a!r}: {err}")
+
+
+def _check_method_kw(train: TrainSpec, problems: list[str]) -> None:
+    """``train.method_kw`` builds the method as a worker will (an unknown option or a temperature of -5 had
+    passed the dry run and errored every trial, "run the same command again to retry"); supervised sweeps
+    read none (their options were silently dropped)."""
+    from tscray import methods
+
+    if not train.method_kw:
+        return
+    if train.method == "supervised":
+        problems.append(f"train.method_kw: supervised training takes no options here, got "
+                        f"{', '.join(map(str, train.method_kw))}")
+        return
+    kw = dict(train.method_kw)
+    if train.method == "simclr":  # (the worker adds the dataset's normalisation)
+        kw = {"mean": (0.5,), "std": (0.5,), **kw}
+    try:
+        methods.build(train.method, **kw)
+    except (TypeError, ValueError) as err:
+        problems.append(f"train.method_kw: method {train.method!r}: {err}")
 
 
 def _check_defenses(blocks: list[tuple[str, Grid]], train: TrainSpec, problems: list[str]) -> None:
