@@ -248,6 +248,27 @@ def test_a_damaged_sweep_json_is_named_by_verify_report_and_status(finished, tmp
     assert "tscray sweep s" in index and "sweep.json is damaged" in index
 
 
+def test_report_out_refuses_a_folder_of_the_users_own_files_and_rewrites_its_own(finished, tmp_path, capsys):
+    """`tscray report --out site` replaced the user's index.html and table1.csv without a word (and --out
+    naming the storage itself wrote the report among sweep.json and results/)."""
+    src, _ = finished
+    copy_store(src, tmp_path / "s")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("<h1>my site</h1>")
+    (site / "table1.csv").write_text("my,data\n")
+    for out in (site, tmp_path / "s"):
+        assert main(["report", str(tmp_path / "s"), "--no-mlflow", "--out", str(out)]) == 2
+        assert "holds files that are not a tscray report" in capsys.readouterr().err
+    assert (site / "index.html").read_text() == "<h1>my site</h1>" and (site / "table1.csv").read_text() == "my,data\n"
+    assert not (tmp_path / "s" / "index.html").exists()
+    rep = tmp_path / "rep"
+    for _ in range(2):  # a new folder, then the same report's folder again
+        assert main(["report", str(tmp_path / "s"), "--no-mlflow", "--out", str(rep)]) == 0
+    (rep / "stale.png").write_bytes(b"")
+    assert main(["report", str(tmp_path / "s"), "--no-mlflow", "--out", str(rep)]) == 0  # (still a report's)
+
+
 def test_a_slice_run_on_the_storage_keeps_the_other_trials_rebuildable_and_counted(finished, tmp_path, capsys):
     """A study run in slices (same name and settings, fewer grid values) used to leave only the last slice's
     spec in sweep.json: `tscray status` then counted that slice's trials as the whole sweep (2/1 finished), and

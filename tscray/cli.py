@@ -861,6 +861,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     store = _open_store(args.storage)
     out = args.out or (Path(store.uri) / "report" if "://" not in store.uri else Path("report"))
     _output_path(out, "--out", folder=True)
+    from tscray.report import is_report_folder
+
+    # a folder of the user's own (a site, the storage itself): the report would replace its files
+    if args.out is not None and out.is_dir() and any(out.iterdir()) and not is_report_folder(out):
+        raise ValueError(f"--out: {out} holds files that are not a tscray report; give a new or empty folder, or "
+                         "an earlier report's")
     bad: list[str] = []  # unreadable result files, named once the report's single read found them
     foreign: list[str] = []
     rep = report_sweep(store, out, args.format, mlflow=not args.no_mlflow, tsc_setting=args.tsc_setting, damaged=bad,

@@ -1204,10 +1204,26 @@ def _figure_html(p: Path) -> str:
     return f"<img src='{_esc(p.name)}' alt='{_esc(p.stem)}'>"
 
 
+GENERATOR = "<meta name=generator content=tscray>"  # what marks a folder as a report's (tscray report --out)
+
+
+def is_report_folder(path: Path) -> bool:
+    """Whether ``path`` holds a tscray report (its index.html is one): a report may replace its files."""
+    index = path / "index.html"
+    try:
+        text = index.read_text(errors="replace")[:4000]
+    except OSError:
+        return False
+    # (pages written before the generator tag: their title or heading names tscray, or the Figure 6 title
+    # that a bug put there)
+    return GENERATOR in text or "<title>tscray" in text or "(Figure 6 style)</title>" in text
+
+
 def write_index(rep: Report, title: str) -> Path:
     """``index.html``: Table 1, defense cost, NC detection, TSC grid, the figures and what was not drawn."""
     parts = [f"<!doctype html><html lang=en><meta charset='utf-8'>"
-             f"<meta name=viewport content='width=device-width,initial-scale=1'><title>{_esc(title)}</title>",
+             f"<meta name=viewport content='width=device-width,initial-scale=1'>{GENERATOR}",
+             f"<title>{_esc(title)}</title>",
              f"<style>{CSS}</style>", f"<h1>{_esc(title)}</h1>"]
     parts += [f"<p class=cap><b>Note:</b> {_esc(n)}</p>" for n in rep.notes]
     nav = [(s.anchor, s.title) for s in rep.sections]
