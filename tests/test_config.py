@@ -345,3 +345,24 @@ def test_method_options_are_checked_up_front(method, kw, want):
     ok = validate({"name": "m", "grid": {"arch": ["simclr-cnn"], "attack": ["badencoder"], "defense": ["none"]},
                    "train": {"method": "simclr", "method_kw": {"temperature": 0.2}, "epochs": 1}})
     assert ok.train.method_kw == {"temperature": 0.2}
+
+
+def test_an_mlflow_uri_mlflow_cannot_log_to_is_refused_up_front(tmp_path, capsys, monkeypatch):
+    """``mlflow_uri: nope://x`` (in the spec, --mlflow-uri or $MLFLOW_TRACKING_URI) passed the dry run; the run
+    wrote sweep.json, started Ray, and died in a 57-line traceback."""
+    with pytest.raises(SpecError) as e:
+        validate({"name": "m", "mlflow_uri": "nope://x", "grid": {"attack": ["badnets"], "defense": ["none"]}})
+    assert e.value.problems == ["mlflow_uri: 'nope://x' is not a tracking URI MLflow can log to (e.g. "
+                                "sqlite:////abs/path/mlflow.db, http://<host>:5000, file:///abs/dir)"]
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"name": "m", "grid": {"attack": ["badnets"], "defense": ["none"]}}))
+    storage = tmp_path / "run"
+    assert main(["sweep", str(spec), "--storage", str(storage), "--mlflow-uri", "nope://x"]) == 2
+    assert "--mlflow-uri: 'nope://x' is not a tracking URI" in capsys.readouterr().err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nope://y")
+    assert main(["sweep", str(spec), "--storage", str(storage)]) == 2
+    assert "$MLFLOW_TRACKING_URI: 'nope://y'" in capsys.readouterr().err
+    assert not storage.exists()  # refused before anything was written
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
+    assert main(["sweep", str(spec), "--storage", str(storage), "--dry-run"]) == 0
+    assert not (tmp_path / "m.db").exists()  # (the check creates nothing)

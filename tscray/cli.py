@@ -615,6 +615,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from tscray.sweep import describe_plan, run_sweep
 
     spec = load_spec(args.spec)
+    from tscray.tracking import mlflow_uri_problem
+
+    for given, what in ((args.mlflow_uri, "--mlflow-uri"), (os.environ.get("MLFLOW_TRACKING_URI"), "$MLFLOW_TRACKING_URI")):
+        if given and (why := mlflow_uri_problem(given)) is not None:
+            raise ValueError(f"{what}: {why}")
     if args.mlflow_uri:
         import dataclasses
 

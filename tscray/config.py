@@ -526,6 +526,11 @@ def validate(raw: Any, source: str = "sweep spec", check_data: bool = True) -> S
             scalars[key] = raw[key]
     if isinstance(scalars.get("storage"), str):
         _check_storage(scalars["storage"], name if isinstance(name, str) else "", problems)
+    if isinstance(scalars.get("mlflow_uri"), str):
+        from tscray.tracking import mlflow_uri_problem
+
+        if (why := mlflow_uri_problem(scalars["mlflow_uri"])) is not None:
+            problems.append(f"mlflow_uri: {why}")
     data_kw = _check_data_kw(raw.get("data_kw"), grid, ssl, problems)
     blocks = list(zip(spec_grid.block_names(raw.get("grid")), given))  # (named as written)
     if not problems:

@@ -29,6 +29,21 @@ def default_uri(storage: str) -> str:
     return f"sqlite:///{path}"
 
 
+def mlflow_uri_problem(uri: str) -> str | None:
+    """Why MLflow cannot log to ``uri`` (a scheme it has no store for: ``nope://x``), or None; nothing is
+    created. The run had written sweep.json and started Ray before such a URI failed, in a 57-line traceback."""
+    try:
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry as registry
+    except ImportError:  # (another MLflow layout: the run finds out)
+        return None
+    try:
+        registry.get_store_builder(uri)
+    except Exception:  # noqa: BLE001 - MLflow's own exception types differ between its versions
+        return (f"{uri!r} is not a tracking URI MLflow can log to (e.g. sqlite:////abs/path/mlflow.db, "
+                "http://<host>:5000, file:///abs/dir)")
+    return None
+
+
 @contextmanager
 def _creation_lock(uri: str) -> Iterator[None]:
     """Serialise the first touch of a SQLite tracking database across processes: two drivers started in the
