@@ -77,6 +77,7 @@ def test_image_size_resizes_and_given_normalisation_is_kept(tmp_path):
     (lambda x, y: dict(x=x, y=y, x_test=x), "x_test and y_test come together"),
     (lambda x, y: dict(images=x, labels=y), "missing array(s) ['x', 'y']"),
     (lambda x, y: dict(x=x[:0], y=y[:0]), "x holds no images"),
+    (lambda x, y: dict(x=np.zeros((40, 0, 0), np.uint8), y=y), "x images are 0×0 pixels: empty"),  # (passed as square)
     (lambda x, y: dict(x=np.zeros((40, 5, 6, 7), np.uint8), y=y), "no channel axis"),
     (lambda x, y: dict(x=x, y=np.array([object()] * 40)), "unreadable as a plain .npz"),
 ])

@@ -120,6 +120,8 @@ def _images(p: Path, key: str, x: np.ndarray) -> torch.Tensor:
         raise ValueError(f"{p}: {key} must be N×H×W, N×H×W×C or N×C×H×W, got shape {x.shape}")
     if x.shape[0] == 0:
         raise ValueError(f"{p}: {key} holds no images")
+    if 0 in x.shape[2:]:  # (0×0 passed as square, and failed in the first layer)
+        raise ValueError(f"{p}: {key} images are {x.shape[2]}×{x.shape[3]} pixels: empty")
     return torch.from_numpy(np.ascontiguousarray(x))
 
 
