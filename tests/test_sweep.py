@@ -566,3 +566,21 @@ def test_workers_killed_for_memory_stop_the_sweep_with_one_resumable_message(tmp
     msg = str(stopped.value)
     assert msg.startswith("Ray stopped the sweep (OutOfMemoryError: 10 worker(s) were killed")
     assert "lower resources.workers" in msg and "rerun the same command to resume" in msg
+
+
+def test_a_trial_error_prints_its_cause_under_the_summary(tmp_path, capsys):
+    """A trial error read only "1 trial(s) errored: run the same command again to retry"; its cause (here
+    2×2 images, too small for the cnn) was in tune/.../error.txt, and a retry fails the same way."""
+    from tscray.sweep import run_sweep
+
+    raw = tiny(tmp_path / "run", epochs=1, attack=["badnets"])
+    raw["grid"].update({"defense": ["none"]})
+    raw["resources"] = {"workers": 1}
+    raw["data_kw"] = {"fashion-mnist-embedded": {"image_size": 2}}
+    summary = run_sweep(validate(raw))
+    assert summary["errors"] == 1
+    out = capsys.readouterr().out
+    assert "1 trial(s) errored" in out
+    (line,) = [s for s in out.splitlines() if s.startswith("  error   : ")]
+    assert "RuntimeError" in line and "Output size is too small" in line, line
+

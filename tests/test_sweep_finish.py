@@ -147,3 +147,11 @@ def test_ray_failing_to_start_is_one_resumable_line_not_a_traceback(tmp_path, mo
     assert "stopped: Ray could not start on this machine: The current node timed out during startup" in err
     assert "ulimit -v" in err and "run the same command again" in err and "Traceback" not in err
     assert "more lines" not in err
+
+
+def test_error_lines_are_each_errors_last_line_counted():
+    from tscray.sweep import error_lines
+
+    tb = "Traceback (most recent call last):\n  File 'x.py', line 1\n    f()\nValueError: bad t\n"
+    assert error_lines([RuntimeError(tb), RuntimeError(tb), KeyError("k"), RuntimeError("")]) == [
+        (2, "ValueError: bad t"), (1, "'k'"), (1, "RuntimeError")]

@@ -17,7 +17,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Sequence, TextIO
 
 from tscray.config import SweepSpec
 from tscray.plan import Done, Plan, PlanSummary, Step, Trial, cost_class, make_plan, step_work
@@ -40,6 +40,18 @@ def recorded_sweep_id(store: Store, uri: str) -> str:
         return str(sweep_record.read(store)["sweep_id"])
     except (ValueError, OSError):  # (none yet, or unreadable: the run rewrites it)
         return sweep_id(uri)
+
+
+def error_lines(errors: Sequence[BaseException], most: int = 5) -> list[tuple[int, str]]:
+    """The distinct causes of failed trials, most frequent first, as (count, one line): the last line of each
+    error's text, which ends the innermost traceback (``TypeError: ...``). A trial error had read only "run the
+    same command again to retry", its cause left in tune/.../error.txt."""
+    counts: dict[str, int] = {}
+    for err in errors:
+        lines = [s.strip() for s in str(err).splitlines() if s.strip()]
+        line = (lines[-1] if lines else type(err).__name__)[:300]
+        counts[line] = counts.get(line, 0) + 1
+    return sorted(((n, line) for line, n in counts.items()), key=lambda x: -x[0])[:most]
 
 
 def describe_plan(plan: Plan | PlanSummary, done: Done | None = None) -> str:
@@ -391,7 +403,9 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
             raise SweepStopped(f"Ray stopped the sweep ({type(cause).__name__}: {str(cause).splitlines()[0][:200]})."
                                f"{hint} Every finished step and trial is in {uri}: rerun the same command to "
                                "resume") from None
-        summary["errors"] = sum(1 for i in range(len(grid)) if grid[i].error is not None)
+        failed = [e for e in (grid[i].error for i in range(len(grid))) if e is not None]
+        summary["errors"] = len(failed)
+        summary["error_lines"] = error_lines(failed)
     finally:
         stop.set()
         ray.shutdown()
@@ -480,9 +494,11 @@ def _finish(tracker: Any, uri: str, store: Store, summary: dict[str, Any], out: 
           f"steps computed {stats.get('computed', 0)}, reused {stats.get('reused', 0)}"
           + (f", {stats['waited']} waited for another driver on this storage" if stats.get("waited") else "")
           + (f", {stats['repaired']} damaged and recomputed" if stats.get("repaired") else "")
-          + (f"; {summary['errors']} trial(s) errored: run the same command again to retry"
-             if summary.get("errors") else "")
+          + (f"; {summary['errors']} trial(s) errored: run the same command again to retry (an error below that "
+             "is not a lost worker or node will recur: fix its cause first)" if summary.get("errors") else "")
           + (f"; {unrun} trial(s) not run: run the same command again to resume" if unrun > 0 else ""), file=out)
+    for n, line in summary.get("error_lines", []):
+        print(f"  error   : {line}" + (f"  ({n} trials)" if n > 1 else ""), file=out)
     print(f"  Parquet : {summary['results']}  (pandas.read_parquet; one file per trial in results/)\n"
           f"  MLflow  : {summary['mlflow_uri']}  (mlflow ui --backend-store-uri {summary['mlflow_uri']})", file=out)
     if "figures" in summary:
