@@ -363,6 +363,9 @@ def test_an_mlflow_uri_mlflow_cannot_log_to_is_refused_up_front(tmp_path, capsys
     assert main(["sweep", str(spec), "--storage", str(storage)]) == 2
     assert "$MLFLOW_TRACKING_URI: 'nope://y'" in capsys.readouterr().err
     assert not storage.exists()  # refused before anything was written
+    # (an environment URI that --mlflow-uri overrides is never used: not refused)
+    assert main(["sweep", str(spec), "--storage", str(storage), "--dry-run", "--mlflow-uri",
+                 f"sqlite:///{tmp_path / 'm.db'}"]) == 0
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
     assert main(["sweep", str(spec), "--storage", str(storage), "--dry-run"]) == 0
     assert not (tmp_path / "m.db").exists()  # (the check creates nothing)

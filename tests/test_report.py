@@ -642,3 +642,15 @@ def test_steps_whose_copies_disagree_between_trials_are_named_atop_the_report(tm
     assert note.startswith("1 step(s)") and "tsc_round 1" in note and "up to 12.5 points" in note
     assert "differ between the trials" in rep.index.read_text()
     assert pd.read_csv(tmp_path / "mixed" / "recomputed_steps.csv").step_key.tolist() == ["r0-1"]
+
+
+def test_figures_against_an_axis_read_frames_whose_index_repeats(tmp_path):
+    """Rows concatenated from per-trial files repeat their index; with two field axes set on every final row
+    ``fig_vs_<axis>`` read a cell by label and raised "truth value of a Series is ambiguous"."""
+    rows = [final_row("tsc", 85.0, asr, seed=seed, e=3, t=0.4, **{"defense.clean_ratio": ratio,
+                                                                    "defense.tsc.curve_steps": steps})
+            for seed in (0, 1) for ratio, asr in ((0.02, 40.0), (0.25, 5.0)) for steps in (500.0, 2000.0)]
+    df = pd.DataFrame(rows)
+    df = pd.concat([df.iloc[:4], df.iloc[4:].reset_index(drop=True)])  # (indexes 0-3 twice)
+    rep = make_report(df, tmp_path, "png")
+    assert "fig_vs_defense.clean_ratio.png" in [p.name for p in rep.figures]

@@ -79,5 +79,10 @@ def test_a_resumed_trial_logs_each_round_once(tmp_path):
         resumed.log_round("trial-1", trial, {"acc": 90.0, "asr": 50.0 / step}, step)
     run = resumed.children["trial-1"]
     assert run == first.children["trial-1"]
-    for key in ("acc", "asr"):
-        assert sorted(m.step for m in resumed.client.get_metric_history(run, key)) == [1, 2, 3], key
+    assert sorted(m.step for m in resumed.client.get_metric_history(run, "acc")) == [1, 2, 3]
+    assert sorted((m.step, m.value) for m in resumed.client.get_metric_history(run, "asr")) == [
+        (1, 50.0), (2, 25.0), (3, 50.0 / 3)]
+    rerun = Tracker(uri, "s", "abc", str(tmp_path), {"name": "s"})  # the trial rerun with other settings
+    rerun.log_round("trial-1", trial, {"acc": 91.0, "asr": 4.0}, 1)
+    history = rerun.client.get_metric_history(run, "asr")
+    assert [m.value for m in history if m.step == 1] == [50.0, 4.0]  # its new numbers are logged, not dropped

@@ -617,7 +617,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     from tscray.tracking import mlflow_uri_problem
 
-    for given, what in ((args.mlflow_uri, "--mlflow-uri"), (os.environ.get("MLFLOW_TRACKING_URI"), "$MLFLOW_TRACKING_URI")):
+    # (the environment's URI only where neither the option nor the spec names one: it is not used otherwise)
+    env = None if args.mlflow_uri or spec.mlflow_uri else os.environ.get("MLFLOW_TRACKING_URI")
+    for given, what in ((args.mlflow_uri, "--mlflow-uri"), (env, "$MLFLOW_TRACKING_URI")):
         if given and (why := mlflow_uri_problem(given)) is not None:
             raise ValueError(f"{what}: {why}")
     if args.mlflow_uri:
@@ -869,7 +871,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from tscray.report import is_report_folder
 
     # a folder of the user's own (a site, the storage itself): the report would replace its files
-    if args.out is not None and out.is_dir() and any(out.iterdir()) and not is_report_folder(out):
+    # (the default is the storage's own report folder; for a remote storage it is ./report, anyone's)
+    if (args.out is not None or "://" in store.uri) and out.is_dir() and any(out.iterdir()) \
+            and not is_report_folder(out):
         raise ValueError(f"--out: {out} holds files that are not a tscray report; give a new or empty folder, or "
                          "an earlier report's")
     bad: list[str] = []  # unreadable result files, named once the report's single read found them

@@ -67,7 +67,7 @@ def fingerprint(path: str | Path) -> str:
 
 
 # the field axes whose values can name the user's files, or decide whether attacks read any
-_NAMES_INPUTS = ("train.attack_kw", "train.method", "ssl.")
+_NAMES_INPUTS = ("train.attack_kw", "ssl.")  # (and train.method itself)
 
 
 def spec_inputs(spec: Any) -> list[str]:
@@ -96,7 +96,8 @@ def spec_inputs(spec: Any) -> list[str]:
             names.extend(built[key])
 
     for g in spec.grids or (spec.grid,):
-        axes = [(path, values) for path, values in g.field_axes if path.startswith(_NAMES_INPUTS)]
+        axes = [(path, values) for path, values in g.field_axes
+                if path == "train.method" or path.startswith(_NAMES_INPUTS)]
         if not axes:
             add(spec, g.attack)
             continue

@@ -253,10 +253,11 @@ def read(store: Store, damaged: list[str] | None = None, planned: Collection[str
 COMBINED = "results.parquet"
 
 
-def write_combined(store: Store, planned: Collection[str] | None = None) -> int:
-    """Write :data:`COMBINED`: the rows of the storage's trials (those ``planned``; every readable file
-    without) as one file under one schema, atomically. Returns its row count."""
-    table = read(store, planned=planned)
+def write_combined(store: Store, planned: Collection[str] | None = None, table: pa.Table | None = None) -> int:
+    """Write :data:`COMBINED`: the rows of the storage's trials (``table`` as :func:`read` gave it, else read
+    now: those ``planned``, every readable file without) as one file under one schema, atomically. Returns
+    its row count."""
+    table = read(store, planned=planned) if table is None else table
     buf = io.BytesIO()
     pq.write_table(table, buf)
     store.write_bytes(COMBINED, buf.getvalue())

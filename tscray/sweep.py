@@ -36,9 +36,11 @@ def recorded_sweep_id(store: Store, uri: str) -> str:
     path's hash gave a moved storage a second parent run, and its new rows another id than the old)."""
     from tscray import sweep_record
 
-    try:
+    if not store.exists(sweep_record.NAME):
+        return sweep_id(uri)
+    try:  # (a transient read error on a remote storage is raised: falling back would rewrite the id)
         return str(sweep_record.read(store)["sweep_id"])
-    except (ValueError, OSError):  # (none yet, or unreadable: the run rewrites it)
+    except ValueError:  # damaged: the run rewrites it
         return sweep_id(uri)
 
 
@@ -465,17 +467,21 @@ def report_sweep(store: Store, out: Path, fmt: str = "png", mlflow: bool = True,
 
 def _finish(tracker: Any, uri: str, store: Store, summary: dict[str, Any], out: TextIO,
             trial_ids: set[str]) -> None:
-    from tscray import results
+    from tscray import results, sweep_record
 
-    table = results.read(store)
+    try:
+        planned = sweep_record.planned_ids(sweep_record.read(store))
+    except (ValueError, OSError):  # (damaged or gone since the start: every readable file)
+        planned = None
+    table = results.read(store, planned=planned)  # the rows of every recorded spec's trials, read once
     summary["rows"] = table.num_rows
     # this spec's trials only: a storage may also hold other slices' or specs' results
     done = results.done_trials(store) & trial_ids
     summary["done"] = len(done)
-    from tscray import sweep_record
-
-    # every recorded spec's trials in one file under one schema (the per-trial files differ in their axes)
-    results.write_combined(store, sweep_record.planned_ids(sweep_record.read(store)))
+    try:  # every recorded spec's trials in one file under one schema (the per-trial files differ in their axes)
+        results.write_combined(store, table=table)
+    except Exception as err:  # noqa: BLE001 - the trials' own files hold every row: this must not fail a sweep
+        print(f"{results.COMBINED} not written: {err} (the rows are in results/)", file=out)
     if "://" not in uri:
         tracker.log_artifacts(str(Path(uri) / "results"), "results")
     if table.num_rows:

@@ -112,9 +112,10 @@ class Tracker:
                 self._log_params(self.parent, {k: str(v)[:500] for k, v in list(flat.items())[:400]})
         self.elsewhere = self._artifacts_elsewhere(uri, storage)
         self.children: dict[str, str] = {}
-        # per trial run, the (metric, round) it holds: a resumed trial replays its stored rounds to Tune, and
-        # logging them again gave every such run's history each round twice
-        self._logged: dict[str, set[tuple[str, int]]] = {}
+        # per trial run, the (metric, round, value) it holds: a resumed trial replays its stored rounds to Tune,
+        # and logging them again gave every such run's history each round twice (a round with a new value, a
+        # trial rerun with other settings, is logged)
+        self._logged: dict[str, set[tuple[str, int, float]]] = {}
         for r in self.client.search_runs([self.exp_id], f"tags.tscray_parent = '{self.parent}'", max_results=50000):
             self.children[r.data.tags["tscray_trial_id"]] = r.info.run_id
 
@@ -147,20 +148,21 @@ class Tracker:
         return self.children[trial_id]
 
     def log_round(self, trial_id: str, params: dict[str, Any], metrics: dict[str, float], step: int) -> None:
-        """Log a round's metrics on the trial's run, each (metric, round) once: a round the run already
-        holds (logged before a resume, or by another driver) is not logged again."""
+        """Log a round's metrics on the trial's run, each (metric, round, value) once: a round the run already
+        holds with that value (logged before a resume, or by another driver) is not logged again; a new
+        value (the trial rerun with other settings) is."""
         from mlflow.entities import Metric
 
         run = self.child(trial_id, params)
         if run not in self._logged:  # a run of an earlier driver: what it holds, read once
-            self._logged[run] = {(k, m.step) for k in {*metrics, "acc", "asr"}
+            self._logged[run] = {(k, m.step, float(m.value)) for k in {*metrics, "acc", "asr"}
                                  for m in self.client.get_metric_history(run, k)}
-        fresh = {k: v for k, v in metrics.items() if (k, step) not in self._logged[run]}
+        fresh = {k: float(v) for k, v in metrics.items() if (k, step, float(v)) not in self._logged[run]}
         if not fresh:
             return
         now = int(time.time() * 1000)
-        self.client.log_batch(run, metrics=[Metric(k, float(v), now, step) for k, v in fresh.items()])
-        self._logged[run].update((k, step) for k in fresh)
+        self.client.log_batch(run, metrics=[Metric(k, v, now, step) for k, v in fresh.items()])
+        self._logged[run].update((k, step, v) for k, v in fresh.items())
 
     def _log_params(self, run: str, params: dict[str, str]) -> None:
         """One ``log_batch`` (MLflow splits it at its 100-param limit), where one ``log_param`` per param
