@@ -810,22 +810,25 @@ def defense_cost(df: pd.DataFrame, out: Path, tsc_setting: tuple[int, float] | N
     cells = _cells(sel, sel_.keys)
     axes = [a for a in field_axes(sel) if a in cells]
     shown_setting = {d: _header_note(d, sel_.settings) for d in ("tsc", "mcr")}
-    combo = lambda f: (f[axes].apply(lambda r: tuple(_value(v) for v in r), axis=1)  # noqa: E731
-                       if axes else pd.Series([()] * len(f), index=f.index, dtype=object))
-    sel_combo, cell_combo = combo(sel).to_numpy(), combo(cells).to_numpy()  # (positional: an index may repeat)
+    keys = ["defense", *axes]
+
+    def groups(f: pd.DataFrame) -> dict[tuple[str, ...], pd.DataFrame]:
+        """``f`` per defense and axis values, keyed as the tables show the values (NaN: "–", which matches)."""
+        return {tuple(_value(v) for v in (k if isinstance(k, tuple) else (k,))): g
+                for k, g in f.groupby(keys, dropna=False, sort=False)}
+
+    sel_groups, cell_groups = groups(sel), groups(cells)
+    rank = {d: i for i, d in enumerate(defense_order(sel.defense.unique()))}
     out_rows = []
-    for d in defense_order(sel.defense.unique()):
-        mine = (sel.defense == d).to_numpy()
-        values = sorted(set(sel_combo[mine]), key=lambda c: tuple(_axis_rank(v) for v in c))
-        for value in values:
-            s = sel[mine & np.array([v == value for v in sel_combo], dtype=bool)]
-            c = cells[(cells.defense == d).to_numpy() & np.array([v == value for v in cell_combo], dtype=bool)]
-            secs = s.defense_seconds.dropna()
-            out_rows.append({"defense": d, "label": defense_label(d), "setting": shown_setting.get(d, ""),
-                             **{a: s[a].iloc[0] for a in axes},
-                             "acc": c.acc.mean(), "asr": c.asr.mean(), "defended": int((c.asr < SUCCESS_ASR).sum()),
-                             "settings": len(c), "seconds": secs.mean(), "seconds_std": secs.std(),
-                             "trials": len(secs)})
+    for key in sorted(sel_groups, key=lambda k: (rank[k[0]], tuple(_axis_rank(v) for v in k[1:]))):
+        s, d = sel_groups[key], key[0]
+        c = cell_groups.get(key, cells.iloc[:0])
+        secs = s.defense_seconds.dropna()
+        out_rows.append({"defense": d, "label": defense_label(d), "setting": shown_setting.get(d, ""),
+                         **{a: s[a].iloc[0] for a in axes},
+                         "acc": c.acc.mean(), "asr": c.asr.mean(), "defended": int((c.asr < SUCCESS_ASR).sum()),
+                         "settings": len(c), "seconds": secs.mean(), "seconds_std": secs.std(),
+                         "trials": len(secs)})
     t = pd.DataFrame(out_rows)
     if t.empty or t.seconds.isna().all():
         return None

@@ -422,16 +422,18 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, address: str | None =
 
 def report_sweep(store: Store, out: Path, fmt: str = "png", mlflow: bool = True, tracker: Any = None,
                  tsc_setting: tuple[int, float] | None = None, damaged: list[str] | None = None,
-                 foreign: list[str] | None = None):
+                 foreign: list[str] | None = None, info: dict[str, Any] | None = None, table: Any = None):
     """Write the sweep's report and log it (and the Parquet) to the sweep's MLflow parent run. Only trials the
     storage's recorded specs plan are reported: result files copied in from another sweep are named in
-    ``foreign`` (their rows had been averaged into this sweep's cells)."""
+    ``foreign`` (their rows had been averaged into this sweep's cells).
+    ``info`` and ``table``: the storage's ``sweep.json`` record and its planned trials' rows, when the caller
+    has read them already (the end of a sweep), so they are not read and planned again."""
     from tscray import results, sweep_record
     from tscray.report import make_report
 
     notes = []
     try:
-        info: dict[str, Any] | None = sweep_record.read(store)
+        info = sweep_record.read(store) if info is None else info
     except ValueError as err:
         # its spec may be lost with it: without MLflow (which needs its run), report every readable row
         if mlflow:
@@ -441,7 +443,7 @@ def report_sweep(store: Store, out: Path, fmt: str = "png", mlflow: bool = True,
         notes.append(f"{err}. Every readable result file is reported, including any copied in from another "
                      "sweep")
     planned = sweep_record.planned_ids(info) if info is not None else None
-    rows = results.read(store, damaged, planned, foreign).to_pandas()
+    rows = (results.read(store, damaged, planned, foreign) if table is None else table).to_pandas()
     have = set(rows.trial_id) if not rows.empty else set()
     if info is not None and planned and have and len(have) < len(planned):
         current = sweep_record.current_ids(info)
@@ -470,10 +472,11 @@ def _finish(tracker: Any, uri: str, store: Store, summary: dict[str, Any], out: 
     from tscray import results, sweep_record
 
     try:
-        planned = sweep_record.planned_ids(sweep_record.read(store))
+        info: dict[str, Any] | None = sweep_record.read(store)
     except (ValueError, OSError):  # (damaged or gone since the start: every readable file)
-        planned = None
-    table = results.read(store, planned=planned)  # the rows of every recorded spec's trials, read once
+        info = None
+    # the rows of every recorded spec's trials, read once: for the summary, results.parquet and the report
+    table = results.read(store, planned=sweep_record.planned_ids(info) if info is not None else None)
     summary["rows"] = table.num_rows
     # this spec's trials only: a storage may also hold other slices' or specs' results
     done = results.done_trials(store) & trial_ids
@@ -487,7 +490,7 @@ def _finish(tracker: Any, uri: str, store: Store, summary: dict[str, Any], out: 
     if table.num_rows:
         try:
             local = Path(uri) / "report" if "://" not in uri else Path.cwd() / f"tscray-report-{summary['sweep_id']}"
-            rep = report_sweep(store, local, tracker=tracker)
+            rep = report_sweep(store, local, tracker=tracker, info=info, table=table if info is not None else None)
             summary["figures"] = str(rep.index)
         except Exception as err:  # noqa: BLE001 - a failed plot must not fail a finished sweep
             print(f"report not written: {err} (run `tscray report {uri}`)", file=out)
